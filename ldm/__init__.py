@@ -1,0 +1,3 @@
+"""ldm: train, fine-tune and evaluate latent diffusion models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,136 @@
+"""Reading and writing weights safely: safetensors, or torch files loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+PACKAGE_PREFIX = "ldm:"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A filesystem path; ``ldm:assets/x`` names a file shipped inside the package.
+
+    Configs saved into checkpoints keep the ``ldm:`` form, so a checkpoint still finds the toy's
+    shipped weights after the project moves.
+    """
+    path = str(path)
+    if path.startswith(PACKAGE_PREFIX):
+        return Path(__file__).parent / path[len(PACKAGE_PREFIX):]
+    return Path(path).expanduser()
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """A flat name -> tensor dict from ``.safetensors`` or a torch file; never unpickles code.
+
+    Torch files holding a ``state_dict`` entry (Lightning and original SD ``.ckpt``) are unwrapped.
+    """
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError and friends: say which file and why, once
+        raise ValueError(f"{path} is not a loadable weights file ({type(error).__name__}: {error})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def save_safetensors(state: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to ``path`` atomically (temp file in the same directory, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with _atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written file at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+class _atomic_path:
+    """Context manager yielding a temp path beside ``path``, renamed over it on success."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(self.tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def with_weights(module: nn.Module, path: str | None, prefix: str = "", strict: bool = True) -> nn.Module:
+    """Load weights from ``path`` into ``module`` (keys under ``prefix`` only) and return it.
+
+    A Hydra-friendly way to give a freshly built module its pretrained weights; ``path=None``
+    returns the module untouched (random init, e.g. to train it from scratch).
+    """
+    if path is None:
+        return module
+    state = load_state_dict_file(path)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    module.load_state_dict(state, strict=strict)
+    return module
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint written by ``train.py``: its ``state_dict`` and ``ldm`` entries.
+
+    Raises a one-line error for a missing file or a file that is not one of ours.
+    """
+    from ldm.errors import UserError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpicklable or corrupt: name the file, not the pickle opcode
+        raise UserError(f"{path} is not a readable training checkpoint ({type(error).__name__})") from error
+    if not isinstance(checkpoint, dict) or "ldm" not in checkpoint or "state_dict" not in checkpoint:
+        raise UserError(f"{path} is not an ldm training checkpoint (no 'ldm' and 'state_dict' entries)")
+    return checkpoint
+
+
+def submodule_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``state`` under ``prefix`` with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,89 @@
+"""From a network's raw output to the denoiser D(x_t, t) ~ E[x_0 | x_t] that every sampler uses."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.parameterization import PredictionType, check_prediction_type, predict_x0
+from ldm.diffusion.schedules import NoiseSchedule
+
+# network(x_t (B,C,H,W), t (B,), context) -> raw output (B,C,H,W)
+Network = Callable[..., Tensor]
+
+
+class Denoise(Protocol):
+    """D(x_t, t) -> x_0 estimate; t is one integer timestep shared by the batch."""
+
+    def __call__(self, x: Tensor, t: int) -> Tensor: ...
+
+
+class ModelFn(Protocol):
+    """f(x_t, t) -> the network's raw (eps, v or x0) output for a batch at timestep t."""
+
+    def __call__(self, x: Tensor, t: int) -> Tensor: ...
+
+
+class Conditioned:
+    """The network with its conditioning bound: f(x_t, t) = network(x_t, t, context)."""
+
+    def __init__(self, network: Network, context: Tensor):
+        self.network = network
+        self.context = context
+
+    def __call__(self, x: Tensor, t: int) -> Tensor:
+        timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return self.network(x, timesteps, self.context)
+
+
+class ClassifierFreeGuidance:
+    """Guided output u + s (c - u) from one batched pass (Ho & Salimans 2022, Eq. 6).
+
+    ``guidance_rescale`` (phi) rescales the guided output towards the standard deviation of the
+    conditional one and mixes: phi * rescaled + (1 - phi) * guided (Lin et al. 2023, Sec. 3.4),
+    which keeps zero-terminal-SNR models from over-exposing at high guidance.
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        context: Tensor,
+        uncond_context: Tensor,
+        scale: float,
+        guidance_rescale: float = 0.0,
+    ):
+        if uncond_context.shape != context.shape:
+            raise ValueError(f"uncond_context {tuple(uncond_context.shape)} must match context {tuple(context.shape)}")
+        self.network = network
+        self.contexts = torch.cat([uncond_context, context])  # (2B, L, D)
+        self.scale = scale
+        self.guidance_rescale = guidance_rescale
+
+    def __call__(self, x: Tensor, t: int) -> Tensor:
+        if self.scale == 1.0:
+            half = self.contexts.shape[0] // 2
+            return Conditioned(self.network, self.contexts[half:])(x, t)
+        uncond, cond = Conditioned(self.network, self.contexts)(torch.cat([x, x]), t).chunk(2)
+        guided = uncond + self.scale * (cond - uncond)
+        if self.guidance_rescale > 0:
+            dims = tuple(range(1, x.ndim))
+            rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+            guided = self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * guided
+        return guided
+
+
+class Denoiser:
+    """D(x_t, t): the x_0 estimate implied by a model function of the given prediction type."""
+
+    def __init__(self, model_fn: ModelFn, schedule: NoiseSchedule, prediction_type: PredictionType):
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.prediction_type = check_prediction_type(prediction_type)
+
+    def __call__(self, x: Tensor, t: int) -> Tensor:
+        output = self.model_fn(x, t).to(x.dtype)
+        alpha = self.schedule.alpha(t, x.ndim, like=x)
+        sigma = self.schedule.sigma(t, x.ndim, like=x)
+        return predict_x0(self.prediction_type, output, x, alpha, sigma)

@@ -1,0 +1,173 @@
+"""Samplers for the reverse process, all with one signature.
+
+    sample_x(denoise, x, timesteps, schedule, *, noise_sampler=None, callback=None, **options) -> x_0
+
+denoise:    D(x_t, t) -> x_0 estimate (a ``Denoiser``, guided or not)
+x:          the starting noise at timesteps[0], (B, C, H, W), standard normal (x_T = sigma_T eps, sigma_T ~ 1)
+timesteps:  descending integer training timesteps the sampler visits (``sampling_timesteps``);
+            after the last one every sampler steps to the clean sample (alpha = 1, sigma = 0)
+noise_sampler: fresh N(0, I) noise like x for stochastic samplers (``PerSampleNoise`` makes it
+            reproducible per image); defaults to torch.randn_like
+callback:   called after every step as callback(i, t, x, x0_estimate)
+
+Notation as in ``ldm.diffusion.schedules``: a (alpha) and s (sigma) of the current step t and
+the next step n.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.denoiser import Denoise
+from ldm.diffusion.parameterization import eps_from_x0
+from ldm.diffusion.schedules import NoiseSchedule
+
+NoiseSampler = Callable[[Tensor], Tensor]
+Callback = Callable[[int, int, Tensor, Tensor], None]
+
+
+class PerSampleNoise:
+    """Standard normal noise drawn from one generator per batch element.
+
+    Each image's noise depends only on its own seed, so an image is reproduced exactly whatever
+    batch it is sampled in (needed for resumable sampling jobs).
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, like: Tensor) -> Tensor:
+        if like.shape[0] != len(self.generators):
+            raise ValueError(f"batch of {like.shape[0]} but {len(self.generators)} seeds")
+        noise = [
+            torch.randn(like.shape[1:], generator=g, device=self.device, dtype=torch.float32)
+            for g in self.generators
+        ]
+        return torch.stack(noise).to(device=like.device, dtype=like.dtype)
+
+
+def _scales(schedule: NoiseSchedule, timesteps: Tensor) -> tuple[list[float], list[float]]:
+    """alpha and sigma (float64 Python floats) at each visited step plus the clean end point (1, 0)."""
+    alphas = schedule.alpha(timesteps).tolist() + [1.0]
+    sigmas = schedule.sigma(timesteps).tolist() + [0.0]
+    return alphas, sigmas
+
+
+def _noise(noise_sampler: NoiseSampler | None, x: Tensor) -> Tensor:
+    return noise_sampler(x) if noise_sampler is not None else torch.randn_like(x)
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 0.0,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, Eq. 12), deterministic at eta = 0, DDPM-like at eta = 1.
+
+    x_n = a_n x0 + sqrt(s_n^2 - c^2) eps + c z,  c = eta (s_n / s_t) sqrt(1 - a_t^2 / a_n^2)  (Eq. 16)
+    """
+    alphas, sigmas = _scales(schedule, timesteps)
+    for i, t in enumerate(timesteps.tolist()):
+        a_t, s_t, a_n, s_n = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
+        x0 = denoise(x, t)
+        eps = eps_from_x0(x0, x, a_t, s_t)
+        c = eta * (s_n / s_t) * max(1 - (a_t / a_n) ** 2, 0.0) ** 0.5
+        x = a_n * x0 + max(s_n**2 - c**2, 0.0) ** 0.5 * eps
+        if c > 0:
+            x = x + c * _noise(noise_sampler, x)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Ancestral sampling from the posterior q(x_n | x_t, x0) (Ho et al. 2020, Eqs. 6-7).
+
+    Over a strided grid the step uses a_tn = a_t / a_n and b_tn = 1 - a_tn^2 in place of
+    sqrt(alpha_t) and beta_t:
+        mean = (a_n b_tn / s_t^2) x0 + (a_tn s_n^2 / s_t^2) x_t,   var = b_tn s_n^2 / s_t^2.
+    With all T steps it is Algorithm 2 of the paper with the posterior variance beta-tilde.
+    """
+    alphas, sigmas = _scales(schedule, timesteps)
+    for i, t in enumerate(timesteps.tolist()):
+        a_t, s_t, a_n, s_n = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
+        x0 = denoise(x, t)
+        a_tn = a_t / a_n
+        b_tn = 1 - a_tn**2
+        x = (a_n * b_tn / s_t**2) * x0 + (a_tn * s_n**2 / s_t**2) * x
+        variance = b_tn * s_n**2 / s_t**2
+        if variance > 0:
+            x = x + variance**0.5 * _noise(noise_sampler, x)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M), multistep second order in log-SNR (Lu et al. 2022, Algorithm 2).
+
+    With lambda = log(a / s) and h = lambda_n - lambda_t:
+        x_n = (s_n / s_t) x_t - a_n (e^{-h} - 1) D,   D = (1 + 1/2r) x0_t - (1/2r) x0_prev,  r = h_prev / h
+    First order (D = x0_t) at the first step and at the last step into sigma = 0. Deterministic:
+    ``noise_sampler`` is accepted for the shared signature and unused.
+    """
+    del noise_sampler
+    alphas, sigmas = _scales(schedule, timesteps)
+    lambdas = [_log_snr(a, s) for a, s in zip(alphas, sigmas)]
+    x0_prev, h_prev = None, None
+    last = len(timesteps) - 1
+    for i, t in enumerate(timesteps.tolist()):
+        x0 = denoise(x, t)
+        h = lambdas[i + 1] - lambdas[i]
+        if x0_prev is None or i == last:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * _expm1_neg(h) * d
+        x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def _log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), +-inf at the end points."""
+    if alpha == 0.0:
+        return float("-inf")
+    if sigma == 0.0:
+        return float("inf")
+    return float(torch.tensor(alpha / sigma, dtype=torch.float64).log())
+
+
+def _expm1_neg(h: float) -> float:
+    """e^{-h} - 1, exact for h = inf (-> -1)."""
+    return float(torch.expm1(torch.tensor(-h, dtype=torch.float64)))

@@ -1,0 +1,123 @@
+"""Noise schedules of the discrete-time forward process (Ho et al. 2020).
+
+Notation, shared by every module in ``ldm.diffusion``:
+
+    beta_t          variance added at step t, t = 0 .. T-1
+    abar_t          prod_{s <= t} (1 - beta_s), the signal fraction left at step t
+    alpha_t         sqrt(abar_t), the signal scale:   x_t = alpha_t x_0 + sigma_t eps
+    sigma_t         sqrt(1 - abar_t), the noise scale
+    snr_t           alpha_t^2 / sigma_t^2
+
+A schedule is a plain vector of betas; the ``*_betas`` functions build them and
+``NoiseSchedule`` derives everything else in float64 so that quantities such as
+``1 - abar_t`` near t = 0 keep their precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Betas linear in t (Ho et al. 2020, Sec. 4). Not SD's schedule: see ``scaled_linear_betas``."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(
+    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> Tensor:
+    """Betas linear in sqrt(beta): Stable Diffusion's schedule.
+
+    The original LDM code calls this "linear"; diffusers calls it "scaled_linear".
+    """
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+def cosine_betas(num_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Betas of the cosine schedule, abar(t) = cos^2(pi/2 (t/T + s) / (1 + s)) (Nichol & Dhariwal 2021, Eq. 17).
+
+    Betas are clipped at ``max_beta`` to avoid the singularity at t = T.
+    """
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    abar = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
+    betas = 1 - abar[1:] / abar[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Rescale betas so that the last step has zero SNR (Lin et al. 2023, Algorithm 1).
+
+    sqrt(abar) is shifted so its last value is 0 and scaled so its first value is unchanged.
+    The result needs v- or x0-prediction: at SNR 0 an eps-prediction carries no information about x_0.
+    """
+    sqrt_abar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
+    sqrt_abar = (sqrt_abar - last) * first / (first - last)
+    abar = sqrt_abar**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1 - alphas
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """A discrete variance-preserving noise schedule over ``num_timesteps`` steps (float64, CPU).
+
+    Lookups (``alpha``, ``sigma``, ``snr``) take integer timesteps of any shape and return
+    tensors broadcastable against a batch of images: (B,) -> (B, 1, 1, 1) with ``ndim=4``.
+    """
+
+    betas: Tensor  # (T,)
+
+    def __post_init__(self) -> None:
+        if self.betas.ndim != 1 or len(self.betas) < 2:
+            raise ValueError(f"betas must be a vector of at least 2 steps, got shape {tuple(self.betas.shape)}")
+        if not bool(((self.betas > 0) & (self.betas <= 1)).all()):
+            raise ValueError("every beta must lie in (0, 1]")
+
+    @classmethod
+    def from_betas(cls, betas: Tensor, zero_terminal_snr: bool = False) -> NoiseSchedule:
+        """Build from betas, optionally rescaled to zero terminal SNR."""
+        betas = betas.to(torch.float64)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """abar_t, shape (T,)."""
+        return torch.cumprod(1 - self.betas, dim=0)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0)
+
+    def _gather(self, values: Tensor, t: Tensor, ndim: int, like: Tensor | None) -> Tensor:
+        out = values[torch.as_tensor(t, device="cpu").long()]
+        out = out.reshape(out.shape + (1,) * (ndim - out.ndim)) if ndim > out.ndim else out
+        if like is not None:
+            out = out.to(device=like.device, dtype=like.dtype)
+        return out
+
+    def alpha(self, t: Tensor, ndim: int = 1, like: Tensor | None = None) -> Tensor:
+        """sqrt(abar_t): the signal scale of x_t."""
+        return self._gather(self.alphas_cumprod.sqrt(), t, ndim, like)
+
+    def sigma(self, t: Tensor, ndim: int = 1, like: Tensor | None = None) -> Tensor:
+        """sqrt(1 - abar_t): the noise scale of x_t."""
+        return self._gather((1 - self.alphas_cumprod).sqrt(), t, ndim, like)
+
+    def snr(self, t: Tensor, ndim: int = 1, like: Tensor | None = None) -> Tensor:
+        """abar_t / (1 - abar_t); exactly 0 at the last step of a zero-terminal-SNR schedule."""
+        abar = self.alphas_cumprod
+        return self._gather(abar / (1 - abar), t, ndim, like)
+
+    def log_snr(self) -> Tensor:
+        """lambda_t = log(alpha_t / sigma_t) for every step, shape (T,); -inf at zero terminal SNR."""
+        abar = self.alphas_cumprod
+        return 0.5 * (abar.log() - (1 - abar).log())

@@ -1,0 +1,163 @@
+"""Text-to-image sampling with a latent diffusion model: prompts -> context -> sampler -> VAE decode."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser
+from ldm.diffusion.parameterization import PredictionType
+from ldm.diffusion.samplers import PerSampleNoise
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.timesteps import sampling_timesteps
+
+# sample_x(denoise, x, timesteps, schedule, *, noise_sampler, callback) -> x0, options already bound
+Sampler = Callable[..., Tensor]
+
+
+class TextToImage:
+    """Generate images for prompts; every image is fixed by its own seed, whatever its batch.
+
+    unet, autoencoder, conditioner: the three networks (the U-Net may be the EMA copy).
+    latent_shape: (C, h, w) of the latents the U-Net was trained on.
+    autocast_dtype: run the U-Net and text encoder under autocast in this dtype (bf16/fp16 on
+        GPUs); the VAE always decodes in float32, where fp16 VAEs overflow to NaNs.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        autoencoder: nn.Module,
+        conditioner: nn.Module,
+        schedule: NoiseSchedule,
+        prediction_type: PredictionType,
+        latent_shape: tuple[int, int, int],
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.unet = unet
+        self.autoencoder = autoencoder
+        self.conditioner = conditioner
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.latent_shape = tuple(latent_shape)
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: Sampler,
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        negative_prompt: str = "",
+        spacing: str = "trailing",
+        guidance_rescale: float = 0.0,
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1], float32, one per (prompt, seed) pair."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        latents = self.sample_latents(
+            prompts, seeds, sampler, num_steps, guidance_scale, negative_prompt, spacing, guidance_rescale
+        )
+        return self.decode(latents)
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: Sampler,
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        negative_prompt: str = "",
+        spacing: str = "trailing",
+        guidance_rescale: float = 0.0,
+    ) -> Tensor:
+        """Scaled latents (B, C, h, w) from the sampler, before decoding."""
+        device = self.device
+        noise = PerSampleNoise(list(seeds), device=device)
+        x = noise(torch.empty(len(prompts), *self.latent_shape, device=device))  # (B, C, h, w)
+        with self._autocast():
+            context = self.conditioner(list(prompts))  # (B, L, D)
+            if guidance_scale == 1.0:
+                model_fn = Conditioned(self.unet, context)
+            else:
+                uncond = self.conditioner([negative_prompt] * len(prompts))  # (B, L, D)
+                model_fn = ClassifierFreeGuidance(self.unet, context, uncond, guidance_scale, guidance_rescale)
+            denoise = Denoiser(_float32_output(model_fn), self.schedule, self.prediction_type)
+            timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing)
+            return sampler(denoise, x, timesteps, self.schedule, noise_sampler=noise)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [0, 1], decoded in float32."""
+        with torch.autocast(latents.device.type, enabled=False):
+            images = self.autoencoder.decode_from_latent(latents.float())  # (B, 3, H, W) in ~[-1, 1]
+        return ((images + 1) / 2).clamp(0, 1)
+
+
+def _float32_output(model_fn):
+    """Keep the sampler's state in float32 when the network runs under autocast."""
+
+    def wrapped(x: Tensor, t: int) -> Tensor:
+        return model_fn(x, t).float()
+
+    return wrapped
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 on the CPU."""
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def pipeline_from_checkpoint(
+    path: str, use_ema: bool = True, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None
+) -> tuple[TextToImage, dict]:
+    """Rebuild the model of a training checkpoint from the checkpoint alone (its stored config).
+
+    Returns the pipeline and the run config. The frozen parts are rebuilt from their configured
+    weights and must match the fingerprints recorded at training time.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoints import load_training_checkpoint, submodule_state
+    from ldm.errors import UserError
+    from ldm.training.latent_diffusion import fingerprint
+
+    checkpoint = load_training_checkpoint(path)
+    config = OmegaConf.create(checkpoint["ldm"]["config"])
+    state = checkpoint["state_dict"]
+    unet = instantiate(config.model.unet)
+    prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "unet."
+    unet.load_state_dict(submodule_state(state, prefix), strict=True)
+    frozen = {"autoencoder": instantiate(config.model.autoencoder), "conditioner": instantiate(config.model.conditioner)}
+    for name, module in frozen.items():
+        expected = checkpoint["ldm"].get("frozen_fingerprints", {}).get(name)
+        if expected is not None and fingerprint(module) != expected:
+            raise UserError(f"{name} weights differ from those the checkpoint was trained with ({path})")
+    image_size = int(config.task.image_size)
+    latent_size = image_size // frozen["autoencoder"].downsampling_factor
+    pipeline = TextToImage(
+        unet.to(device).eval(),
+        frozen["autoencoder"].to(device).eval(),
+        frozen["conditioner"].to(device).eval(),
+        instantiate(config.schedule),
+        config.objective.prediction_type,
+        (unet.in_channels, latent_size, latent_size),
+        autocast_dtype,
+    )
+    return pipeline, OmegaConf.to_container(config)

@@ -1,0 +1,107 @@
+"""Lightning callbacks: sample grids for fixed prompts during and after training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from ldm.pipeline import Sampler
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    """Number of samples in a training batch (for Lightning's ThroughputMonitor)."""
+    return len(batch["latent"]) if "latent" in batch else len(batch["image"])
+
+
+class SampleGrid(pl.Callback):
+    """Sample a grid of images for fixed prompts and seeds every ``every_n_steps`` and at the end.
+
+    Rows are prompts, columns seeds; grids go to ``<run dir>/samples/step_XXXXXXX.png`` (with the
+    prompts beside them in a .json) and to the logger as images. Runs on global rank 0 only.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        sampler: Sampler,
+        every_n_steps: int = 500,
+        images_per_prompt: int = 4,
+        num_steps: int = 20,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        use_ema: bool = True,
+    ):
+        self.prompts = list(prompts)
+        self.sampler = sampler
+        self.every_n_steps = every_n_steps
+        self.images_per_prompt = images_per_prompt
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.use_ema = use_ema
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.render(trainer, pl_module)
+
+    @torch.no_grad()
+    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_step or not self.prompts:
+            return None
+        self._last_step = step
+        pipeline = pl_module.pipeline(use_ema=self.use_ema)
+        prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
+        seeds = [self.seed + i for _ in self.prompts for i in range(self.images_per_prompt)]
+        images = pipeline(prompts, seeds, self.sampler, self.num_steps, self.guidance_scale)
+        grid = make_grid(images, nrow=self.images_per_prompt, padding=2, pad_value=1.0)
+        path = Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        path.with_suffix(".json").write_text(json.dumps({"rows": self.prompts, "seeds": seeds[: self.images_per_prompt]}))
+        self._log(trainer, grid, path, step)
+        return path
+
+    def _log(self, trainer: pl.Trainer, grid: torch.Tensor, path: Path, step: int) -> None:
+        caption = " | ".join(self.prompts)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", images=[str(path)], caption=[caption], step=step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, global_step=step)
+
+
+class ExportAutoencoder(pl.Callback):
+    """At the end of first-stage training, write the autoencoder's weights as safetensors with
+    the latent scaling factor measured on validation data (1 / std of posterior samples) in the
+    file's metadata, ready to be the frozen VAE of a diffusion model."""
+
+    def __init__(self, filename: str = "autoencoder.safetensors", scaling_batches: int = 20):
+        self.filename = filename
+        self.scaling_batches = scaling_batches
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ldm.checkpoints import save_safetensors
+        from ldm.training.autoencoder import estimate_scaling_factor
+
+        if not trainer.is_global_zero:
+            return
+        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
+        if not loader:
+            loader = trainer.datamodule.train_dataloader()
+        autoencoder = pl_module.autoencoder
+        factor = estimate_scaling_factor(autoencoder, loader, max_batches=self.scaling_batches)
+        path = Path(trainer.default_root_dir) / self.filename
+        save_safetensors(autoencoder.state_dict(), path, metadata={"scaling_factor": f"{factor:.6f}"})
+        print(f"autoencoder weights: {path} (latent scaling factor {factor:.5f})")

@@ -1,0 +1,178 @@
+"""The latent diffusion training task: frozen VAE and text encoder around a trained U-Net."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ldm.diffusion.losses import DiffusionObjective, sample_noise
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.pipeline import TextToImage
+from ldm.training.ema import build_ema
+
+FROZEN = ("autoencoder", "conditioner")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """The one place frozen parts are frozen: eval mode, no gradients (and so no optimiser state)."""
+    return module.requires_grad_(False).eval()
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A short content hash of a module's weights, to check a checkpoint meets the same frozen parts."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(t.shape)}{t.sum().item():.9e}{t.abs().sum().item():.9e}".encode())
+    return digest.hexdigest()[:16]
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Train a U-Net to denoise VAE latents conditioned on text (Rombach et al. 2022).
+
+    Each step: z0 = scale * VAE.encode(image); captions -> "" with probability ``caption_dropout``
+    (so the same network learns the unconditional model for classifier-free guidance); context =
+    text encoder(captions); t, eps ~ U{0..T-1}, N(0, I); loss = objective(U-Net(z_t, t, context)).
+    Batches are {"image": (B,3,H,W) in [-1,1], "caption": list[str]} or, from precomputed shards,
+    {"latent": (B,C,h,w) already scaled, "context": (B,L,D)}.
+
+    The frozen parts are left out of checkpoints (they are rebuilt from config and checked against
+    a stored fingerprint); the U-Net, its EMA copy, optimiser and schedule state are kept.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        autoencoder: nn.Module,
+        conditioner: nn.Module,
+        schedule: NoiseSchedule,
+        objective: DiffusionObjective,
+        optimizer: Callable[[Iterable[Tensor]], Optimizer],
+        lr_scheduler: Callable[[Optimizer], Any] | None = None,
+        caption_dropout: float = 0.1,
+        ema_decay: float | None = 0.9999,
+        ema_warmup: bool = True,
+        ema_every_n_steps: int = 1,
+        image_size: int = 64,
+        run_config: dict | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.unet = unet
+        self.autoencoder = freeze(autoencoder)
+        self.conditioner = freeze(conditioner)
+        self.schedule = schedule
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.caption_dropout = caption_dropout
+        self.ema = build_ema(unet, ema_decay, ema_warmup) if ema_decay is not None else None
+        self.ema_every_n_steps = ema_every_n_steps
+        self.image_size = image_size
+        self.run_config = run_config or {}
+        self.flops_per_batch: float | None = None  # set by a FLOP count for MFU (ThroughputMonitor)
+
+    # ---------------------------------------------------------------- training
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        super().train(mode)
+        for name in FROZEN:
+            getattr(self, name).eval()  # Lightning's model.train() must not wake the frozen parts
+        if self.ema is not None:
+            self.ema.eval()
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.image_size // self.autoencoder.downsampling_factor
+        return (self.unet.in_channels, size, size)
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """Replace each caption by "" with probability ``caption_dropout`` (Ho & Salimans 2022)."""
+        if self.caption_dropout == 0:
+            return list(captions)
+        keep = torch.rand(len(captions)) >= self.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict[str, Any], drop_captions: bool) -> tuple[Tensor, Tensor]:
+        """(scaled latents z0 (B,C,h,w), text context (B,L,D)) from images or precomputed latents."""
+        if "latent" in batch:
+            return batch["latent"], batch["context"]
+        with torch.autocast(self.device.type, enabled=False):
+            # the VAE stays in float32: half-precision VAEs overflow into NaNs and black images
+            latents = self.autoencoder.encode_to_latent(batch["image"].float())
+        captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
+        return latents, self.conditioner(captions)
+
+    def diffusion_loss(self, latents: Tensor, context: Tensor) -> Tensor:
+        t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device)
+        noise = sample_noise(latents, self.objective.offset_noise)
+        x_t, target = self.objective.noised_inputs(self.schedule, latents, t, noise)
+        prediction = self.unet(x_t, t, context)  # (B, C, h, w)
+        return self.objective.loss(prediction, target, self.objective.weights(self.schedule, t))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        latents, context = self.encode_batch(batch, drop_captions=True)
+        loss = self.diffusion_loss(latents, context)
+        batch_size = latents.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        latents, context = self.encode_batch(batch, drop_captions=False)
+        generator = torch.Generator(device=latents.device).manual_seed(batch_idx)
+        # fixed timesteps and noise per batch: the validation loss is comparable across the run
+        t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device, generator)
+        noise = sample_noise(latents, 0.0, generator)
+        x_t, target = self.objective.noised_inputs(self.schedule, latents, t, noise)
+        network = self.ema.module if self.ema is not None else self.unet
+        loss = self.objective.loss(network(x_t, t, context), target, self.objective.weights(self.schedule, t))
+        self.log("val/loss", loss, prog_bar=True, batch_size=latents.shape[0], sync_dist=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and self.global_step % self.ema_every_n_steps == 0:
+            self.ema.update_parameters(self.unet)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.unet.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- sampling
+    def pipeline(self, use_ema: bool = True) -> TextToImage:
+        """A text-to-image pipeline over the current weights (EMA by default)."""
+        unet = self.ema.module if (use_ema and self.ema is not None) else self.unet
+        return TextToImage(
+            unet, self.autoencoder, self.conditioner, self.schedule, self.objective.prediction_type, self.latent_shape
+        )
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
+            del state[key]
+        checkpoint["ldm"] = {
+            "config": self.run_config,
+            "frozen_fingerprints": {name: fingerprint(getattr(self, name)) for name in FROZEN},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
+        for name in FROZEN:
+            expected, actual = stored.get(name), fingerprint(getattr(self, name))
+            if expected is not None and expected != actual:
+                raise ValueError(
+                    f"checkpoint was trained with a different {name} (fingerprint {expected}, "
+                    f"this config builds {actual}): point the config at the same {name} weights"
+                )
+            for key, value in getattr(self, name).state_dict().items():
+                checkpoint["state_dict"].setdefault(f"{name}.{key}", value)

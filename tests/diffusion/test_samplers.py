@@ -1,0 +1,206 @@
+"""Every sampler against problems with known answers.
+
+Data x_0 ~ N(mu, s^2 I) has the closed-form denoiser
+    E[x_0 | x_t] = mu + alpha s^2 / (alpha^2 s^2 + sigma^2) (x_t - alpha mu)
+and a linear probability-flow ODE, whose solution from x_T keeps the standardised value
+(x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) constant.
+"""
+
+import pytest
+import torch
+
+from ldm.diffusion.denoiser import ClassifierFreeGuidance, Denoiser
+from ldm.diffusion.parameterization import predict_eps, training_target
+from ldm.diffusion.samplers import PerSampleNoise, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion.schedules import NoiseSchedule, scaled_linear_betas
+from ldm.diffusion.timesteps import sampling_timesteps
+
+MU, S = 0.5, 0.3
+SCHEDULE = NoiseSchedule.from_betas(scaled_linear_betas())
+ZSNR = NoiseSchedule.from_betas(scaled_linear_betas(), zero_terminal_snr=True)
+STOCHASTIC = {"ddpm": sample_ddpm, "ddim_eta1": lambda *a, **k: sample_ddim(*a, eta=1.0, **k)}
+DETERMINISTIC = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+
+
+def gaussian_x0(schedule, x, t):
+    alpha, sigma = schedule.alpha(t, like=x), schedule.sigma(t, like=x)
+    return MU + alpha * S**2 / (alpha**2 * S**2 + sigma**2) * (x - alpha * MU)
+
+
+class GaussianNetwork:
+    """A 'network' that outputs the exact eps / v / x0 of Gaussian data."""
+
+    def __init__(self, schedule, prediction_type):
+        self.schedule, self.prediction_type = schedule, prediction_type
+
+    def __call__(self, x, t):
+        t = int(t)
+        x0 = gaussian_x0(self.schedule, x, t)
+        alpha, sigma = self.schedule.alpha(t, like=x), self.schedule.sigma(t, like=x)
+        eps = (x - alpha * x0) / sigma
+        return training_target(self.prediction_type, x0, eps, alpha, sigma)
+
+
+def prior_sample(schedule, t, n, seed=0):
+    alpha, sigma = schedule.alpha(t).item(), schedule.sigma(t).item()
+    z = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return alpha * MU + (alpha**2 * S**2 + sigma**2) ** 0.5 * z
+
+
+@pytest.mark.parametrize("name", [*STOCHASTIC, *DETERMINISTIC])
+@pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
+def test_samplers_reproduce_data_moments(name, prediction_type):
+    # With every training step visited the samplers must recover mu and s. (Coarser grids are
+    # biased: e.g. DDPM's posterior variance ignores the uncertainty of x0 and under-disperses.)
+    sampler = {**STOCHASTIC, **DETERMINISTIC}[name]
+    timesteps = sampling_timesteps(1000, 1000)
+    x = prior_sample(SCHEDULE, timesteps[0], 20_000)
+    denoise = Denoiser(GaussianNetwork(SCHEDULE, prediction_type), SCHEDULE, prediction_type)
+    torch.manual_seed(0)
+    x0 = sampler(denoise, x, timesteps, SCHEDULE)
+    assert x0.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x0.std().item() == pytest.approx(S, rel=0.03)
+
+
+def ode_then_denoise(x_T, t_start):
+    """The exact probability-flow ODE from t_start down to t = 0, then the exact denoiser at t = 0
+    (every grid that includes t = 0 ends with that same denoising jump)."""
+    alpha, sigma = SCHEDULE.alpha(t_start).item(), SCHEDULE.sigma(t_start).item()
+    z = (x_T - alpha * MU) / (alpha**2 * S**2 + sigma**2) ** 0.5
+    alpha0, sigma0 = SCHEDULE.alpha(0).item(), SCHEDULE.sigma(0).item()
+    return gaussian_x0(SCHEDULE, alpha0 * MU + (alpha0**2 * S**2 + sigma0**2) ** 0.5 * z, 0)
+
+
+def ode_error(sampler, steps):
+    timesteps = sampling_timesteps(1000, steps, "linspace")
+    x_T = prior_sample(SCHEDULE, timesteps[0], 512)
+    x0 = sampler(Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps"), x_T, timesteps, SCHEDULE)
+    return (x0 - ode_then_denoise(x_T, timesteps[0])).abs().max().item()
+
+
+@pytest.mark.parametrize("name, tolerance", [("ddim", 0.01), ("dpmpp_2m", 0.002)])
+def test_deterministic_samplers_converge_to_ode_solution(name, tolerance):
+    errors = [ode_error(DETERMINISTIC[name], steps) for steps in (25, 100, 1000)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < tolerance
+
+
+def test_dpmpp_2m_is_more_accurate_than_ddim():
+    for steps in (25, 100, 1000):
+        assert ode_error(sample_dpmpp_2m, steps) < ode_error(sample_ddim, steps)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_zero_terminal_snr_with_v_prediction(name):
+    # At zero terminal SNR x_T ~ N(0, I) is exactly the prior, and eps-to-x0 conversions would divide by 0.
+    sampler = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}[name]
+    timesteps = sampling_timesteps(1000, 1000)
+    x = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    denoise = Denoiser(GaussianNetwork(ZSNR, "v"), ZSNR, "v")
+    torch.manual_seed(0)
+    x0 = sampler(denoise, x, timesteps, ZSNR)
+    assert torch.isfinite(x0).all()
+    assert x0.mean().item() == pytest.approx(MU, abs=0.01)
+    assert x0.std().item() == pytest.approx(S, rel=0.03)
+
+
+def test_zero_terminal_snr_few_steps_stay_finite():
+    timesteps = sampling_timesteps(1000, 4)
+    x = torch.randn(16, 1, 2, 2, dtype=torch.float64)
+    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m):
+        assert torch.isfinite(sampler(Denoiser(GaussianNetwork(ZSNR, "v"), ZSNR, "v"), x, timesteps, ZSNR)).all()
+
+
+def test_ddpm_equals_ddim_eta_one_pathwise():
+    timesteps = sampling_timesteps(1000, 25)
+    x = torch.randn(8, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    denoise = Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps")
+    a = sample_ddpm(denoise, x, timesteps, SCHEDULE, noise_sampler=PerSampleNoise(list(range(8))))
+    b = sample_ddim(denoise, x, timesteps, SCHEDULE, eta=1.0, noise_sampler=PerSampleNoise(list(range(8))))
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+def _toy_network(x, t, context):
+    # a smooth nonlinear function of (x, t, context) standing in for a trained U-Net
+    return torch.tanh(0.7 * x + 0.001 * t.view(-1, 1, 1, 1).to(x.dtype)) + 0.1 * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def test_ddim_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+    )
+    reference.set_timesteps(20)
+    context = torch.randn(2, 5, 3)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = x.clone()
+    for t in reference.timesteps:
+        out = _toy_network(expected, torch.full((2,), int(t)), context)
+        expected = reference.step(out, t, expected).prev_sample
+    ours = sample_ddim(
+        Denoiser(lambda x, t: _toy_network(x, torch.full((2,), t), context), SCHEDULE, "eps"),
+        x, sampling_timesteps(1000, 20), SCHEDULE,
+    )
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type, theirs", [("eps", "epsilon"), ("v", "v_prediction")])
+def test_dpmpp_2m_matches_diffusers(prediction_type, theirs):
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=theirs,
+        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+        final_sigmas_type="zero", lower_order_final=True, euler_at_final=False,
+    )
+    reference.set_timesteps(15)
+    context = torch.randn(2, 5, 3)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = x.clone()
+    for t in reference.timesteps:
+        out = _toy_network(expected, torch.full((2,), int(t)), context)
+        expected = reference.step(out, t, expected).prev_sample
+    assert sampling_timesteps(1000, 15).tolist() == reference.timesteps.tolist()
+    ours = sample_dpmpp_2m(
+        Denoiser(lambda x, t: _toy_network(x, torch.full((2,), t), context), SCHEDULE, prediction_type),
+        x, sampling_timesteps(1000, 15), SCHEDULE,
+    )
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+def test_per_sample_noise_is_independent_of_batch_composition():
+    like = torch.zeros(3, 4, 2, 2)
+    together = PerSampleNoise([7, 8, 9])(like)
+    alone = PerSampleNoise([8])(like[:1])
+    assert torch.equal(together[1], alone[0])
+    with pytest.raises(ValueError, match="seeds"):
+        PerSampleNoise([1, 2])(like)
+
+
+def test_classifier_free_guidance_combines_outputs():
+    def network(x, t, context):
+        return x * 0 + context[:, :1, :1].unsqueeze(-1)  # output = the context's first value
+
+    cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
+    x = torch.zeros(2, 1, 2, 2)
+    guided = ClassifierFreeGuidance(network, cond, uncond, scale=3.0)(x, 10)
+    assert torch.allclose(guided, torch.full_like(x, -1.0 + 3.0 * (2.0 + 1.0)))
+    assert torch.allclose(ClassifierFreeGuidance(network, cond, uncond, scale=1.0)(x, 10), torch.full_like(x, 2.0))
+
+
+def test_guidance_rescale_matches_conditional_std():
+    def network(x, t, context):
+        return x * context[:, :1, :1].unsqueeze(-1)
+
+    x = torch.randn(2, 4, 8, 8)
+    cond, uncond = torch.full((2, 1, 1), 1.0), torch.full((2, 1, 1), 0.5)
+    fully = ClassifierFreeGuidance(network, cond, uncond, scale=5.0, guidance_rescale=1.0)(x, 0)
+    assert torch.allclose(fully.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)), rtol=1e-5)
+
+
+def test_eps_from_exact_x0_is_consistent():
+    x = torch.randn(4, 1, 1, 1, dtype=torch.float64)
+    alpha, sigma = SCHEDULE.alpha(500, like=x), SCHEDULE.sigma(500, like=x)
+    x0 = gaussian_x0(SCHEDULE, x, 500)
+    eps = (x - alpha * x0) / sigma
+    assert torch.allclose(predict_eps("x0", x0, x, alpha, sigma), eps)

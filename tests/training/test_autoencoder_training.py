@@ -1,0 +1,161 @@
+"""AutoencoderTraining through a real Lightning Trainer, and the latent scale estimate."""
+
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.training.autoencoder import AutoencoderTraining, estimate_scaling_factor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core machine the
+    threads wait on each other (measured: 20 ms vs up to 1 s per forward)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_autoencoder() -> AutoencoderKL:
+    return AutoencoderKL(base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, resolution=16)
+
+
+def _samples(n: int, size: int = 16, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    # Smooth-ish images (upsampled noise) so a tiny VAE can fit them in a few steps.
+    images = torch.nn.functional.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=gen), size=size)
+    return [{"image": image * 2 - 1, "caption": f"image {i}"} for i, image in enumerate(images)]
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]), "caption": [s["caption"] for s in samples]}
+
+
+def _loader(samples: list[dict], batch_size: int = 4) -> DataLoader:
+    return DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+
+
+def _trainer(tmp_path, max_steps: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_trains_validates_and_writes_reconstruction_grids(tmp_path):
+    torch.manual_seed(0)
+    module = AutoencoderTraining(
+        _tiny_autoencoder(),
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        lr_scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: 1.0),
+        l2_weight=0.5,
+        sample_every_n_steps=2,
+        num_samples=2,
+    )
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(module, _loader(_samples(4)), _loader(_samples(4, seed=1)))
+
+    metrics = trainer.callback_metrics
+    for key in ("train/loss", "train/rec_loss", "train/kl", "train/latent_std", "val/rec_loss", "val/psnr"):
+        assert torch.isfinite(metrics[key]), key
+    assert metrics["val/psnr"] > 0
+    grids = sorted(p.name for p in (tmp_path / "reconstructions").iterdir())
+    assert grids == ["step_0000000.png", "step_0000002.png"]
+
+
+@pytest.mark.filterwarnings("ignore:.*no `val_dataloader`.*")
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    torch.manual_seed(0)
+    module = AutoencoderTraining(_tiny_autoencoder(), optimizer=partial(torch.optim.Adam, lr=2e-3))
+    recorder = LossRecorder()
+    trainer = _trainer(tmp_path, max_steps=30, callbacks=[recorder], limit_val_batches=0)
+    trainer.fit(module, _loader(_samples(4)))  # one batch per epoch: the same 4 images every step
+
+    assert len(recorder.losses) == 30
+    first, last = recorder.losses[0], sum(recorder.losses[-5:]) / 5
+    assert last < 0.5 * first, recorder.losses
+
+
+def test_perceptual_term_is_added_per_pixel():
+    module = AutoencoderTraining(
+        _tiny_autoencoder(),
+        optimizer=torch.optim.Adam,
+        l1_weight=0.0,
+        perceptual_loss=lambda reconstruction, target: torch.full((target.shape[0],), 3.0 * 16 * 16 * 3),
+        perceptual_weight=2.0,
+    )
+    x = torch.zeros(2, 3, 16, 16)
+    torch.testing.assert_close(module.reconstruction_loss(x, x), torch.full((2,), 6.0))
+
+
+def _known_posterior_autoencoder(means: list[float], logvar: float) -> AutoencoderKL:
+    """An autoencoder whose posterior ignores the image: quant_conv outputs only its bias."""
+    vae = _tiny_autoencoder()
+    with torch.no_grad():
+        vae.quant_conv.weight.zero_()
+        vae.quant_conv.bias.copy_(torch.tensor(means + [logvar] * len(means)))
+    return vae
+
+
+def test_estimate_scaling_factor_recovers_a_known_std():
+    # Channel means 3, 1, 3, 1 (mean 2, variance 1) plus posterior noise of variance 0.25:
+    # the latent std over all elements is sqrt(1.25), whatever the offset.
+    vae = _known_posterior_autoencoder([3.0, 1.0, 3.0, 1.0], logvar=float(torch.tensor(0.25).log()))
+    batches = [torch.zeros(8, 3, 16, 16)] * 20  # 20 * 8 * 4*8*8 = 40960 latent values
+    estimate = estimate_scaling_factor(vae, batches, max_batches=20, generator=torch.Generator().manual_seed(0))
+    assert estimate == pytest.approx(1 / 1.25**0.5, rel=0.02)
+
+
+def test_estimate_scaling_factor_reads_dict_batches_and_stops_at_max_batches():
+    vae = _known_posterior_autoencoder([0.0] * 4, logvar=float(torch.tensor(4.0).log())).train()
+    consumed = []
+
+    def batches():
+        for i in range(100):
+            consumed.append(i)
+            yield {"image": torch.zeros(8, 3, 16, 16), "caption": ["x"] * 8}
+
+    estimate = estimate_scaling_factor(vae, batches(), max_batches=10, generator=torch.Generator().manual_seed(0))
+    assert estimate == pytest.approx(0.5, rel=0.03)
+    assert len(consumed) == 10
+    assert vae.training  # mode restored
+
+
+def test_estimate_scaling_factor_rejects_empty_data():
+    with pytest.raises(ValueError, match="no batches"):
+        estimate_scaling_factor(_tiny_autoencoder(), [], max_batches=5)
+
+
+class _L2Distance(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.scale * (reconstruction - target).square().sum(dim=(1, 2, 3))
+
+
+def test_perceptual_network_stays_frozen_and_in_eval():
+    distance = _L2Distance()
+    module = AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, perceptual_loss=distance).train()
+    assert module.autoencoder.training and not distance.training
+    assert not distance.scale.requires_grad

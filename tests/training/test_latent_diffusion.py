@@ -1,0 +1,131 @@
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ldm.diffusion.parameterization import add_noise
+from ldm.training.ema import EMADecay, build_ema
+from ldm.training.latent_diffusion import LatentDiffusion, fingerprint
+
+
+@pytest.fixture
+def task(train_config) -> LatentDiffusion:
+    cfg = train_config()
+    return instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={"seed": 0})
+
+
+def _batch(size=32, n=3):
+    images = torch.rand(n, 3, size, size) * 2 - 1
+    return {"image": images, "caption": ["a red circle in the top left", "a blue square in the center", ""][:n]}
+
+
+def test_frozen_parts_are_frozen_and_stay_in_eval(task):
+    task.train()
+    for name in ("autoencoder", "conditioner"):
+        module = getattr(task, name)
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    assert task.unet.training
+    optimizer = task.configure_optimizers()["optimizer"]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in task.unet.parameters()}
+
+
+def test_training_step_gives_finite_loss_and_unet_gradients(task):
+    task.train()
+    latents, context = task.encode_batch(_batch(), drop_captions=False)
+    assert latents.shape == (3, *task.latent_shape)
+    assert context.shape[:2] == (3, 77)
+    loss = task.diffusion_loss(latents, context)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in task.unet.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in task.autoencoder.parameters())
+
+
+def test_diffusion_loss_uses_the_forward_process(task, monkeypatch):
+    # with eps-prediction a U-Net that returns the true noise has zero loss
+    latents = torch.randn(2, *task.latent_shape)
+    seen = {}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x_t, t, context):
+            alpha = task.schedule.alpha(t, 4, like=x_t)
+            sigma = task.schedule.sigma(t, 4, like=x_t)
+            seen["t"] = t
+            return (x_t - alpha * latents) / sigma
+
+    monkeypatch.setattr(task, "unet", Oracle())
+    loss = task.diffusion_loss(latents, torch.zeros(2, 77, 32))
+    assert loss.item() < 1e-8
+    assert seen["t"].dtype == torch.long and 0 <= seen["t"].min() and seen["t"].max() < 1000
+
+
+def test_caption_dropout_rate():
+    dropped = LatentDiffusion.drop_captions
+    holder = type("H", (), {"caption_dropout": 0.25})()
+    torch.manual_seed(0)
+    out = dropped(holder, ["x"] * 20_000)
+    assert out.count("") / len(out) == pytest.approx(0.25, abs=0.01)
+    holder.caption_dropout = 0.0
+    assert dropped(holder, ["x", "y"]) == ["x", "y"]
+
+
+def test_precomputed_latents_skip_the_encoders(task):
+    batch = {"latent": torch.randn(2, *task.latent_shape), "context": torch.randn(2, 77, 32)}
+    latents, context = task.encode_batch(batch, drop_captions=True)
+    assert latents is batch["latent"] and context is batch["context"]
+
+
+def test_ema_update_with_warmup():
+    net = torch.nn.Linear(2, 2)
+    ema = build_ema(net, decay=0.9, warmup=True)
+    ema.update_parameters(net)  # first update copies
+    assert torch.equal(ema.module.weight, net.weight)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update_parameters(net)  # n = 1: decay min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, d * before + (1 - d) * net.weight)
+    assert not any(p.requires_grad for p in ema.parameters())
+
+
+def test_ema_decay_without_warmup_is_constant():
+    update = EMADecay(0.99, warmup=False)
+    ema, new = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, new, torch.tensor(5))
+    assert torch.allclose(ema[0], torch.full((3,), 0.01))
+    with pytest.raises(ValueError):
+        EMADecay(1.0)
+
+
+def test_fingerprint_detects_changed_weights(task):
+    before = fingerprint(task.autoencoder)
+    assert fingerprint(task.autoencoder) == before
+    with torch.no_grad():
+        next(task.autoencoder.parameters()).add_(1e-3)
+    assert fingerprint(task.autoencoder) != before
+
+
+def test_checkpoint_hooks_drop_and_restore_frozen_weights(task):
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    assert not any(k.startswith(("autoencoder.", "conditioner.")) for k in checkpoint["state_dict"])
+    assert any(k.startswith("ema.module.") for k in checkpoint["state_dict"])
+    task.on_load_checkpoint(checkpoint)
+    task.load_state_dict(checkpoint["state_dict"], strict=True)
+    checkpoint["ldm"]["frozen_fingerprints"]["autoencoder"] = "0" * 16
+    with pytest.raises(ValueError, match="different autoencoder"):
+        task.on_load_checkpoint(checkpoint)
+
+
+def test_noising_matches_closed_form(task):
+    x0 = torch.randn(4, *task.latent_shape)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t, target = task.objective.noised_inputs(task.schedule, x0, t, eps)
+    abar = task.schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    assert torch.allclose(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-6)
+    assert torch.equal(x_t, add_noise(x0, eps, abar.sqrt(), (1 - abar).sqrt())) or torch.allclose(
+        x_t, add_noise(x0, eps, abar.sqrt(), (1 - abar).sqrt()), atol=1e-6
+    )

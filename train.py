@@ -1,0 +1,84 @@
+"""Train a latent diffusion model: `python train.py [experiment=NAME] [key=value ...]`.
+
+With no arguments it trains the toy text-to-image model. `train(cfg)` is importable for tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.cli import newest_checkpoint, one_line_errors
+from ldm.errors import UserError
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``resume=PATH``, or ``resume=auto`` for this run's newest."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = newest_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
+        return str(found) if found else None
+    path = Path(cfg.resume).expanduser()
+    if not path.is_file():
+        raise UserError(f"resume checkpoint not found: {path}")
+    return str(path)
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain data with every interpolation resolved (Hydra's own node dropped)."""
+    return {
+        key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items_ex(resolve=True)
+        if key != "hydra"
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build everything from ``cfg``, fit, and return the run directory and final metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    run_config = resolved_config(cfg)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    # _convert_="all": objects receive plain lists and dicts, never OmegaConf containers, so
+    # nothing from OmegaConf ends up pickled in checkpoints (they load with weights_only=True)
+    # (run_config is passed after instantiation: Hydra would build the _target_s inside it)
+    task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config=run_config)
+    callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    output_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(run_config, output_dir / "config.yaml")  # the resolved config of this run
+    if logger:
+        trainer.logger.log_hyperparams(run_config)
+    ckpt_path = resume_path(cfg)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+    _finish_wandb(logger)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        print(f"run directory: {output_dir.resolve()}")
+    return {"output_dir": output_dir, "metrics": metrics, "trainer": trainer, "task": task}
+
+
+def _finish_wandb(logger: Any) -> None:
+    # an offline wandb run left open ends with a HandleAbandonedError in its debug log
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()
