@@ -5,12 +5,14 @@ With no arguments it trains the toy text-to-image model. `train(cfg)` is importa
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
+from pytorch_lightning.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import newest_checkpoint, one_line_errors
@@ -49,6 +51,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # (run_config is passed after instantiation: Hydra would build the _target_s inside it)
     task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config=run_config)
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]  # Lightning refuses both
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     output_dir = Path(cfg.paths.output_dir)
@@ -76,6 +80,10 @@ def _finish_wandb(logger: Any) -> None:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # expected and harmless here: the frozen VAE and text encoder stay in eval mode by design;
+    # the second is torch 2.14's deprecation notice inside Lightning
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     with one_line_errors():
         train(cfg)
 

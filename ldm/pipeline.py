@@ -146,6 +146,10 @@ def pipeline_from_checkpoint(
     unet.load_state_dict(submodule_state(state, prefix), strict=True)
     frozen = {"autoencoder": instantiate(config.model.autoencoder), "conditioner": instantiate(config.model.conditioner)}
     for name, module in frozen.items():
+        stored = submodule_state(state, f"{name}.")
+        if stored:  # small frozen parts travel inside the checkpoint
+            module.load_state_dict(stored, strict=True)
+            continue
         expected = checkpoint["ldm"].get("frozen_fingerprints", {}).get(name)
         if expected is not None and fingerprint(module) != expected:
             raise UserError(f"{name} weights differ from those the checkpoint was trained with ({path})")

@@ -20,7 +20,6 @@ real toy shards.
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.data.shards import expand_shards
 from ldm.data.toy import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES
 
 # Below this peak strength (0-255 scale) the image holds no shape. Every jittered palette colour is
@@ -225,17 +225,6 @@ def score_folder(path: str | Path) -> dict:
     records = _read_metadata(folder)
     images = (Image.open(folder / record["file"]) for record in records)
     return score(images, [record["prompt"] for record in records])
-
-
-def expand_shards(patterns: str | Iterable[str]) -> list[str]:
-    """Sorted tar paths matching glob `patterns`; a pattern with no match is an error."""
-    paths: list[str] = []
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
-        matches = sorted(glob.glob(pattern))
-        if not matches:
-            raise FileNotFoundError(f"no shards match {pattern}")
-        paths += matches
-    return paths
 
 
 def iter_shard_samples(paths: Iterable[str]) -> Iterator[tuple[Image.Image, str]]:

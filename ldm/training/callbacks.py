@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
@@ -17,6 +18,36 @@ from ldm.pipeline import Sampler
 def batch_size(batch: dict[str, Any]) -> int:
     """Number of samples in a training batch (for Lightning's ThroughputMonitor)."""
     return len(batch["latent"]) if "latent" in batch else len(batch["image"])
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A tqdm bar over optimiser steps up to ``trainer.max_steps``, with rate and ETA.
+
+    Lightning's default bar counts batches of an epoch, which streaming (resampled) shards do not
+    have, so it shows neither a total nor an ETA.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        bar.n = trainer.global_step
+        bar.unit = "step"
+        bar.set_description("train")
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number is noise in a progress bar
+        return metrics
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(step, bar.total or 0):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
 
 
 class SampleGrid(pl.Callback):
@@ -46,6 +77,11 @@ class SampleGrid(pl.Callback):
         self.seed = seed
         self.use_ema = use_ema
         self._last_step = -1
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version number is noise in a progress bar
+        return metrics
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step

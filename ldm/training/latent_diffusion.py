@@ -41,8 +41,10 @@ class LatentDiffusion(pl.LightningModule):
     Batches are {"image": (B,3,H,W) in [-1,1], "caption": list[str]} or, from precomputed shards,
     {"latent": (B,C,h,w) already scaled, "context": (B,L,D)}.
 
-    The frozen parts are left out of checkpoints (they are rebuilt from config and checked against
-    a stored fingerprint); the U-Net, its EMA copy, optimiser and schedule state are kept.
+    Checkpoints keep the U-Net, its EMA copy, optimiser and schedule state. A frozen part is kept
+    too when it is small (<= ``frozen_in_checkpoint_mb``, like the toy's), so the checkpoint stands
+    alone; a large one (SD's VAE, CLIP) is left out, rebuilt from the stored config on load and
+    checked against a fingerprint recorded at save time.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class LatentDiffusion(pl.LightningModule):
         ema_warmup: bool = True,
         ema_every_n_steps: int = 1,
         image_size: int = 64,
+        frozen_in_checkpoint_mb: float = 64.0,
         run_config: dict | None = None,
     ):
         super().__init__()
@@ -75,6 +78,7 @@ class LatentDiffusion(pl.LightningModule):
         self.ema = build_ema(unet, ema_decay, ema_warmup) if ema_decay is not None else None
         self.ema_every_n_steps = ema_every_n_steps
         self.image_size = image_size
+        self.frozen_in_checkpoint_mb = frozen_in_checkpoint_mb
         self.run_config = run_config or {}
         self.flops_per_batch: float | None = None  # set by a FLOP count for MFU (ThroughputMonitor)
 
@@ -158,21 +162,26 @@ class LatentDiffusion(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
+        left_out = [name for name in FROZEN if _megabytes(getattr(self, name)) > self.frozen_in_checkpoint_mb]
+        for key in [k for k in state if k.split(".", 1)[0] in left_out]:
             del state[key]
         checkpoint["ldm"] = {
             "config": self.run_config,
-            "frozen_fingerprints": {name: fingerprint(getattr(self, name)) for name in FROZEN},
+            "frozen_fingerprints": {name: fingerprint(getattr(self, name)) for name in left_out},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
-        for name in FROZEN:
-            expected, actual = stored.get(name), fingerprint(getattr(self, name))
-            if expected is not None and expected != actual:
+        for name in stored:
+            expected, actual = stored[name], fingerprint(getattr(self, name))
+            if expected != actual:
                 raise ValueError(
                     f"checkpoint was trained with a different {name} (fingerprint {expected}, "
                     f"this config builds {actual}): point the config at the same {name} weights"
                 )
             for key, value in getattr(self, name).state_dict().items():
                 checkpoint["state_dict"].setdefault(f"{name}.{key}", value)
+
+
+def _megabytes(module: nn.Module) -> float:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20

@@ -107,7 +107,15 @@ def test_fingerprint_detects_changed_weights(task):
     assert fingerprint(task.autoencoder) != before
 
 
-def test_checkpoint_hooks_drop_and_restore_frozen_weights(task):
+def test_small_frozen_parts_stay_in_checkpoints(task):
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    assert any(k.startswith("autoencoder.") for k in checkpoint["state_dict"])
+    assert checkpoint["ldm"]["frozen_fingerprints"] == {}
+
+
+def test_checkpoint_hooks_drop_and_restore_large_frozen_weights(task):
+    task.frozen_in_checkpoint_mb = 0.0
     checkpoint = {"state_dict": task.state_dict()}
     task.on_save_checkpoint(checkpoint)
     assert not any(k.startswith(("autoencoder.", "conditioner.")) for k in checkpoint["state_dict"])
