@@ -21,23 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# SD's VAE: GroupNorm(32 groups, eps 1e-6) everywhere.
+# SD's VAE: GroupNorm(32 groups, eps 1e-6) everywhere; small VAEs (the toy's) may use fewer groups.
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS, affine=True)
+def _norm(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (norm, SiLU, conv3x3) twice; 1x1 `nin_shortcut` when widths differ."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, norm_groups: int = NORM_GROUPS):
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # Absent (not an identity module) when widths match, so the state dict has no extra keys.
@@ -54,9 +54,9 @@ class ResnetBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over the H*W positions; q, k, v and the output are 1x1 convs."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm_groups: int = NORM_GROUPS):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, norm_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -111,11 +111,16 @@ class Level(nn.Module):
         use_attention: bool,
         resample: Literal["down", "up"] | None,
         dropout: float,
+        norm_groups: int = NORM_GROUPS,
     ):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(widths[j], widths[j + 1], dropout) for j in range(num_blocks))
-        self.attn = nn.ModuleList(AttentionBlock(out_channels) for _ in range(num_blocks if use_attention else 0))
+        self.block = nn.ModuleList(
+            ResnetBlock(widths[j], widths[j + 1], dropout, norm_groups) for j in range(num_blocks)
+        )
+        self.attn = nn.ModuleList(
+            AttentionBlock(out_channels, norm_groups) for _ in range(num_blocks if use_attention else 0)
+        )
         if resample == "down":
             self.downsample = Downsample(out_channels)
         elif resample == "up":
@@ -138,11 +143,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """Residual block, attention, residual block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, norm_groups: int = NORM_GROUPS):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttentionBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+        self.attn_1 = AttentionBlock(channels, norm_groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
 
     def forward(self, x: torch.Tensor, gradient_checkpointing: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> (B, C, h, w)."""
@@ -171,6 +176,7 @@ class Encoder(nn.Module):
         resolution: int,
         z_channels: int,
         dropout: float,
+        norm_groups: int = NORM_GROUPS,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_multipliers]
@@ -184,11 +190,12 @@ class Encoder(nn.Module):
                 use_attention=resolution // 2**i in attention_resolutions,
                 resample="down" if i != last else None,
                 dropout=dropout,
+                norm_groups=norm_groups,
             )
             for i in range(len(widths))
         )
-        self.mid = MidBlock(widths[-1], dropout)
-        self.norm_out = _norm(widths[-1])
+        self.mid = MidBlock(widths[-1], dropout, norm_groups)
+        self.norm_out = _norm(widths[-1], norm_groups)
         # Mean and log-variance for every latent channel.
         self.conv_out = nn.Conv2d(widths[-1], 2 * z_channels, 3, padding=1)
         self.gradient_checkpointing = False
@@ -214,12 +221,13 @@ class Decoder(nn.Module):
         resolution: int,
         z_channels: int,
         dropout: float,
+        norm_groups: int = NORM_GROUPS,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_multipliers]
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], dropout)
+        self.mid = MidBlock(widths[-1], dropout, norm_groups)
         # Built in resolution order (up.0 = full resolution) to match the checkpoint; run in reverse.
         # One more block per level than the encoder, as in SD.
         self.up = nn.ModuleList(
@@ -230,10 +238,11 @@ class Decoder(nn.Module):
                 use_attention=resolution // 2**i in attention_resolutions,
                 resample="up" if i != 0 else None,
                 dropout=dropout,
+                norm_groups=norm_groups,
             )
             for i in range(len(widths))
         )
-        self.norm_out = _norm(widths[0])
+        self.norm_out = _norm(widths[0], norm_groups)
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
@@ -296,12 +305,13 @@ class AutoencoderKL(nn.Module):
         dropout: float = 0.0,
         scaling_factor: float = 0.18215,
         gradient_checkpointing: bool = False,
+        norm_groups: int = NORM_GROUPS,  # GroupNorm groups: 32 in SD; fewer lets small VAEs be narrow
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_multipliers]
-        if not widths or any(w % NORM_GROUPS for w in widths):
+        if not widths or any(w % norm_groups for w in widths):
             raise ValueError(
-                f"AutoencoderKL: every width base_channels * multiplier must be a multiple of {NORM_GROUPS} "
+                f"AutoencoderKL: every width base_channels * multiplier must be a multiple of {norm_groups} "
                 f"(GroupNorm groups); got base_channels={base_channels}, channel_multipliers={tuple(channel_multipliers)}"
             )
         level_args = dict(
@@ -312,6 +322,7 @@ class AutoencoderKL(nn.Module):
             resolution=resolution,
             z_channels=z_channels,
             dropout=dropout,
+            norm_groups=norm_groups,
         )
         self.encoder = Encoder(in_channels=in_channels, **level_args)
         self.decoder = Decoder(out_channels=out_channels, **level_args)

@@ -16,16 +16,6 @@ PREFIX = "first_stage_model."
 SMALL = dict(base_channels=32, channel_multipliers=(1, 2, 2, 2), num_res_blocks=2, z_channels=4, embed_dim=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core machine the
-    threads wait on each other (measured: 20 ms vs up to 1 s per forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Perturb every parameter (GroupNorm starts at 1/0, which would hide a swapped scale and shift)."""
     gen = torch.Generator().manual_seed(seed)

@@ -11,16 +11,6 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.training.autoencoder import AutoencoderTraining, estimate_scaling_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a shared 2-core machine the
-    threads wait on each other (measured: 20 ms vs up to 1 s per forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_autoencoder() -> AutoencoderKL:
     return AutoencoderKL(base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, resolution=16)
 

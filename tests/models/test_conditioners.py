@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from ldm.checkpoints import save_safetensors
+from ldm.models.conditioners import OpenCLIPTextEncoder
+
+TINY = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=3)
+PROMPTS = ["a red circle in the top left", "a blue square in the center", ""]
+
+
+def tiny(**kwargs) -> OpenCLIPTextEncoder:
+    return OpenCLIPTextEncoder(model_name=None, text_cfg=TINY, **kwargs).eval()
+
+
+def test_hidden_states_shape_and_determinism():
+    with torch.no_grad():
+        a, b = tiny()(PROMPTS), tiny()(PROMPTS)
+    assert a.shape == (3, 77, 32)
+    assert torch.equal(a, b)  # the seeded init is rebuilt identically
+    assert not torch.equal(a[0], a[1])
+    with torch.no_grad():
+        assert not torch.equal(tiny(init_seed=1)(PROMPTS), a)
+
+
+def test_tokens_follow_clip_conventions():
+    tokens = tiny().tokenize(["a red circle"])
+    assert tokens.shape == (1, 77)
+    assert tokens[0, 0].item() == 49406 and tokens[0, 4].item() == 49407 and tokens[0, 5:].eq(0).all()
+
+
+def test_empty_prompt_is_the_unconditional_context():
+    encoder = tiny()
+    with torch.no_grad():
+        uncond = encoder([""])
+        assert torch.equal(encoder(["", "x"])[0], uncond[0])
+    assert encoder.tokenize([""])[0, :2].tolist() == [49406, 49407]
+
+
+def test_layer_choice_matches_manual_forward():
+    encoder = tiny(layer="penultimate")
+    assert encoder.num_blocks == 2
+    tokens = encoder.tokenize(PROMPTS)
+    tower = encoder.model
+    with torch.no_grad():
+        x = tower.token_embedding(tokens) + tower.positional_embedding
+        for block in tower.transformer.resblocks[:2]:
+            x = block(x, attn_mask=tower.attn_mask)
+        expected = tower.ln_final(x)
+        assert torch.allclose(encoder.encode_tokens(tokens), expected, atol=1e-6)
+        last = tiny(layer="last").encode_tokens(tokens)
+    assert not torch.allclose(last, expected)
+    with pytest.raises(ValueError, match="layer"):
+        tiny(layer="middle")
+
+
+def test_last_layer_matches_open_clip_text_intermediates():
+    # open_clip's own forward: the last block's tokens after ln_final
+    encoder = tiny(layer="last")
+    tokens = encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        out = encoder.model.forward_intermediates(
+            tokens, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
+        )
+        assert torch.allclose(encoder.encode_tokens(tokens), out["text_intermediates"][-1], atol=1e-6)
+
+
+def test_pretrained_weights_from_local_files(tmp_path):
+    source = tiny(init_seed=7)
+    full_model_state = {f"{k}": v for k, v in source.model.state_dict().items()}
+    full_model_state["visual.conv1.weight"] = torch.zeros(1)  # a full CLIP file also holds the image tower
+    full_model_state["logit_scale"] = torch.ones(())
+    path = tmp_path / "clip.safetensors"
+    save_safetensors(full_model_state, path)
+    loaded = tiny(pretrained=str(path))
+    with torch.no_grad():
+        assert torch.equal(loaded(PROMPTS), source(PROMPTS))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.model.state_dict().items()}}, tmp_path / "clip.pt")
+    with torch.no_grad():
+        assert torch.equal(tiny(pretrained=str(tmp_path / "clip.pt"))(PROMPTS), source(PROMPTS))
+
+
+def test_missing_weights_are_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found: .*nope.bin"):
+        OpenCLIPTextEncoder(model_name=None, text_cfg=TINY, pretrained=str(tmp_path / "nope.bin"))
+    with pytest.raises(FileNotFoundError, match="neither a local file nor a cached open_clip tag"):
+        OpenCLIPTextEncoder("ViT-B-32", pretrained="no_such_tag")
+
+
+def test_named_config_builds_offline():
+    encoder = OpenCLIPTextEncoder("ViT-B-32", layer="penultimate")
+    assert encoder.context_dim == 512 and encoder.max_length == 77 and encoder.num_blocks == 11
