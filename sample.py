@@ -52,7 +52,9 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     if str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision}")
     device = pick_device(cfg.device)
-    pipeline, _ = pipeline_from_checkpoint(cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)])
+    pipeline, _ = pipeline_from_checkpoint(
+        cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)], cfg.prediction_type, cfg.image_size
+    )
     sampler = instantiate(cfg.sampler)
     sampler_name = HydraConfig.get().runtime.choices.get("sampler", "custom") if HydraConfig.initialized() else "custom"
     out_dir = Path(cfg.out_dir)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import newest_checkpoint, one_line_errors
 from ldm.errors import UserError
+from ldm.formats import load_weights_into
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -50,6 +51,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # nothing from OmegaConf ends up pickled in checkpoints (they load with weights_only=True)
     # (run_config is passed after instantiation: Hydra would build the _target_s inside it)
     task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config=run_config)
+    if cfg.model.get("pretrained") and cfg.resume is None:
+        # fine-tuning: start from a model file; the EMA copy starts from it at the first update
+        load_weights_into(task.unet, task.autoencoder, task.conditioner, cfg.model.pretrained)
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]  # Lightning refuses both

@@ -97,19 +97,31 @@ class _atomic_path:
             os.close(dir_fd)
 
 
-def with_weights(module: nn.Module, path: str | None, prefix: str = "", strict: bool = True) -> nn.Module:
-    """Load weights from ``path`` into ``module`` (keys under ``prefix`` only) and return it.
+def with_weights(module: nn.Module, path: str | None, prefix: str | None = None, strict: bool = True) -> nn.Module:
+    """Load weights from ``path`` into ``module`` and return it (a Hydra-friendly wrapper).
 
-    A Hydra-friendly way to give a freshly built module its pretrained weights; ``path=None``
+    ``prefix`` selects the keys under it (e.g. ``first_stage_model.`` in an SD single file); by
+    default it is found by locating the module's first parameter name in the file. ``path=None``
     returns the module untouched (random init, e.g. to train it from scratch).
     """
     if path is None:
         return module
     state = load_state_dict_file(path)
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    module.load_state_dict(state, strict=strict)
+    if prefix is None:
+        prefix = _find_prefix(state, next(iter(module.state_dict())), path)
+    module.load_state_dict(submodule_state(state, prefix), strict=strict)
     return module
+
+
+def _find_prefix(state: dict[str, Tensor], first_key: str, path: str | Path) -> str:
+    if first_key in state:
+        return ""
+    matches = [k[: -len(first_key)] for k in state if k.endswith("." + first_key)]
+    if len(matches) != 1:
+        from ldm.errors import UserError
+
+        raise UserError(f"{path}: cannot find the weights of this module (looked for '*{first_key}')")
+    return matches[0]
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

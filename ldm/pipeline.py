@@ -124,44 +124,23 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 def pipeline_from_checkpoint(
-    path: str, use_ema: bool = True, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None
+    path: str,
+    use_ema: bool = True,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    prediction_type: str | None = None,
+    image_size: int | None = None,
 ) -> tuple[TextToImage, dict]:
-    """Rebuild the model of a training checkpoint from the checkpoint alone (its stored config).
+    """A pipeline for any model file: a training checkpoint (rebuilt from the config stored in it),
+    an original SD single file, or a diffusers folder. Returns it and the model's metadata."""
+    from ldm.formats import load_bundle
+    from ldm.formats.bundle import schedule_from_spec
 
-    Returns the pipeline and the run config. The frozen parts are rebuilt from their configured
-    weights and must match the fingerprints recorded at training time.
-    """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from ldm.checkpoints import load_training_checkpoint, submodule_state
-    from ldm.errors import UserError
-    from ldm.training.latent_diffusion import fingerprint
-
-    checkpoint = load_training_checkpoint(path)
-    config = OmegaConf.create(checkpoint["ldm"]["config"])
-    state = checkpoint["state_dict"]
-    unet = instantiate(config.model.unet)
-    prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "unet."
-    unet.load_state_dict(submodule_state(state, prefix), strict=True)
-    frozen = {"autoencoder": instantiate(config.model.autoencoder), "conditioner": instantiate(config.model.conditioner)}
-    for name, module in frozen.items():
-        stored = submodule_state(state, f"{name}.")
-        if stored:  # small frozen parts travel inside the checkpoint
-            module.load_state_dict(stored, strict=True)
-            continue
-        expected = checkpoint["ldm"].get("frozen_fingerprints", {}).get(name)
-        if expected is not None and fingerprint(module) != expected:
-            raise UserError(f"{name} weights differ from those the checkpoint was trained with ({path})")
-    image_size = int(config.task.image_size)
-    latent_size = image_size // frozen["autoencoder"].downsampling_factor
+    bundle = load_bundle(path, use_ema, prediction_type, image_size)
+    unet, autoencoder, conditioner = bundle.build(device)
+    latent_size = bundle.image_size // autoencoder.downsampling_factor
     pipeline = TextToImage(
-        unet.to(device).eval(),
-        frozen["autoencoder"].to(device).eval(),
-        frozen["conditioner"].to(device).eval(),
-        instantiate(config.schedule),
-        config.objective.prediction_type,
-        (unet.in_channels, latent_size, latent_size),
-        autocast_dtype,
-    )
-    return pipeline, OmegaConf.to_container(config)
+        unet, autoencoder, conditioner, schedule_from_spec(bundle.schedule), bundle.prediction_type,
+        (unet.in_channels, latent_size, latent_size), autocast_dtype,
+    )  # fmt: skip
+    return pipeline, bundle.metadata()

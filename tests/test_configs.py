@@ -37,7 +37,8 @@ def test_schedules_instantiate(option):
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIGS / "objective").glob("*.yaml")))
 def test_objectives_instantiate(option):
     cfg = compose_config("train", [f"objective={option}"])
-    assert instantiate(cfg.objective).prediction_type == option
+    expected = cfg.model.prediction_type if option == "default" else option
+    assert instantiate(cfg.objective).prediction_type == expected
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIGS / "sampler").glob("*.yaml")))
@@ -65,3 +66,27 @@ def test_every_config_file_is_documented():
     for path in sorted(Path(CONFIGS).rglob("*.yaml")):
         first = path.read_text().lstrip().splitlines()[0]
         assert first.startswith("#"), f"{path.relative_to(CONFIGS)} has no leading comment"
+
+
+@pytest.mark.parametrize("model, unet_preset, text_width", [
+    ("sd15", "sd15_unet_config", 768), ("sd21_base", "sd21_unet_config", 1024), ("sd21_768", "sd21_unet_config", 1024),
+])
+def test_sd_model_configs_build_the_published_architectures(model, unet_preset, text_width):
+    import torch
+
+    import ldm.models.unet as unet_module
+    from ldm.formats.bundle import sd_vae_config
+    from ldm.models.autoencoder import AutoencoderKL
+
+    cfg = compose_config("train", [f"model={model}"])
+    with torch.device("meta"):  # shapes only: no memory, no time
+        unet = instantiate(cfg.model.unet)
+        vae = instantiate(cfg.model.autoencoder)
+        reference = unet_module.UNetModel(**getattr(unet_module, unet_preset)())
+        conditioner = instantiate(cfg.model.conditioner)
+        reference_vae = AutoencoderKL(**sd_vae_config())
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(unet) == shapes(reference)
+    assert shapes(vae) == shapes(reference_vae) and vae.scaling_factor == 0.18215
+    assert conditioner.context_dim == text_width == cfg.model.unet.context_dim
+    assert cfg.objective.prediction_type == ("v" if model == "sd21_768" else "eps")

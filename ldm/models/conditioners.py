@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import open_clip
 import torch
 from open_clip.model import _build_text_tower
+from open_clip.transformer import QuickGELU
 from torch import Tensor, nn
 
 from ldm.checkpoints import load_state_dict_file, resolve_path
+from ldm.models.clip_layouts import find_text_encoder, hf_text_config, hf_to_open_clip, open_clip_to_hf
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -19,14 +22,20 @@ class OpenCLIPTextEncoder(nn.Module):
         fixes the tower's architecture unless ``text_cfg`` is given.
     text_cfg: an explicit open_clip text config (width, heads, layers, ...) for towers that have
         no named config, such as the toy's.
-    pretrained: a local weights file (safetensors or a torch state dict of the full open_clip model
-        or of its text tower), or an open_clip pretrained tag resolved from its local cache; None
-        keeps the seeded random init (``init_seed``), which is how tests and the toy run offline.
+    pretrained: a local weights file holding the text encoder in any layout ``load_weights``
+        knows (an open_clip model or text tower, an SD 1.x or 2.x checkpoint, an HF/diffusers
+        CLIPTextModel), or an open_clip pretrained tag resolved from its local cache; None keeps the
+        seeded random init (``init_seed``), which is how tests and the toy run offline.
     layer: ``"last"`` (after the final layer norm, SD 1.x), ``"penultimate"`` (the output of the
         second-to-last block, then the final layer norm: SD 2.x), or an int number of blocks to run.
-    quick_gelu: the activation of OpenAI's original CLIP weights (SD 1.x's ViT-L/14).
+    quick_gelu: the activation of OpenAI's original CLIP weights (SD 1.x's ViT-L/14); also on when
+        the named config asks for it (``ViT-L-14-quickgelu``).
+    pad_token_id: the id after EOT up to ``max_length``: 0 as open_clip and SD 2.x pad, 49407 (EOT)
+        as SD 1.x's HF CLIPTokenizer does. The pad positions are part of the context, so it matters.
 
     The empty prompt "" encodes to the unconditional context used by classifier-free guidance.
+    SD 1.x: ``OpenCLIPTextEncoder("ViT-L-14", quick_gelu=True, layer="last", pad_token_id=49407)``;
+    SD 2.x: ``OpenCLIPTextEncoder("ViT-H-14", layer="penultimate")``.
     """
 
     def __init__(
@@ -37,6 +46,7 @@ class OpenCLIPTextEncoder(nn.Module):
         layer: str | int = "last",
         quick_gelu: bool = False,
         init_seed: int = 0,
+        pad_token_id: int = 0,
     ):
         super().__init__()
         if text_cfg is None:
@@ -46,6 +56,7 @@ class OpenCLIPTextEncoder(nn.Module):
             if config is None:
                 raise ValueError(f"unknown open_clip model config {model_name!r}")
             text_cfg, embed_dim = dict(config["text_cfg"]), config["embed_dim"]
+            quick_gelu = quick_gelu or config.get("quick_gelu", False)
         else:
             text_cfg, embed_dim = dict(text_cfg), text_cfg.get("width", 512)
         with torch.random.fork_rng(devices=[]):
@@ -53,6 +64,7 @@ class OpenCLIPTextEncoder(nn.Module):
             torch.manual_seed(init_seed)
             self.model = _build_text_tower(embed_dim, text_cfg, quick_gelu=quick_gelu)
         self.tokenizer = _tokenizer(model_name, self.model.context_length)
+        self.pad_token_id = pad_token_id
         self.num_blocks = _blocks_to_run(layer, len(self.model.transformer.resblocks))
         if pretrained is not None:
             self.load_pretrained(pretrained, model_name)
@@ -67,8 +79,9 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.model.context_length
 
     def tokenize(self, prompts: Sequence[str]) -> Tensor:
-        """Prompts -> token ids (B, max_length), SOT ... EOT then zero padding, truncated to fit."""
-        return self.tokenizer(list(prompts))
+        """Prompts -> token ids (B, max_length), SOT ... EOT then ``pad_token_id``, truncated to fit."""
+        tokens = self.tokenizer(list(prompts))  # (B, L), zero after EOT
+        return _pad_after_eot(tokens, self.tokenizer.eot_token_id, self.pad_token_id)
 
     def forward(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> hidden states (B, max_length, context_dim)."""
@@ -103,7 +116,70 @@ class OpenCLIPTextEncoder(nn.Module):
                     f"text encoder weights {pretrained!r} are neither a local file nor a cached "
                     f"open_clip tag for {model_name}: {error}"
                 ) from error
-        self.model.load_state_dict(_text_tower_keys(state, self.model), strict=True)
+        self.load_weights(state)
+
+    def load_weights(self, state: Mapping[str, Tensor]) -> None:
+        """Load the one text encoder found in ``state``, in either layout and under any prefix.
+
+        open_clip layout: open_clip files (the image tower is skipped), SD 2.x checkpoints
+        (``cond_stage_model.model.*``); HF layout: SD 1.x checkpoints
+        (``cond_stage_model.transformer.text_model.*``), transformers and diffusers files.
+        """
+        layout, tower_state = find_text_encoder(state)
+        if layout == "hf":
+            tower_state = hf_to_open_clip(tower_state)
+        self._load_tower(tower_state)
+
+    def load_state_dict_hf(self, text_model_state: Mapping[str, Tensor]) -> None:
+        """Load HF CLIPTextModel weights (names relative to ``text_model.``).
+
+        The HF model may hold fewer layers than the tower, as long as it holds every block this
+        encoder runs: diffusers' 23-layer SD 2.x text encoder loads into ``ViT-H-14`` with
+        ``layer="penultimate"`` (block 24 keeps its seeded init and is never run) or into a 23-block
+        tower with ``layer="last"``; both reproduce the HF ``last_hidden_state``.
+        """
+        self._load_tower(hf_to_open_clip(text_model_state))
+
+    def state_dict_hf(self) -> dict[str, Tensor]:
+        """The blocks this encoder runs as HF CLIPTextModel tensors (names relative to ``text_model.``).
+
+        A ``CLIPTextModel(CLIPTextConfig(**self.hf_config()))`` holding them returns this encoder's
+        hidden states as ``last_hidden_state`` (for SD 2.x: the diffusers layout, 23 layers).
+        """
+        return open_clip_to_hf(self.model.state_dict(), num_layers=self.num_blocks)
+
+    def hf_config(self) -> dict:
+        """``CLIPTextConfig`` keyword arguments matching ``state_dict_hf()``."""
+        block = self.model.transformer.resblocks[0]
+        return hf_text_config(
+            self.model.state_dict(),
+            heads=block.attn.num_heads,
+            quick_gelu=isinstance(block.mlp.gelu, QuickGELU),
+            num_layers=self.num_blocks,
+            layer_norm_eps=self.model.ln_final.eps,
+        )
+
+    def _load_tower(self, tower_state: Mapping[str, Tensor]) -> None:
+        """Load open_clip-layout tensors, requiring every one that shapes this encoder's output.
+
+        ``text_projection`` (CLIP's pooled embedding) and blocks past ``num_blocks`` are never run,
+        so they may be absent (HF files have no projection; diffusers' SD 2.x has 23 of 24 blocks)
+        and keep their seeded init.
+        """
+        result = self.model.load_state_dict(dict(tower_state), strict=False)
+        missing = [k for k in result.missing_keys if self._is_used(k)]
+        if missing or result.unexpected_keys:
+            raise KeyError(
+                f"text encoder weights do not fit the tower: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+
+    def _is_used(self, name: str) -> bool:
+        """Whether the tower tensor ``name`` takes part in ``encode_tokens``."""
+        if name.split(".", 1)[0] == "text_projection":
+            return False
+        block = re.match(r"transformer\.resblocks\.(\d+)\.", name)
+        return block is None or int(block.group(1)) < self.num_blocks
 
 
 def _tokenizer(model_name: str | None, context_length: int):
@@ -122,12 +198,11 @@ def _blocks_to_run(layer: str | int, num_blocks: int) -> int:
     raise ValueError(f"layer must be 'last', 'penultimate' or 1..{num_blocks}, got {layer!r}")
 
 
-def _text_tower_keys(state: dict[str, Tensor], tower: nn.Module) -> dict[str, Tensor]:
-    """Keep the text tower's entries of a full open_clip state dict (dropping visual.*, logit_scale)."""
-    wanted = set(tower.state_dict())
-    for prefix in ("", "model.", "cond_stage_model.model."):
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in wanted}
-        if len(picked) == len(wanted):
-            return picked
-    missing = sorted(wanted - {k.split("model.", 1)[-1] for k in state})[:5]
-    raise KeyError(f"weights file lacks text-tower keys such as {missing}")
+def _pad_after_eot(tokens: Tensor, eot: int, pad: int) -> Tensor:
+    """Token ids (B, L) with every position after the first EOT set to ``pad``.
+
+    Not a plain replace of zeros: id 0 is also a real token ("!").
+    """
+    is_eot = tokens.eq(eot).long()  # (B, L)
+    after_eot = (is_eot.cumsum(1) - is_eot) > 0  # (B, L): an EOT came strictly before
+    return tokens.masked_fill(after_eot, pad)

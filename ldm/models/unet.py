@@ -237,7 +237,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1)
+            GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1)
         )
         # Zero-init: the untrained network predicts 0 (the mean of eps), not noise of its own.
         nn.init.zeros_(self.out[2].weight)

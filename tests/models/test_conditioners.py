@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ldm.checkpoints import save_safetensors
-from ldm.models.conditioners import OpenCLIPTextEncoder
+from ldm.models.conditioners import OpenCLIPTextEncoder, _pad_after_eot
 
 TINY = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=3)
 PROMPTS = ["a red circle in the top left", "a blue square in the center", ""]
@@ -26,6 +26,18 @@ def test_tokens_follow_clip_conventions():
     tokens = tiny().tokenize(["a red circle"])
     assert tokens.shape == (1, 77)
     assert tokens[0, 0].item() == 49406 and tokens[0, 4].item() == 49407 and tokens[0, 5:].eq(0).all()
+
+
+def test_pad_token_id_fills_after_eot():
+    # SD 1.x's CLIPTokenizer pads with EOT; only the positions after the first EOT change
+    zero_pad, eot_pad = tiny().tokenize(PROMPTS), tiny(pad_token_id=49407).tokenize(PROMPTS)
+    after_eot = zero_pad.eq(49407).long().cumsum(1).gt(0) & zero_pad.ne(49407)
+    assert torch.equal(eot_pad, zero_pad.masked_fill(after_eot, 49407))
+    assert eot_pad[2].tolist() == [49406] + [49407] * 76
+    # id 0 is a real token ("!"), so padding is found by position, not by value
+    assert _pad_after_eot(torch.tensor([[49406, 0, 49407, 0, 0]]), 49407, 7).tolist() == [[49406, 0, 49407, 7, 7]]
+    with torch.no_grad():
+        assert not torch.equal(tiny()(PROMPTS), tiny(pad_token_id=49407)(PROMPTS))
 
 
 def test_empty_prompt_is_the_unconditional_context():

@@ -1,0 +1,71 @@
+"""Model formats: SD single files, diffusers folders and our training checkpoints, via ``ModelBundle``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ldm.errors import UserError
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.diffusers_folder import export_diffusers, import_diffusers, is_diffusers_folder
+from ldm.formats.single_file import export_single_file, import_single_file
+
+__all__ = ["ModelBundle", "detect_format", "load_bundle", "export_diffusers", "export_single_file"]
+
+
+def detect_format(path: str | Path) -> str:
+    """``diffusers`` (a folder), ``training`` (our Lightning checkpoint) or ``sd`` (a single file)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if is_diffusers_folder(path):
+            return "diffusers"
+        raise UserError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+    if not path.is_file():
+        raise UserError(f"model not found: {path}")
+    if path.suffix == ".safetensors":
+        return "sd"
+    try:
+        checkpoint = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception as error:  # corrupt, or pickles code: refuse either way
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__})") from error
+    return "training" if isinstance(checkpoint, dict) and "ldm" in checkpoint else "sd"
+
+
+def load_bundle(
+    path: str | Path, use_ema: bool = True, prediction_type: str | None = None, image_size: int | None = None
+) -> ModelBundle:
+    """Read any supported model format; ``prediction_type``/``image_size`` override what it says."""
+    kind = detect_format(path)
+    if kind == "training":
+        from ldm.formats.training import bundle_from_training_checkpoint
+
+        bundle = bundle_from_training_checkpoint(path, use_ema)
+    elif kind == "diffusers":
+        bundle = import_diffusers(path)
+    else:
+        return import_single_file(path, prediction_type, image_size)
+    if prediction_type is not None:
+        bundle.prediction_type = prediction_type
+    if image_size is not None:
+        bundle.image_size = image_size
+    return bundle
+
+
+def load_weights_into(unet, autoencoder, conditioner, path: str | Path, use_ema: bool = True) -> ModelBundle:
+    """Load a model file (any supported format) into already-built networks, checking they fit.
+
+    Used to fine-tune: ``python train.py experiment=sd15_finetune model.pretrained=v1-5.safetensors``.
+    """
+    bundle = load_bundle(path, use_ema)
+    for name, module, state in (("unet", unet, bundle.unet), ("autoencoder", autoencoder, bundle.vae)):
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[1:2] or [""]
+            raise UserError(f"{path}: its {name} does not fit model.{name} ({first[0].strip()})") from error
+    try:
+        conditioner.load_weights(bundle.text)
+    except (KeyError, RuntimeError) as error:
+        raise UserError(f"{path}: its text encoder does not fit model.conditioner ({error})") from error
+    return bundle

@@ -1,0 +1,141 @@
+"""A text-to-image model as plain data: constructor configs and state dicts in this project's layout.
+
+Every importer (SD single file, diffusers folder, our training checkpoints) produces a ``ModelBundle``
+and every exporter consumes one, so each format is converted once, to and from one representation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, scaled_linear_betas
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.conditioners import OpenCLIPTextEncoder
+from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
+
+FAMILIES = ("sd1", "sd2", "custom")
+
+
+BETA_FUNCTIONS = {"scaled_linear": scaled_linear_betas, "linear": linear_betas, "cosine": cosine_betas}
+
+
+def sd_schedule(zero_terminal_snr: bool = False) -> dict[str, Any]:
+    """Stable Diffusion's training schedule (scaled_linear, 0.00085 -> 0.012, T = 1000)."""
+    return dict(
+        kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        zero_terminal_snr=zero_terminal_snr,
+    )  # fmt: skip
+
+
+def schedule_from_spec(spec: dict[str, Any]) -> NoiseSchedule:
+    """The ``NoiseSchedule`` a bundle's schedule spec describes."""
+    arguments = {k: v for k, v in spec.items() if k not in ("kind", "zero_terminal_snr")}
+    betas = BETA_FUNCTIONS[spec.get("kind", "scaled_linear")](**arguments)
+    return NoiseSchedule.from_betas(betas, bool(spec.get("zero_terminal_snr", False)))
+
+
+def sd_vae_config() -> dict[str, Any]:
+    """SD 1.x / 2.x's KL-f8 VAE: the ``AutoencoderKL`` defaults, spelled out."""
+    return dict(
+        base_channels=128, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(),
+        resolution=256, z_channels=4, embed_dim=4, scaling_factor=0.18215,
+    )  # fmt: skip
+
+
+def sd1_text_config() -> dict[str, Any]:
+    """OpenAI CLIP ViT-L/14's text model, last layer, EOT padding (SD 1.x's FrozenCLIPEmbedder)."""
+    return dict(model_name="ViT-L-14", quick_gelu=True, layer="last", pad_token_id=49407)
+
+
+def sd2_text_config() -> dict[str, Any]:
+    """OpenCLIP ViT-H/14's text tower, penultimate layer, zero padding (SD 2.x's FrozenOpenCLIPEmbedder)."""
+    return dict(model_name="ViT-H-14", quick_gelu=False, layer="penultimate", pad_token_id=0)
+
+
+@dataclass
+class ModelBundle:
+    """Configs and weights of the three networks, plus how the model was trained.
+
+    ``text`` holds the open_clip text-tower layout (the names of ``OpenCLIPTextEncoder.model``).
+    ``family`` is ``sd1`` or ``sd2`` for the original Stable Diffusion layouts, else ``custom``.
+    """
+
+    unet_config: dict[str, Any]
+    vae_config: dict[str, Any]
+    text_config: dict[str, Any]
+    unet: dict[str, Tensor]
+    vae: dict[str, Tensor]
+    text: dict[str, Tensor]
+    family: str = "custom"
+    prediction_type: str = "eps"
+    image_size: int = 512
+    schedule: dict[str, Any] = field(default_factory=sd_schedule)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensors, as JSON-friendly data (stored in exported files)."""
+        data = asdict(self)
+        for key in ("unet", "vae", "text"):
+            data.pop(key)
+        return json.loads(json.dumps(data, default=list))
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], unet, vae, text) -> ModelBundle:
+        return cls(**metadata, unet=unet, vae=vae, text=text)
+
+    def build(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, ...]:
+        """(unet, autoencoder, conditioner) with these weights, in eval mode.
+
+        The U-Net and VAE are created on the meta device and take the tensors by assignment, so a
+        large checkpoint is never held twice in memory.
+        """
+        with torch.device("meta"):
+            unet = UNetModel(**self.unet_config)
+            autoencoder = AutoencoderKL(**self.vae_config)
+        unet.load_state_dict(self.unet, strict=True, assign=True)
+        autoencoder.load_state_dict(self.vae, strict=True, assign=True)
+        conditioner = OpenCLIPTextEncoder(**self.text_config)
+        conditioner.load_weights(self.text)
+        modules = (unet, autoencoder, conditioner)
+        for module in modules:
+            module.requires_grad_(False).eval().to(device)
+        if dtype is not None:
+            unet.to(dtype)
+            conditioner.to(dtype)  # the VAE stays float32: half-precision VAEs overflow into NaNs
+        return modules
+
+
+def sd_bundle_configs(family: str) -> dict[str, Any]:
+    """The constructor configs and defaults of an original SD 1.x / 2.x model."""
+    if family == "sd1":
+        return dict(unet_config=sd15_unet_config(), vae_config=sd_vae_config(), text_config=sd1_text_config())
+    if family == "sd2":
+        return dict(unet_config=sd21_unet_config(), vae_config=sd_vae_config(), text_config=sd2_text_config())
+    raise ValueError(f"no preset for family {family!r}")
+
+
+def bundle_from_modules(
+    unet: nn.Module,
+    autoencoder: nn.Module,
+    conditioner: OpenCLIPTextEncoder,
+    configs: dict[str, dict[str, Any]],
+    **extra: Any,
+) -> ModelBundle:
+    """A bundle of built modules; ``configs`` holds their constructor kwargs (unet/vae/text_config)."""
+    return ModelBundle(
+        unet_config=dict(configs["unet_config"]),
+        vae_config=dict(configs["vae_config"]),
+        text_config=dict(configs["text_config"]),
+        unet=dict(unet.state_dict()),
+        vae=dict(autoencoder.state_dict()),
+        text={k: v for k, v in conditioner.model.state_dict().items()},
+        **extra,
+    )

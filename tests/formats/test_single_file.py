@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bundles import assert_same_tensors
+from ldm.errors import UserError
+from ldm.formats.single_file import detect_family, export_single_file, import_single_file
+
+
+def test_round_trip_is_bit_identical(bundle, tmp_path):
+    path = export_single_file(bundle, tmp_path / "model.safetensors")
+    back = import_single_file(path)
+    assert_same_tensors(back.unet, bundle.unet)
+    assert_same_tensors(back.vae, bundle.vae)
+    used = {k: v for k, v in bundle.text.items() if k != "text_projection"}
+    assert_same_tensors({k: v for k, v in back.text.items() if k != "text_projection"}, used)
+    assert back.metadata() == bundle.metadata()
+
+
+def test_keys_follow_the_sd_layout(bundle, tmp_path):
+    state = load_file(export_single_file(bundle, tmp_path / "model.safetensors"))
+    prefixes = {k.split(".")[0] for k in state}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in state
+    assert "first_stage_model.encoder.down.0.block.0.norm1.weight" in state
+    if bundle.family == "sd1":
+        assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in state
+    else:
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in state
+
+
+def test_half_precision_export(bundle, tmp_path):
+    state = load_file(export_single_file(bundle, tmp_path / "half.safetensors", torch.float16))
+    assert {v.dtype for v in state.values()} == {torch.float16}
+
+
+def test_file_without_our_metadata_uses_the_family_preset(tmp_path):
+    # a foreign SD 1.x file: detection by keys and shapes (here on a fake state of the real shapes)
+    state = {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1),
+    }
+    assert detect_family(state) == "sd1"
+    state2 = {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
+        "cond_stage_model.model.token_embedding.weight": torch.zeros(1),
+    }
+    assert detect_family(state2) == "sd2"
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"conditioner.embedders.0.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, "SDXL"),
+    ({"encoder.weight": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
+    ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 512)},
+     "unrecognised"),
+])
+def test_detection_errors_are_one_line(state, message):
+    with pytest.raises(UserError, match=message):
+        detect_family(state)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        import_single_file(tmp_path / "nope.safetensors")
+    save_file({"encoder.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
+        import_single_file(tmp_path / "other.safetensors")
+
+
+def test_ckpt_files_load_without_unpickling_code(bundle, tmp_path):
+    state = load_file(export_single_file(bundle, tmp_path / "model.safetensors"))
+    metadata = json.dumps(bundle.metadata())
+    torch.save({"state_dict": state, "global_step": 7, "ldm_bundle": metadata}, tmp_path / "model.ckpt")
+    back = import_single_file(tmp_path / "model.ckpt")
+    assert_same_tensors(back.unet, bundle.unet)
+    assert back.family == bundle.family
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": state, "evil": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(UserError, match="not a loadable weights file"):
+        import_single_file(tmp_path / "evil.ckpt")
+
+
+def test_built_models_reproduce_outputs(bundle, tmp_path):
+    back = import_single_file(export_single_file(bundle, tmp_path / "m.safetensors"))
+    unet_a, vae_a, text_a = bundle.build()
+    unet_b, vae_b, text_b = back.build()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 900])
+    with torch.no_grad():
+        context = text_a(["a red circle", ""])
+        assert torch.equal(text_b(["a red circle", ""]), context)
+        assert torch.equal(unet_a(x, t, context), unet_b(x, t, context))
+        assert torch.equal(vae_a.decode(x), vae_b.decode(x))

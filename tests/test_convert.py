@@ -1,0 +1,78 @@
+"""python -m ldm.convert and fine-tuning/sampling from converted files, on a tiny trained model."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from conftest import TINY_MODEL, TINY_TRAINING, compose_config
+from ldm.checkpoints import load_training_checkpoint, submodule_state
+from ldm.convert import main as convert
+from ldm.formats import load_bundle, load_weights_into
+from sample import sample
+from train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, toy_data_dir):
+    run = tmp_path_factory.mktemp("run")
+    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", "trainer.max_steps=3"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run)
+        cfg.paths.data_dir = str(toy_data_dir)
+        cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
+    train(cfg)
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("target, name", [("sd", "model.safetensors"), ("diffusers", "pipe")])
+def test_training_checkpoint_converts_with_ema_weights(trained, tmp_path, target, name):
+    convert([str(trained), str(tmp_path / name), "--to", target])
+    bundle = load_bundle(tmp_path / name)
+    state = load_training_checkpoint(trained)["state_dict"]
+    ema = submodule_state(state, "ema.module.")
+    assert bundle.unet.keys() == ema.keys()
+    assert all(torch.equal(bundle.unet[k], ema[k]) for k in ema)
+    assert not all(torch.equal(ema[k], state[f"unet.{k}"]) for k in ema)  # EMA, not the raw weights
+
+
+def test_no_ema_exports_the_trained_weights(trained, tmp_path):
+    convert([str(trained), str(tmp_path / "raw.safetensors"), "--to", "sd", "--no-ema"])
+    unet = submodule_state(load_training_checkpoint(trained)["state_dict"], "unet.")
+    bundle = load_bundle(tmp_path / "raw.safetensors")
+    assert all(torch.equal(bundle.unet[k], unet[k]) for k in unet)
+
+
+def test_diffusers_export_of_the_toy_loads_in_diffusers(trained, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    convert([str(trained), str(tmp_path / "pipe"), "--to", "diffusers", "--dtype", "fp16"])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), safety_checker=None)
+    assert pipe.vae.config.norm_num_groups == 8  # the toy's narrow VAE survives the trip
+
+
+def test_fine_tuning_starts_from_a_converted_file(trained, tmp_path):
+    convert([str(trained), str(tmp_path / "m.safetensors"), "--to", "sd"])
+    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING])
+    task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={})
+    load_weights_into(task.unet, task.autoencoder, task.conditioner, tmp_path / "m.safetensors")
+    ema = submodule_state(load_training_checkpoint(trained)["state_dict"], "ema.module.")
+    assert all(torch.equal(task.unet.state_dict()[k], ema[k]) for k in ema)
+
+
+def test_sample_from_a_single_file(trained, tmp_path):
+    convert([str(trained), str(tmp_path / "m.safetensors"), "--to", "sd"])
+    cfg = compose_config("sample", [f"checkpoint={tmp_path / 'm.safetensors'}", f"out_dir={tmp_path / 'out'}",
+                                    "prompt='a red circle in the top left'", "steps=2", "num_images_per_prompt=1"])
+    rows = sample(cfg)
+    assert len(rows) == 1 and (tmp_path / "out" / "00000.png").is_file()
+
+
+def test_convert_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        convert([str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors"), "--to", "sd"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == f"error: model not found: {tmp_path / 'missing.ckpt'}"
