@@ -1,131 +1,153 @@
-"""webdataset pipelines from image-caption shards to training batches."""
+"""The image-caption DataModule: webdataset shards -> batches for training and validation.
+
+The pipeline (see docs/data.md): shard specs (``ldm.data.shards``) -> per rank and worker streams
+(``ldm.data.streams``) -> tar reading with failure counts (``ldm.data.shard_reader``) -> metadata
+filters, caption choice, image decoding and transforms (``ldm.data.samples``) -> batches
+{"image": (B, 3, H, W) in [-1, 1], "caption": [B] str, "key": [B] str, "skipped": {key: count}}.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-import webdataset as wds
+from torch.utils.data import DataLoader
 
-from ldm.data.shards import expand_shards
+from ldm.data.captions import CaptionPicker
+from ldm.data.decode import IMAGE_EXTENSIONS, SMALL_IMAGES
+from ldm.data.metadata import MetadataFilter
+from ldm.data.samples import ToTrainingSample
+from ldm.data.shards import ShardSpec, ShardSpecError, Source, expand_shards, resolve_sources
+from ldm.data.streams import ImageCaptionStream
 from ldm.data.transforms import ImageTransform
+from ldm.errors import UserError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-class ToTrainingSample:
-    """A decoded webdataset sample -> {"image": (3,H,W) in [-1,1], "caption": str}."""
-
-    def __init__(self, transform: ImageTransform, caption_key: str = "txt"):
-        self.transform = transform
-        self.caption_key = caption_key
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
-            raise ValueError(f"sample {sample.get('__key__')} has no image member")
-        caption = sample.get(self.caption_key, "")
-        if isinstance(caption, bytes):
-            caption = caption.decode("utf-8")
-        return {"image": self.transform(sample[image_key]), "caption": str(caption).strip()}
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W)
-        "caption": [s["caption"] for s in samples],
-    }
+IMAGE_KEYS = IMAGE_EXTENSIONS  # image members, in order of preference
 
 
 def image_caption_pipeline(
-    urls: list[str],
+    urls: Sequence[str],
     transform: ImageTransform,
     batch_size: int,
     train: bool,
     shuffle_buffer: int = 1000,
-    caption_key: str = "txt",
-    handler: Callable[[Exception], bool] = wds.warn_and_continue,
-) -> wds.DataPipeline:
-    """Shards -> batches. Training reads resampled shards forever (each rank and worker draws
-    its own shard order), so every rank runs the same number of steps whatever the shard sizes;
-    validation reads each shard once, split across ranks and workers."""
-    if train:
-        source = [wds.ResampledShards(urls)]
-    else:
-        source = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages = [
-        *source,
-        wds.tarfile_to_samples(handler=handler),
-        *([wds.shuffle(shuffle_buffer)] if train and shuffle_buffer > 1 else []),
-        wds.decode("pil", handler=handler),
-        wds.map(ToTrainingSample(transform, caption_key), handler=handler),
-        wds.batched(batch_size, collation_fn=collate, partial=not train),
-    ]
-    return wds.DataPipeline(*stages)
+    caption_keys: Sequence[str] | str = ("txt",),
+    **stream_options: Any,
+) -> ImageCaptionStream:
+    """Shards -> batches with default decoding (no filters, no pixel limit): a shortcut for scripts
+    and benchmarks; ``stream_options`` go to ``ImageCaptionStream`` (seed, samples_per_epoch, ...)."""
+    to_sample = ToTrainingSample(transform, CaptionPicker(caption_keys))
+    return ImageCaptionStream(
+        [Source(list(urls))], to_sample, batch_size, train=train, shuffle_buffer=shuffle_buffer, **stream_options
+    )
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Image-caption webdataset shards for training and validation.
+    """Image-caption webdataset shards for training and validation (every argument is a config key
+    of ``configs/data/webdataset.yaml``, documented there and in docs/data.md).
 
-    shards / val_shards: shard specs (see ``expand_shards``); a spec naming no shard fails in
-        ``setup``, before training starts.
+    shards / sources / val_shards: shard specs (see ``expand_shards``, ``resolve_sources``); a local
+        spec naming no shard fails in ``setup``, before training starts.
     prepare: an optional callable run once (rank 0) before reading, e.g. to generate the toy shards.
     """
 
     def __init__(
         self,
-        shards: str | list[str],
-        val_shards: str | list[str] | None = None,
+        shards: ShardSpec | None = None,
+        val_shards: ShardSpec | None = None,
         image_size: int = 256,
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
         center_crop: bool = True,
         random_flip: bool = False,
-        caption_key: str = "txt",
+        small_images: str = "upscale",
+        max_pixels: int | None = 50_000_000,
+        caption_keys: Sequence[str] = ("txt",),
+        empty_captions: str = "drop",
+        filters: Mapping[str, float | None] | None = None,
+        sources: Sequence[Mapping[str, Any]] | None = None,
+        read_timeout: float | None = 300.0,
         prepare: Callable[[], Any] | None = None,
     ):
         super().__init__()
+        if small_images not in SMALL_IMAGES:
+            raise UserError(f"data.small_images must be one of {list(SMALL_IMAGES)}, not {small_images!r}")
+        try:
+            captions = CaptionPicker(caption_keys, empty_captions)
+            metadata_filter = MetadataFilter(**(filters or {}))
+        except (ValueError, TypeError) as error:
+            raise UserError(f"data: {error}") from None
         self.shards = shards
+        self.sources = sources
         self.val_shards = val_shards
-        self.image_size = image_size
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
-        self.caption_key = caption_key
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.read_timeout = read_timeout
         self.prepare = prepare
-        self.train_transform = ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip)
-        self.val_transform = ImageTransform(image_size, center_crop=True, random_flip=False)
+        self.train_sample = ToTrainingSample(
+            ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip),
+            captions, metadata_filter or None, max_pixels, small_images,
+        )
+        self.val_sample = ToTrainingSample(
+            ImageTransform(image_size, center_crop=True, random_flip=False),
+            captions, metadata_filter or None, max_pixels, small_images,
+        )
+        self.train_sources: list[Source] = []
+        self.val_urls: list[str] = []
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
             self.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_urls = expand_shards(self.shards)
+        self.train_sources = resolve_sources(self.shards, self.sources)
         self.val_urls = expand_shards(self.val_shards) if self.val_shards else []
 
-    def _loader(self, pipeline: wds.DataPipeline, num_workers: int) -> wds.WebLoader:
-        return wds.WebLoader(
-            pipeline,
-            batch_size=None,
+    def _place(self) -> tuple[int | None, int | None, int]:
+        """(rank, world size, global step) from the trainer; (None, None, 0) when there is none."""
+        trainer = self.trainer
+        if trainer is None:
+            return None, None, 0
+        return trainer.global_rank, trainer.world_size, trainer.global_step
+
+    def _loader(self, stream: ImageCaptionStream, num_workers: int) -> DataLoader:
+        return DataLoader(
+            stream,
+            batch_size=None,  # the stream batches (and attaches the skip counts) itself
             num_workers=num_workers,
-            persistent_workers=num_workers > 0,
+            persistent_workers=num_workers > 0,  # keeps each worker's epoch count and stream going
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> wds.WebLoader:
-        pipeline = image_caption_pipeline(
-            self.train_urls, self.train_transform, self.batch_size, True, self.shuffle_buffer, self.caption_key
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_sources:
+            raise ShardSpecError("train_dataloader() before setup(): no shards resolved")
+        rank, world_size, step = self._place()
+        stream = ImageCaptionStream(
+            self.train_sources, self.train_sample, self.batch_size, train=True, seed=self.seed,
+            start_step=step, shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch,
+            rank=rank, world_size=world_size, read_timeout=self.read_timeout,
         )
-        return self._loader(pipeline, self.num_workers)
+        return self._loader(stream, self.num_workers)
 
-    def val_dataloader(self) -> wds.WebLoader | list:
+    def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        pipeline = image_caption_pipeline(self.val_urls, self.val_transform, self.val_batch_size, False)
-        # never more workers than shards: webdataset refuses workers with no shard to read
-        return self._loader(pipeline, min(self.num_workers, len(self.val_urls)))
+        rank, world_size, _ = self._place()
+        stream = ImageCaptionStream(
+            [Source(self.val_urls)], self.val_sample, self.val_batch_size, train=False, seed=self.seed,
+            rank=rank, world_size=world_size, read_timeout=self.read_timeout,
+        )
+        # no more workers than this rank has shards: the extra ones would only start and stop
+        world_size = world_size or 1
+        rank_shards = len(self.val_urls) if len(self.val_urls) < world_size else len(self.val_urls[rank or 0 :: world_size])
+        return self._loader(stream, min(self.num_workers, rank_shards))

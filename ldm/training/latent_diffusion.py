@@ -14,6 +14,7 @@ from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.pipeline import TextToImage
 from ldm.training.ema import build_ema
+from ldm.training.rng import rng_state, set_rng_state
 
 FROZEN = ("autoencoder", "conditioner")
 
@@ -86,6 +87,7 @@ class LatentDiffusion(pl.LightningModule):
                 module.to(memory_format=torch.channels_last)
         self.run_config = run_config or {}
         self.flops_per_batch: float | None = None  # set by a FLOP count for MFU (ThroughputMonitor)
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- training
     def train(self, mode: bool = True) -> LatentDiffusion:
@@ -174,6 +176,7 @@ class LatentDiffusion(pl.LightningModule):
         checkpoint["ldm"] = {
             "config": self.run_config,
             "frozen_fingerprints": {name: fingerprint(getattr(self, name)) for name in left_out},
+            "rng": _gather_rng_states(),  # one entry per rank, for an exact resume
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -187,7 +190,27 @@ class LatentDiffusion(pl.LightningModule):
                 )
             for key, value in getattr(self, name).state_dict().items():
                 checkpoint["state_dict"].setdefault(f"{name}.{key}", value)
+        states = checkpoint.get("ldm", {}).get("rng", [])
+        # applied at the first resumed step, after Lightning and the data loader have drawn their
+        # own numbers, so the step sees exactly the generator state the uninterrupted run had
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        self._rng_to_restore = states[self.global_rank] if len(states) == world_size else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
 
 def _megabytes(module: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's generator states, in rank order (on_save_checkpoint runs on all ranks)."""
+    state = rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states

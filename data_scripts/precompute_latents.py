@@ -1,0 +1,90 @@
+"""Precompute VAE latents and text contexts of image-caption shards (see ``ldm.data.latents``).
+
+    python data_scripts/precompute_latents.py model=sd21_base data=webdataset \
+        "data.shards='/data/laion/{00000..09999}.tar'" data.image_size=512 out=/data/laion-latents
+    torchrun --nproc-per-node 8 data_scripts/precompute_latents.py ...   # 8 GPUs, disjoint shards
+
+Then train with ``data=latents data.shards=/data/laion-latents/train-*.tar data.image_size=512``.
+``precompute(cfg)`` is importable for tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.cli import one_line_errors
+from ldm.data.latents import PrecomputeReport, precompute_latents
+from ldm.errors import UserError
+
+
+def rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's place among the precompute processes: explicit, torch.distributed, or RANK/WORLD_SIZE."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def caption_key(data: DictConfig) -> str:
+    """The caption member: the first of ``data.caption_keys`` (one fixed caption per image is stored)."""
+    keys = data.get("caption_keys") or [data.get("caption_key", "txt")]
+    return keys[0]
+
+
+def precompute(cfg: DictConfig) -> PrecomputeReport:
+    """Build the frozen VAE and text encoder of ``cfg.model`` and write this rank's latent shards."""
+    rank, world_size = rank_and_world_size(cfg.rank, cfg.world_size)
+    if cfg.data.get("prepare") is not None and world_size == 1:
+        instantiate(cfg.data.prepare)()  # e.g. generate the toy shards (not safe from several processes)
+    autoencoder = instantiate(cfg.model.autoencoder)
+    conditioner = instantiate(cfg.model.conditioner)
+    if cfg.model.get("pretrained"):
+        from ldm.formats import load_bundle
+
+        bundle = load_bundle(cfg.model.pretrained)
+        autoencoder.load_state_dict(bundle.vae, strict=True)
+        conditioner.load_weights(bundle.text)
+    splits = {"train": cfg.data.get("shards"), "val": cfg.data.get("val_shards")}
+    if not any(splits.values()):
+        raise UserError("set data.shards (and/or data.val_shards) to the input image-caption shards")
+    report = precompute_latents(
+        autoencoder,
+        conditioner,
+        splits,
+        cfg.out,
+        image_size=cfg.image_size,
+        store=cfg.store,
+        batch_size=cfg.batch_size,
+        context_dtype=cfg.context_dtype,
+        caption_key=caption_key(cfg.data),
+        max_pixels=cfg.data.get("max_pixels", 50_000_000),  # ShardDataModule's default
+        small_images=cfg.data.get("small_images", "upscale"),
+        device=cfg.device,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        configs={name: OmegaConf.to_container(cfg.model[name], resolve=True) for name in ("autoencoder", "conditioner")},
+        progress=cfg.progress,
+    )
+    print(
+        f"rank {rank}/{world_size}: wrote {len(report.written)} shard(s) ({report.num_samples} samples), "
+        f"skipped {len(report.skipped)} complete shard(s) in {cfg.out}"
+    )
+    return report
+
+
+@hydra.main(config_path="../configs", config_name="precompute", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with one_line_errors():
+        precompute(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Why samples and shards are skipped, and the per-worker counts that travel with each batch.
+
+Every sample the pipeline drops is counted under one key: ``skipped/<reason>`` (bad data) or
+``filtered/<filter>`` (a metadata threshold, see ``ldm.data.metadata``). Sample-level reasons count
+samples; shard-level reasons count shards (the samples of a shard that could not be read are not
+known, so they are not counted). Each loader worker keeps its own ``DataCounts`` and hands what
+accrued since the previous batch to the batch it builds (``batch["skipped"]``); the training side
+sums these deltas (``ldm.training.data_stats.DataSkipReport``), so counts cross process boundaries
+with the batches themselves: no shared memory, no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Mapping
+
+log = logging.getLogger("ldm.data")
+
+# The batch key that carries the counts: {"skipped/<reason>" | "filtered/<filter>": n since the last batch}
+COUNTS_KEY = "skipped"
+
+# sample-level reasons (count samples)
+NO_IMAGE = "no_image"                  # no .jpg/.jpeg/.png/.webp member
+EMPTY_IMAGE = "empty_image"            # a zero-byte image member
+CORRUPT_IMAGE = "corrupt_image"        # the bytes do not decode (unknown format, truncated, garbage)
+TOO_MANY_PIXELS = "too_many_pixels"    # header width x height over max_pixels (a decompression bomb)
+TOO_SMALL = "too_small"                # short side under image_size with small_images=skip
+EMPTY_CAPTION = "empty_caption"        # no non-empty caption under any caption key, empty_captions=drop
+CORRUPT_METADATA = "corrupt_metadata"  # a .json member that is needed (filters, captions) but unparsable
+ERROR = "error"                        # any other exception while turning a sample into tensors
+# shard-level reasons (count shards)
+UNREADABLE_SHARD = "unreadable_shard"  # could not be opened, or not a tar at all (nothing read)
+TRUNCATED_SHARD = "truncated_shard"    # ended early; its complete samples are kept, the last is dropped
+STALLED_SHARD = "stalled_shard"        # a pipe/remote read sent no byte for read_timeout seconds
+
+SAMPLE_REASONS = (NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_METADATA, ERROR)
+SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, STALLED_SHARD)
+
+# warnings printed per reason and process before going quiet (the counts keep going)
+WARNINGS_PER_REASON = 3
+
+
+class SkipSample(Exception):
+    """Raised while decoding a sample that must be dropped; ``reason`` is one of the names above."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class FilteredOut(Exception):
+    """Raised for a sample that a metadata filter rejects; ``name`` is the filter (e.g. min_aesthetic)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+class DataCounts:
+    """Skip and filter counts of one process (one loader worker, or the main process).
+
+    ``take()`` returns what accrued since its previous call and starts again from zero, so that each
+    batch carries a delta and summing the deltas of every batch gives the totals.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Counter[str] = Counter()
+        self._warned: Counter[str] = Counter()
+        self.last_skip: tuple[str, str, str] = ("", "", "")  # (reason, where, detail) of the latest skip
+
+    def skip(self, reason: str, where: str = "", detail: str = "") -> None:
+        """Count one skipped sample (or shard) and warn about the first few of each reason."""
+        self._pending[f"skipped/{reason}"] += 1
+        self.last_skip = (reason, where, detail)
+        self._warn(reason, where, detail)
+
+    def filtered(self, name: str) -> None:
+        """Count one sample rejected by the metadata filter ``name``."""
+        self._pending[f"filtered/{name}"] += 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the previous ``take()``, then reset."""
+        delta = dict(self._pending)
+        self._pending.clear()
+        return delta
+
+    def _warn(self, reason: str, where: str, detail: str) -> None:
+        self._warned[reason] += 1
+        seen = self._warned[reason]
+        if seen <= WARNINGS_PER_REASON:
+            more = " (further ones are only counted)" if seen == WARNINGS_PER_REASON else ""
+            log.warning("data: skipped %s (%s)%s%s", where or "?", reason, f": {detail}" if detail else "", more)
+
+
+def add_counts(total: Counter[str], delta: Mapping[str, int] | None) -> None:
+    """Add a batch's counts to ``total`` in place (``delta`` may be None: batches of other datasets)."""
+    for key, value in (delta or {}).items():
+        total[key] += int(value)
