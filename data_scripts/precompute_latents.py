@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import one_line_errors
 from ldm.data.latents import PrecomputeReport, precompute_latents
+from ldm.data.shards import expand_shards
 from ldm.errors import UserError
 
 
@@ -42,6 +43,11 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
     rank, world_size = rank_and_world_size(cfg.rank, cfg.world_size)
     if cfg.data.get("prepare") is not None and world_size == 1:
         instantiate(cfg.data.prepare)()  # e.g. generate the toy shards (not safe from several processes)
+    splits = {"train": cfg.data.get("shards"), "val": cfg.data.get("val_shards")}
+    if not any(splits.values()):
+        raise UserError("set data.shards (and/or data.val_shards) to the input image-caption shards")
+    for spec in filter(None, splits.values()):
+        expand_shards(spec)  # a wrong spec fails now, not after loading the models
     autoencoder = instantiate(cfg.model.autoencoder)
     conditioner = instantiate(cfg.model.conditioner)
     if cfg.model.get("pretrained"):
@@ -50,9 +56,6 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
         bundle = load_bundle(cfg.model.pretrained)
         autoencoder.load_state_dict(bundle.vae, strict=True)
         conditioner.load_weights(bundle.text)
-    splits = {"train": cfg.data.get("shards"), "val": cfg.data.get("val_shards")}
-    if not any(splits.values()):
-        raise UserError("set data.shards (and/or data.val_shards) to the input image-caption shards")
     report = precompute_latents(
         autoencoder,
         conditioner,

@@ -17,7 +17,7 @@ are exact:
   words are whitespace-separated. Resolution comes from the `.json` (`width`, `height`) when both
   are positive integers, else from the image header; aspect = width / height.
 * Statistics: min, median, p95, max, mean; percentiles interpolate linearly (numpy's default).
-* The contact sheet shows the samples with the smallest `blake2b(f"{seed}:{shard name}:{key}")`
+* The contact sheet shows the samples with the smallest `blake2b(f"{seed}:{shard file name}:{key}")`
   among readable images: a uniform random choice, independent of worker count and shard order.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from ldm.data.shard_writing import ordered_map
 from ldm.data.transforms import to_rgb
@@ -98,9 +98,13 @@ class Candidate:
     thumbnail: Image.Image
 
 
+PER_SAMPLE = ("sample_bytes", "caption_chars", "caption_words", "widths", "heights")
+
+
 @dataclass
 class ShardResult:
-    """Everything learnt from one shard; per-sample values are kept for exact statistics."""
+    """Everything learnt from one shard; per-sample values are kept for exact statistics (as
+    int64 arrays once the shard is done: 8 bytes a value, cheap to send between processes)."""
 
     url: str
     num_bytes: int = 0
@@ -179,8 +183,11 @@ def _has_end_of_archive(path: str, offset: int) -> bool:
 # --------------------------------------------------------------------------------------- checking
 
 
-def _priority(seed: int, shard: str, key: str) -> int:
-    digest = hashlib.blake2b(f"{seed}:{shard}:{key}".encode(), digest_size=8).digest()
+def _priority(seed: int, url: str, key: str) -> int:
+    """The sample's rank for the contact sheet; the shard's file name, not its path, so that a
+    moved dataset gives the same sheet."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.blake2b(f"{seed}:{name}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 
@@ -248,6 +255,8 @@ def _check_sample(
         result.image_formats[image_key] += 1
         try:
             from_header = _check_image(members[image_key], decode)
+        except UnidentifiedImageError:
+            reasons[UNREADABLE_IMAGE] = "not an image format PIL reads"
         except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
             reasons[UNREADABLE_IMAGE] = f"{type(error).__name__}: {error}"
     for source, resolution in (("json", from_json), ("header", from_header)):
@@ -284,7 +293,6 @@ def inspect_shard(
 ) -> ShardResult:
     """Read one shard to its end and gather its statistics (see the module docstring for the rules)."""
     result = ShardResult(url=url)
-    shard = url.rstrip("/").rsplit("/", 1)[-1]
     local = not url.startswith(REMOTE_PREFIXES)
     with _shard_stream(url) as stream:
         reader = SampleReader(stream)
@@ -297,10 +305,12 @@ def inspect_shard(
             except (tarfile.TarError, EOFError, OSError) as error:
                 result.truncated = f"{type(error).__name__}: {error}".rstrip(": ")
                 break
-            _check_sample(result, shard, key, members, decode, sheet_samples, seed, thumb, caption_key)
+            _check_sample(result, url, key, members, decode, sheet_samples, seed, thumb, caption_key)
     if result.truncated is None and local and not _has_end_of_archive(url, reader.end_offset):
         result.truncated = "no end-of-archive blocks (cut between members)"
     result.num_bytes = os.path.getsize(url) if local else sum(result.sample_bytes)
+    for name in PER_SAMPLE:
+        setattr(result, name, np.asarray(getattr(result, name), dtype=np.int64))
     result.candidates = [entry[2] for entry in sorted(result.candidates, key=lambda e: -e[0])]
     return result
 
@@ -308,11 +318,11 @@ def inspect_shard(
 # -------------------------------------------------------------------------------------- reporting
 
 
-def describe(values: list[float] | list[int]) -> dict[str, float] | None:
+def describe(values: list[float] | np.ndarray) -> dict[str, float] | None:
     """{count, min, median, p95, max, mean} of ``values``, or None when empty."""
-    if not values:
-        return None
     array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return None
     return {
         "count": int(array.size),
         "min": float(array.min()),
@@ -356,11 +366,14 @@ def merge(results: list[ShardResult], sheet_samples: int = 0) -> InspectionRepor
     def concat(name: str) -> list:
         return [value for result in results for value in getattr(result, name)]
 
+    def values(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(result, name), dtype=np.int64) for result in results] or [[]])
+
     def total(name: str) -> dict[str, int]:
         counter: Counter = sum((getattr(result, name) for result in results), Counter())
         return dict(sorted(counter.items()))
 
-    widths, heights = concat("widths"), concat("heights")
+    widths, heights = values("widths"), values("heights")
     truncated = [{"shard": r.url, "detail": r.truncated} for r in results if r.truncated is not None]
     bad_by_reason = total("bad_by_reason")
     if truncated:
@@ -371,12 +384,12 @@ def merge(results: list[ShardResult], sheet_samples: int = 0) -> InspectionRepor
         num_samples=sum(r.num_samples for r in results),
         total_bytes=sum(r.num_bytes for r in results),
         shard_bytes=describe([r.num_bytes for r in results]),
-        sample_bytes=describe(concat("sample_bytes")),
-        caption_chars=describe(concat("caption_chars")),
-        caption_words=describe(concat("caption_words")),
+        sample_bytes=describe(values("sample_bytes")),
+        caption_chars=describe(values("caption_chars")),
+        caption_words=describe(values("caption_words")),
         width=describe(widths),
         height=describe(heights),
-        aspect=describe([w / h for w, h in zip(widths, heights)]),
+        aspect=describe(widths / np.maximum(heights, 1)),
         resolution_source=total("resolution_source"),
         image_formats=total("image_formats"),
         bad_samples=sum(r.bad_samples for r in results),

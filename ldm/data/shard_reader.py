@@ -162,7 +162,8 @@ def read_shard(url: str, counts: DataCounts, read_timeout: float | None = 300.0)
 
     A shard that cannot be opened or yields no member counts as ``unreadable_shard``; one that
     breaks after some members as ``truncated_shard`` (its complete samples are yielded; the sample
-    being read when it broke is dropped, since it may lack members); a command that stops sending
+    being read when it broke is dropped, since it may lack members: a sample is known to be complete
+    only once the next key begins or the archive ends properly); a command that stops sending
     data as ``stalled_shard``.
     """
     try:
@@ -181,13 +182,12 @@ def read_shard(url: str, counts: DataCounts, read_timeout: float | None = 300.0)
             key, ext = split_name(info.name)
             if key is None:
                 continue
-            data = tar.extractfile(info).read()
-            members += 1
             if current is None or key != current["__key__"]:
                 if current is not None:
-                    yield current
+                    yield current  # a new key began: the previous sample is complete
                 current = {"__key__": key, "__url__": url}
-            current[ext] = data
+            current[ext] = tar.extractfile(info).read()
+            members += 1
         compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
         if members and not compressed and not stream.ended_cleanly():
             raise tarfile.ReadError("no end-of-archive marker")

@@ -20,6 +20,7 @@ and marks the whole run complete.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -353,6 +354,9 @@ class AtomicShardWriter:
 
     def abort(self) -> None:
         """Delete the open shard's partial file, if any; published shards stay."""
+        if self._tar is not None:
+            with contextlib.suppress(Exception):  # e.g. a full disk: the file goes anyway
+                self._tar.close()
         if self._file is not None:
             self._file.close()
         if self._temp is not None:

@@ -141,3 +141,77 @@ class ExportAutoencoder(pl.Callback):
         path = Path(trainer.default_root_dir) / self.filename
         save_safetensors(autoencoder.state_dict(), path, metadata={"scaling_factor": f"{factor:.6f}"})
         print(f"autoencoder weights: {path} (latent scaling factor {factor:.5f})")
+
+
+class RunSummary(pl.Callback):
+    """The run's shape at the start (global batch = micro-batch x accumulation x world size,
+    checked against ``expected_global_batch`` when given) and one screen of results at the end:
+    steps, time, throughput, losses, skipped steps, where everything is, and whether the U-Net
+    weights are identical on every rank (a DDP desync shows up here, not weeks later)."""
+
+    def __init__(self, expected_global_batch: int | None = None):
+        self.expected_global_batch = expected_global_batch
+        self._start_time: float | None = None
+        self._start_step = 0
+
+    @staticmethod
+    def global_batch(trainer: pl.Trainer) -> tuple[int, int, int, int]:
+        micro = int(getattr(trainer.datamodule, "batch_size", 0) or 0)
+        accumulation = int(trainer.accumulate_grad_batches)
+        return micro * accumulation * trainer.world_size, micro, accumulation, trainer.world_size
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total, micro, accumulation, world = self.global_batch(trainer)
+        if self.expected_global_batch is not None and total != self.expected_global_batch:
+            from ldm.errors import UserError
+
+            raise UserError(
+                f"global batch {total} = {micro} (data.batch_size) x {accumulation} (accumulate_grad_batches) "
+                f"x {world} (devices x nodes), but expected_global_batch is {self.expected_global_batch}"
+            )
+        if trainer.is_global_zero:
+            print(f"global batch {total} = {micro} per device x {accumulation} accumulation x {world} devices "
+                  f"({trainer.num_nodes} node(s)); precision {trainer.precision}; "
+                  f"{trainer.max_steps} steps = {trainer.max_steps * total:,} samples")  # fmt: skip
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self._start_time = time.perf_counter()
+        self._start_step = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        in_sync = _weights_in_sync(pl_module)
+        if not trainer.is_global_zero or self._start_time is None:
+            return
+        seconds = time.perf_counter() - self._start_time
+        steps = trainer.global_step - self._start_step
+        total = self.global_batch(trainer)[0]
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        lines = [
+            "-" * 72,
+            f"run summary: {steps} steps in {seconds / 60:.1f} min "
+            f"({steps / max(seconds, 1e-9):.2f} steps/s, {steps * total / max(seconds, 1e-9):.1f} samples/s over "
+            f"{trainer.world_size} device(s)); global step {trainer.global_step}",
+            "  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/"))),
+            f"  U-Net weights identical on all ranks: {'yes' if in_sync else 'NO (desynchronised!)'}",
+            f"  run directory: {Path(trainer.default_root_dir).resolve()}",
+            "-" * 72,
+        ]
+        print("\n".join(lines))
+
+
+def _weights_in_sync(pl_module: pl.LightningModule) -> bool:
+    """Whether every rank holds the same U-Net weights (a collective: called on all ranks)."""
+    import torch.distributed as dist
+
+    from ldm.training.latent_diffusion import fingerprint
+
+    network = getattr(pl_module, "unet", None) or getattr(pl_module, "autoencoder", None)
+    if network is None or not (dist.is_available() and dist.is_initialized()):
+        return True
+    prints: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(prints, fingerprint(network))
+    return len(set(prints)) == 1

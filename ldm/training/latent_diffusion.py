@@ -133,7 +133,7 @@ class LatentDiffusion(pl.LightningModule):
         latents, context = self.encode_batch(batch, drop_captions=True)
         loss = self.diffusion_loss(latents, context)
         batch_size = latents.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
 
@@ -158,6 +158,16 @@ class LatentDiffusion(pl.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _count_flops(self, batch: dict[str, Any]) -> float:
+        """U-Net training FLOPs per batch (for MFU); the frozen encoders' share is not counted."""
+        from ldm.training.flops import unet_training_flops
+
+        batch_size = len(batch["latent"]) if "latent" in batch else len(batch["image"])
+        context_shape = (self.conditioner.max_length, self.conditioner.context_dim)
+        if "context" in batch:
+            context_shape = tuple(batch["context"].shape[1:])
+        return unet_training_flops(self.unet, self.latent_shape, context_shape, batch_size)
 
     # ---------------------------------------------------------------- sampling
     def pipeline(self, use_ema: bool = True) -> TextToImage:
@@ -197,6 +207,8 @@ class LatentDiffusion(pl.LightningModule):
         self._rng_to_restore = states[self.global_rank] if len(states) == world_size else None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.flops_per_batch is None:
+            self.flops_per_batch = self._count_flops(batch)
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
