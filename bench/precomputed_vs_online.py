@@ -91,7 +91,8 @@ def main() -> None:
         for name in order:
             times[name].append(timed(name))
 
-    sizes = {name: sum(p.numel() for p in getattr(task, name).parameters()) / 1e6 for name in ("unet", "autoencoder", "conditioner")}
+    sizes = {name: sum(p.numel() for p in getattr(task, name).parameters()) / 1e6
+             for name in ("unet", "autoencoder", "conditioner")}
     print(f"model {cfg.model.get('family', '?')} ({', '.join(f'{k} {v:.1f}M' for k, v in sizes.items())}), "
           f"{cfg.data.image_size} px -> latents {tuple(latents.shape[1:])}, batch {args.batch}, {device}"
           f"{', bf16' if args.bf16 else ', fp32'}, {torch.get_num_threads()} threads, {args.repeats} repeats")

@@ -21,6 +21,7 @@ from ldm.cli import one_line_errors
 from ldm.data.latents import PrecomputeReport, precompute_latents
 from ldm.data.shards import expand_shards
 from ldm.errors import UserError
+from ldm.training.latent_diffusion import FROZEN
 
 
 def rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -30,12 +31,6 @@ def rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def caption_key(data: DictConfig) -> str:
-    """The caption member: the first of ``data.caption_keys`` (one fixed caption per image is stored)."""
-    keys = data.get("caption_keys") or [data.get("caption_key", "txt")]
-    return keys[0]
 
 
 def precompute(cfg: DictConfig) -> PrecomputeReport:
@@ -48,6 +43,9 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
         raise UserError("set data.shards (and/or data.val_shards) to the input image-caption shards")
     for spec in filter(None, splits.values()):
         expand_shards(spec)  # a wrong spec fails now, not after loading the models
+    # images and captions exactly as the image datamodule validates on them (centre crop, no flip,
+    # its caption keys, filters and skip rules)
+    to_sample = instantiate(cfg.data, _convert_="all").val_sample
     autoencoder = instantiate(cfg.model.autoencoder)
     conditioner = instantiate(cfg.model.conditioner)
     if cfg.model.get("pretrained"):
@@ -61,24 +59,23 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
         conditioner,
         splits,
         cfg.out,
-        image_size=cfg.image_size,
+        image_size=cfg.data.image_size,
+        to_sample=to_sample,
         store=cfg.store,
         batch_size=cfg.batch_size,
         context_dtype=cfg.context_dtype,
-        caption_key=caption_key(cfg.data),
-        max_pixels=cfg.data.get("max_pixels", 50_000_000),  # ShardDataModule's default
-        small_images=cfg.data.get("small_images", "upscale"),
         device=cfg.device,
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
-        configs={name: OmegaConf.to_container(cfg.model[name], resolve=True) for name in ("autoencoder", "conditioner")},
+        configs={name: OmegaConf.to_container(cfg.model[name], resolve=True) for name in FROZEN},
         progress=cfg.progress,
     )
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
     print(
-        f"rank {rank}/{world_size}: wrote {len(report.written)} shard(s) ({report.num_samples} samples), "
-        f"skipped {len(report.skipped)} complete shard(s) in {cfg.out}"
+        f"rank {rank}/{world_size}: wrote {len(report.written)} shard(s) ({report.num_samples} samples; "
+        f"dropped: {dropped}), skipped {len(report.skipped)} complete shard(s) in {cfg.out}"
     )
     return report
 

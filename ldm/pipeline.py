@@ -98,7 +98,7 @@ class TextToImage:
                 uncond = self.conditioner([negative_prompt] * len(prompts))  # (B, L, D)
                 model_fn = ClassifierFreeGuidance(self.unet, context, uncond, guidance_scale, guidance_rescale)
             denoise = Denoiser(_float32_output(model_fn), self.schedule, self.prediction_type)
-            timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing)
+            timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing, self.schedule)
             return sampler(denoise, x, timesteps, self.schedule, noise_sampler=noise)
 
     @torch.no_grad()

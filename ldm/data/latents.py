@@ -1,18 +1,19 @@
 """Precomputed latent shards: VAE posteriors and text contexts computed once, so training runs the U-Net only.
 
 Layout: output shard ``{split}-NNNNNN.tar`` is made from input shard NNNNNN of that split (in the
-order ``expand_shards`` gives), sample keys kept. Per sample:
+order ``expand_shards`` gives), sample keys kept; images and captions are read as the image
+datamodule's validation reads them (centre crop, its caption keys, filters and skip rules). Per sample:
 
     mean.npy, logvar.npy  (C, h, w) float32   store="distribution": the posterior q(z|x) of the VAE
     latent.npy            (C, h, w) float32   store="sample": scaling_factor * z, one z ~ q(z|x)
     context.npy           (L, D) float16|32   the text encoder's hidden states of the caption
-    txt, json                                 the caption and the input's .json, unchanged
+    txt                                       the caption encoded (as picked and cleaned by the image pipeline)
+    json                                      the input's .json, unchanged
 
 Every shard opens with a ``__meta__`` sample: ``__meta__.json`` (the identity of the VAE and text
 encoder: fingerprints, attributes and configs; scaling factor, image size, store mode; the source
 shard) and ``__meta__.empty_context.npy`` (the float32 context of "", for caption dropout and the
-model check). Readers
-check it against the model they train (``check_latents_match``) and drop it.
+model check). Readers check it against the model they train (``check_latents_match``) and drop it.
 
 Writing is resumable and parallel: a shard is written under a hidden temporary name and renamed when
 complete, so an existing ``{split}-NNNNNN.tar`` is complete and is skipped on rerun; rank r of W
@@ -25,22 +26,24 @@ import io
 import json
 import math
 import os
+import random
 import tempfile
-import warnings
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm.data.decode import IMAGE_EXTENSIONS, decode_image
+from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import expand_shards
+from ldm.data.skips import DataCounts, FilteredOut, SkipSample
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from ldm.training.latent_diffusion import fingerprint
@@ -204,11 +207,13 @@ class ShardJob:
 
 @dataclass
 class PrecomputeReport:
-    """What one rank did: output shards written and skipped (already complete), samples written."""
+    """What one rank did: output shards written and skipped (already complete), samples written, and
+    input samples dropped by reason (as the image pipeline drops them: corrupt image, empty caption, ...)."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     num_samples: int = 0
+    dropped: Counter = field(default_factory=Counter)
 
 
 def plan_jobs(splits: Mapping[str, str | Sequence[str] | None], out_dir: str | os.PathLike) -> list[ShardJob]:
@@ -222,65 +227,47 @@ def plan_jobs(splits: Mapping[str, str | Sequence[str] | None], out_dir: str | o
     ]
 
 
-class _InputBatches(IterableDataset):
-    """Batches of one input shard at a time, never mixing shards: (job index, batch), then (job index, None).
+# A sample function: raw webdataset sample, rng -> {"image": (3, H, W) in [-1, 1], "caption": str, "key": str};
+# raises SkipSample / FilteredOut for a sample to drop (``ldm.data.samples.ToTrainingSample``).
+SampleFn = Callable[[dict[str, Any], random.Random], dict[str, Any]]
 
-    DataLoader workers take whole shards (worker w of n: its jobs w, w+n, ...), so a shard's batches
-    and their order do not depend on the number of workers.
+
+class _InputBatches(IterableDataset):
+    """Batches of one input shard at a time, never mixing shards: (job index, batch), ..., then
+    (job index, {"dropped": counts}) when the shard is done.
+
+    DataLoader workers take whole shards (worker w of n: its jobs w, w+n, ...), and each sample's rng
+    (caption choice) is seeded by its key, so the output does not depend on the number of workers.
     """
 
-    def __init__(
-        self,
-        jobs: Sequence[tuple[int, str]],
-        transform: ImageTransform,
-        batch_size: int,
-        caption_key: str,
-        max_pixels: int | None,
-        small_images: str,
-    ):
+    def __init__(self, jobs: Sequence[tuple[int, str]], to_sample: SampleFn, batch_size: int, seed: int):
         self.jobs = list(jobs)
-        self.transform = transform
+        self.to_sample = to_sample
         self.batch_size = batch_size
-        self.caption_key = caption_key
-        self.max_pixels = max_pixels
-        self.small_images = small_images
+        self.seed = seed
 
-    def __iter__(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         worker = get_worker_info()
         jobs = self.jobs if worker is None else self.jobs[worker.id :: worker.num_workers]
+        counts = DataCounts()  # warns a few times per reason and process, then counts quietly
         for index, url in jobs:
             batch: list[dict[str, Any]] = []
-            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
-                decoded = self._decode(sample)
-                if decoded is None:
+            for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                try:
+                    sample = self.to_sample(raw, random.Random(f"{self.seed}/{raw['__key__']}"))
+                except SkipSample as skip:
+                    counts.skip(skip.reason, f"{url}:{raw['__key__']}", skip.detail)
                     continue
-                batch.append(decoded)
+                except FilteredOut as filtered:
+                    counts.filtered(filtered.name)
+                    continue
+                batch.append({**sample, "json": raw.get("json")})
                 if len(batch) == self.batch_size:
                     yield index, _collate_inputs(batch)
                     batch = []
             if batch:
                 yield index, _collate_inputs(batch)
-            yield index, None
-
-    def _decode(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        """A raw input sample -> key, image (3, H, W) in [-1, 1], caption, json; None (with a warning) if unusable."""
-        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        try:
-            if image_ext is None:
-                raise ValueError("no image member")
-            # decoded and transformed as the image pipeline does (ldm.data.samples.ToTrainingSample)
-            image = decode_image(sample[image_ext], self.max_pixels, self.transform.size, self.small_images)
-            pixels = self.transform(image)  # (3, H, W) in [-1, 1]; centre crop: no randomness
-        except Exception as error:  # noqa: BLE001 - SkipSample, and anything PIL raises
-            warnings.warn(f"skipping {sample.get('__url__')}:{sample['__key__']}: {error}", stacklevel=1)
-            return None
-        caption = sample.get(self.caption_key, b"")
-        return {
-            "key": sample["__key__"],
-            "image": pixels,
-            "caption": caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption).strip(),
-            "json": sample.get("json"),
-        }
+            yield index, {"dropped": counts.take()}
 
 
 def _collate_inputs(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -396,12 +383,10 @@ def precompute_latents(
     out_dir: str | os.PathLike,
     *,
     image_size: int,
+    to_sample: SampleFn | None = None,
     store: str = "distribution",
     batch_size: int = 64,
     context_dtype: str = "float16",
-    caption_key: str = "txt",
-    max_pixels: int | None = 50_000_000,
-    small_images: str = "upscale",
     device: str | torch.device | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -414,14 +399,18 @@ def precompute_latents(
 
     splits: split name -> shard spec (``{"train": "/data/train-{000..099}.tar", "val": ...}``);
         input shard i of split s becomes ``out_dir/{s}-{i:06d}.tar``.
-    image_size: images are resized (short side) and centre-cropped to it, as the image pipeline does;
-        ``max_pixels`` and ``small_images`` skip images as it does (``ldm.data.decode.decode_image``).
-    caption_key: the member holding the caption (one fixed caption per image).
+    image_size: the size of the images ``to_sample`` gives (recorded; a mismatch raises).
+    to_sample: raw sample -> image and caption, dropping samples as the image pipeline does; pass the
+        image datamodule's validation one (centre crop, no flip). Default: ``ToTrainingSample`` of a
+        centre-cropped ``ImageTransform(image_size)`` and the ``.txt`` caption. A caption drawn from
+        several (a JSON list) is drawn once, by a generator seeded with ``seed`` and the sample key.
     store: "distribution" (posterior mean and log-variance: training draws a fresh z each time) or
         "sample" (one scaled z per image, drawn with a per-shard seed: half the size).
     rank, world_size: this process takes jobs rank, rank + world_size, ...; ranks share nothing.
     configs: the Hydra configs of the two parts, recorded in every shard for people to read.
-    Outputs that exist are complete (they are renamed into place) and are skipped.
+    device: where the two parts run (they are moved there); default cuda:LOCAL_RANK if any, else cpu.
+    Outputs that exist are complete (they are renamed into place) and are skipped, once checked to
+    come from the same model and input shard.
     """
     if store not in STORE_MODES:
         raise UserError(f"store must be one of {STORE_MODES}, got {store!r}")
@@ -456,8 +445,8 @@ def precompute_latents(
 
     from tqdm import tqdm
 
-    transform = ImageTransform(image_size, center_crop=True)
-    dataset = _InputBatches(pending, transform, batch_size, caption_key, max_pixels, small_images)
+    to_sample = to_sample or ToTrainingSample(ImageTransform(image_size, center_crop=True))
+    dataset = _InputBatches(pending, to_sample, batch_size, seed)
     loader = DataLoader(
         dataset, batch_size=None, num_workers=min(num_workers, len(pending)), pin_memory=device.type == "cuda"
     )
@@ -472,12 +461,15 @@ def precompute_latents(
                            "empty_context.npy": empty_context})
                 open_tars[index] = (tar, torch.Generator().manual_seed(_shard_seed(seed, job.output.name)))
             tar, generator = open_tars[index]
-            if batch is None:  # the input shard is done
+            if "dropped" in batch:  # the input shard is done
+                report.dropped.update(batch["dropped"])
                 tar.commit()
                 del open_tars[index]
                 report.written.append(job.output)
                 bar.update(1)
                 continue
+            if batch["image"].shape[-2:] != (image_size, image_size):
+                raise UserError(f"images are {tuple(batch['image'].shape[-2:])}, not {image_size} px: fix image_size")
             for sample in encoder(batch, generator):
                 tar.write(sample)
             report.num_samples += len(batch["key"])

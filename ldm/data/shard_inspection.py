@@ -43,7 +43,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from ldm.data.shard_writing import ordered_map
 from ldm.data.transforms import to_rgb
 
-# Image members the loader reads, in its order of preference (ldm.data.webdataset.IMAGE_KEYS).
+# Image members the loader reads, in its order of preference (ldm.data.decode.IMAGE_EXTENSIONS;
+# a test checks they agree).
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks close every tar archive

@@ -7,7 +7,8 @@ its row or file, and keys stay stable when other inputs are skipped.
 
 Encoding: JPEG, PNG and WebP files are stored byte for byte (no generation loss, no work), unless
 they need a change: larger than ``max_side`` (downscaled, aspect kept) or rotated by an EXIF
-orientation tag (the loader does not apply it). Those, and every other format (BMP, TIFF, GIF, ...),
+orientation tag (turned upright, so that every reader, not only our loader, sees upright pixels
+and the `.json` size matches them). Those, and every other format (BMP, TIFF, GIF, ...),
 are re-encoded as RGB JPEG at quality 95; transparency is composited on white, as the loader does.
 The stored extension follows the sniffed format, not the file name.
 

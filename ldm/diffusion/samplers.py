@@ -171,3 +171,143 @@ def _log_snr(alpha: float, sigma: float) -> float:
 def _expm1_neg(h: float) -> float:
     """e^{-h} - 1, exact for h = inf (-> -1)."""
     return float(torch.expm1(torch.tensor(-h, dtype=torch.float64)))
+
+
+@torch.no_grad()
+def sample_euler(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Euler steps of the probability-flow ODE dx~/ds = (x~ - D) / s in x~ = x / a, s = s_t / a_t
+    (Karras et al. 2022, Algorithm 2 without churn).
+
+    One Euler step in (s, x~) is exactly a DDIM step (eta = 0) in (a, s, x): both give
+    x_n = a_n D + s_n eps. It is written in the second form, which stays finite at zero terminal
+    SNR (a_t = 0, s = inf); the samplers differ only in the grid they are given (e.g. Karras).
+    """
+    return sample_ddim(denoise, x, timesteps, schedule, eta=0.0, noise_sampler=noise_sampler, callback=callback)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``) in x~ = x / a, s = s_t / a_t:
+    step down to s_down with the ODE, then add noise of std s_up, where
+    s_up = min(s_n, eta sqrt(s_n^2 (s_t^2 - s_n^2) / s_t^2)) and s_down = sqrt(s_n^2 - s_up^2).
+    """
+    alphas, sigmas = _scales(schedule, timesteps)
+    for i, t in enumerate(timesteps.tolist()):
+        a_t, a_n = alphas[i], alphas[i + 1]
+        x0 = denoise(x, t)
+        s_t = _ve_sigma(a_t, sigmas[i])
+        s_n = sigmas[i + 1] / a_n
+        s_up = min(s_n, eta * (s_n**2 * (1 - (s_n / s_t) ** 2)) ** 0.5)  # s_t = inf: eta * s_n
+        s_down = max(s_n**2 - s_up**2, 0.0) ** 0.5
+        eps = eps_from_x0(x0, x, a_t, sigmas[i])
+        x = a_n * (x0 + s_down * eps)  # x~ = D + s_down * eps, the ODE solution at s_down
+        if s_up > 0:
+            x = x + a_n * s_up * _noise(noise_sampler, x)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1
+    without churn): an Euler step, then the trapezoid rule with the slope at the end point.
+
+    Two network evaluations per step except the last (to s = 0, plain Euler) and a first step from
+    zero terminal SNR (infinite s: the Euler step is exact there). Deterministic.
+    """
+    del noise_sampler
+    alphas, sigmas = _scales(schedule, timesteps)
+    steps = timesteps.tolist()
+    for i, t in enumerate(steps):
+        a_t, s_t, a_n, s_n = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
+        x0 = denoise(x, t)
+        eps = eps_from_x0(x0, x, a_t, s_t)  # the slope dx~/ds at t
+        x_euler = a_n * x0 + s_n * eps
+        if s_n == 0 or a_t == 0:
+            x = x_euler
+        else:
+            x0_next = denoise(x_euler, steps[i + 1])
+            eps_next = eps_from_x0(x0_next, x_euler, a_n, s_n)  # the slope at n
+            ds = s_n / a_n - s_t / a_t
+            x = a_n * (x / a_t + ds * 0.5 * (eps + eps_next))
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    eta: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022, Sec. 5; k-diffusion's
+    ``sample_dpmpp_2m_sde``). With lambda = log(a / s), h = lambda_n - lambda_t and g = (1 + eta) h:
+
+        x_n = (s_n / s_t) e^{-eta h} x_t + a_n (1 - e^{-g}) D
+              + 0.5 a_n (1 - e^{-g}) (D - D_prev) / r + s_n sqrt(1 - e^{-2 eta h}) z,   r = h_prev / h
+
+    eta = 0 is the deterministic DPM-Solver++(2M) with a midpoint correction.
+    """
+    alphas, sigmas = _scales(schedule, timesteps)
+    lambdas = [_log_snr(a, s) for a, s in zip(alphas, sigmas)]
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(timesteps.tolist()):
+        x0 = denoise(x, t)
+        a_n, s_n = alphas[i + 1], sigmas[i + 1]
+        if s_n == 0:
+            x = x0  # the last step lands on the denoised sample
+        else:
+            h = lambdas[i + 1] - lambdas[i]
+            decay = -_expm1_neg((1 + eta) * h)  # 1 - e^{-(1 + eta) h}
+            x = (s_n / sigmas[i]) * _exp_neg(eta * h) * x + a_n * decay * x0
+            if x0_prev is not None and h_prev != float("inf"):
+                x = x + 0.5 * a_n * decay * (h / h_prev) * (x0 - x0_prev)
+            if eta > 0:
+                x = x + s_n * (-_expm1_neg(2 * eta * h)) ** 0.5 * _noise(noise_sampler, x)
+            h_prev = h
+        x0_prev = x0
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def _ve_sigma(alpha: float, sigma: float) -> float:
+    """s = sigma / alpha, the noise level of x / alpha; infinite at zero terminal SNR."""
+    return float("inf") if alpha == 0 else sigma / alpha
+
+
+def _exp_neg(h: float) -> float:
+    """e^{-h}, exact for h = inf."""
+    return float(torch.exp(torch.tensor(-h, dtype=torch.float64)))

@@ -119,7 +119,8 @@ def test_stored_posterior_and_context_equal_the_online_encoding(latents_dir, fro
     autoencoder, conditioner = frozen
     toy = toy_data_dir / "toy"
     images = ShardDataModule(  # the on-the-fly image path, batched as the precompute was (32)
-        shards=str(toy / "train-*.tar"), val_shards=str(toy / "val-*.tar"), image_size=SIZE, batch_size=32, num_workers=0
+        shards=str(toy / "train-*.tar"), val_shards=str(toy / "val-*.tar"), image_size=SIZE, batch_size=32,
+        num_workers=0,
     )
     images.setup("fit")
     batch = next(iter(images.val_dataloader()))
@@ -134,7 +135,9 @@ def test_stored_posterior_and_context_equal_the_online_encoding(latents_dir, fro
         assert torch.equal(stored_context, conditioner(batch["caption"]).half())
 
 
-def test_store_sample_writes_one_scaled_posterior_draw_reproducibly(model_overrides, toy_data_dir, latents_dir, tmp_path):
+def test_store_sample_writes_one_scaled_posterior_draw_reproducibly(
+    model_overrides, toy_data_dir, latents_dir, tmp_path
+):
     for run in ("a", "b"):
         script.precompute(precompute_config(model_overrides, toy_data_dir, tmp_path / run, "store=sample",
                                             "data.shards=null", f"data.val_shards={toy_data_dir}/toy/val-*.tar"))
@@ -148,6 +151,18 @@ def test_store_sample_writes_one_scaled_posterior_draw_reproducibly(model_overri
     ])
     assert meta["store"] == "sample" and "mean.npy" not in drawn[0]
     assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05  # z = mean + std * N(0, I)
+
+
+def test_unusable_inputs_are_dropped_and_counted_as_the_image_pipeline_does(frozen, toy_data_dir, tmp_path):
+    good = _raw_samples(toy_data_dir / "toy" / "val-000000.tar")[:2]
+    with wds.TarWriter(str(tmp_path / "in.tar")) as sink:
+        sink.write({"__key__": "a", "png": good[0]["png"], "txt": good[0]["txt"]})
+        sink.write({"__key__": "b", "png": b"not an image", "txt": b"a red circle in the center"})
+        sink.write({"__key__": "c", "png": good[1]["png"], "txt": b"  "})
+    report = precompute_latents(*frozen, {"train": str(tmp_path / "in.tar")}, tmp_path / "out", image_size=SIZE,
+                                device="cpu", progress=False)
+    assert report.num_samples == 1 and report.dropped == {"skipped/corrupt_image": 1, "skipped/empty_caption": 1}
+    assert [s["__key__"] for s in _raw_samples(tmp_path / "out" / "train-000000.tar")] == ["__meta__", "a"]
 
 
 def test_rerun_skips_complete_shards_and_matches_a_fresh_run(model_overrides, toy_data_dir, latents_dir, tmp_path):
@@ -175,7 +190,8 @@ def test_rerun_with_another_model_refuses_existing_shards(model_overrides, toy_d
 def test_two_ranks_from_the_environment_write_disjoint_complete_halves(
     model_overrides, toy_data_dir, latents_dir, tmp_path, monkeypatch
 ):
-    cfg = precompute_config(model_overrides, toy_data_dir, tmp_path / "out")
+    # with decoding workers too: a worker takes whole shards, so the output does not depend on them
+    cfg = precompute_config(model_overrides, toy_data_dir, tmp_path / "out", "num_workers=2")
     written = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -216,7 +232,7 @@ def test_datamodule_batches_go_straight_through_encode_batch(latents_dir, model_
     dropped = [(b["context"][i], c) for b in batches for i, c in enumerate(b["caption"]) if c == ""]
     assert 4 <= len(dropped) <= 28 and all(torch.equal(context, empty) for context, _ in dropped)
 
-    cfg = compose_config("train", [*model_overrides, *TINY_TRAINING, "data=latents", "data.shards=x", "data.val_shards=x"])
+    cfg = compose_config("train", [*model_overrides, *TINY_TRAINING, "data=latents", "data.shards=x"])
     task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={})
     latents, context = task.encode_batch(batch, drop_captions=True)
     assert latents is batch["latent"] and context is batch["context"]

@@ -94,6 +94,17 @@ def test_folder_to_shards(corpus: Path, tmp_path: Path) -> None:
     assert {s["json"]["source"] for s in samples} >= {"sub/img07.webp"}
 
 
+def test_training_pipeline_reads_the_shards(corpus: Path, tmp_path: Path) -> None:
+    from ldm.data.transforms import ImageTransform
+    from ldm.data.webdataset import image_caption_pipeline
+
+    summary = write_shards(folder_items(corpus), tmp_path / "out", samples_per_shard=10, progress=False)
+    urls = [str(tmp_path / "out" / shard.name) for shard in summary.shards]
+    batches = list(image_caption_pipeline(urls, ImageTransform(8), batch_size=8, train=False))
+    assert [tuple(b["image"].shape) for b in batches] == [(8, 3, 8, 8)] * 3
+    assert sorted(c for b in batches for c in b["caption"]) == sorted(f"caption number {i}" for i in range(24))
+
+
 def test_encoding_rules(corpus: Path, tmp_path: Path) -> None:
     """JPEG/PNG/WebP are stored byte for byte; BMP and TIFF become JPEG; the sniffed format wins."""
     (corpus / "misnamed.jpg").write_bytes(image_bytes(10, 10, "PNG"))

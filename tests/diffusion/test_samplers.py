@@ -11,15 +11,30 @@ import torch
 
 from ldm.diffusion.denoiser import ClassifierFreeGuidance, Denoiser
 from ldm.diffusion.parameterization import predict_eps, training_target
-from ldm.diffusion.samplers import PerSampleNoise, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion.samplers import (
+    PerSampleNoise,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
 from ldm.diffusion.schedules import NoiseSchedule, scaled_linear_betas
 from ldm.diffusion.timesteps import sampling_timesteps
 
 MU, S = 0.5, 0.3
 SCHEDULE = NoiseSchedule.from_betas(scaled_linear_betas())
 ZSNR = NoiseSchedule.from_betas(scaled_linear_betas(), zero_terminal_snr=True)
-STOCHASTIC = {"ddpm": sample_ddpm, "ddim_eta1": lambda *a, **k: sample_ddim(*a, eta=1.0, **k)}
-DETERMINISTIC = {"ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+STOCHASTIC = {
+    "ddpm": sample_ddpm,
+    "ddim_eta1": lambda *a, **k: sample_ddim(*a, eta=1.0, **k),
+    "euler_ancestral": sample_euler_ancestral,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}
+DETERMINISTIC = {"ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
+ALL = {**STOCHASTIC, **DETERMINISTIC}
 
 
 def gaussian_x0(schedule, x, t):
@@ -47,14 +62,16 @@ def prior_sample(schedule, t, n, seed=0):
     return alpha * MU + (alpha**2 * S**2 + sigma**2) ** 0.5 * z
 
 
-@pytest.mark.parametrize("name", [*STOCHASTIC, *DETERMINISTIC])
-@pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
+MOMENT_CASES = [(name, "eps") for name in ALL] + [("ddim", "v"), ("ddim", "x0"), ("dpmpp_2m", "v"), ("ddpm", "x0")]
+
+
+@pytest.mark.parametrize("name, prediction_type", MOMENT_CASES)
 def test_samplers_reproduce_data_moments(name, prediction_type):
     # With every training step visited the samplers must recover mu and s. (Coarser grids are
     # biased: e.g. DDPM's posterior variance ignores the uncertainty of x0 and under-disperses.)
-    sampler = {**STOCHASTIC, **DETERMINISTIC}[name]
+    sampler = ALL[name]
     timesteps = sampling_timesteps(1000, 1000)
-    x = prior_sample(SCHEDULE, timesteps[0], 20_000)
+    x = prior_sample(SCHEDULE, timesteps[0], 10_000)
     denoise = Denoiser(GaussianNetwork(SCHEDULE, prediction_type), SCHEDULE, prediction_type)
     torch.manual_seed(0)
     x0 = sampler(denoise, x, timesteps, SCHEDULE)
@@ -78,24 +95,40 @@ def ode_error(sampler, steps):
     return (x0 - ode_then_denoise(x_T, timesteps[0])).abs().max().item()
 
 
-@pytest.mark.parametrize("name, tolerance", [("ddim", 0.01), ("dpmpp_2m", 0.002)])
+@pytest.mark.parametrize("name, tolerance", [("ddim", 0.01), ("euler", 0.01), ("heun", 0.002), ("dpmpp_2m", 0.002)])
 def test_deterministic_samplers_converge_to_ode_solution(name, tolerance):
     errors = [ode_error(DETERMINISTIC[name], steps) for steps in (25, 100, 1000)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < tolerance
 
 
-def test_dpmpp_2m_is_more_accurate_than_ddim():
+@pytest.mark.parametrize("second_order", [sample_dpmpp_2m, sample_heun])
+def test_second_order_samplers_beat_first_order(second_order):
     for steps in (25, 100, 1000):
-        assert ode_error(sample_dpmpp_2m, steps) < ode_error(sample_ddim, steps)
+        assert ode_error(second_order, steps) < ode_error(sample_ddim, steps)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_euler_is_ddim_in_other_coordinates():
+    timesteps = sampling_timesteps(1000, 12, "karras", SCHEDULE)
+    x = prior_sample(SCHEDULE, timesteps[0], 64)
+    denoise = Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps")
+    assert torch.allclose(sample_euler(denoise, x, timesteps, SCHEDULE), sample_ddim(denoise, x, timesteps, SCHEDULE))
+
+
+def test_dpmpp_2m_sde_without_noise_is_deterministic_and_accurate():
+    timesteps = sampling_timesteps(1000, 200, "linspace")
+    x_T = prior_sample(SCHEDULE, timesteps[0], 256)
+    denoise = Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps")
+    x0 = sample_dpmpp_2m_sde(denoise, x_T, timesteps, SCHEDULE, eta=0.0)
+    assert (x0 - ode_then_denoise(x_T, timesteps[0])).abs().max() < 0.02
+
+
+@pytest.mark.parametrize("name", [*STOCHASTIC, "ddim", "dpmpp_2m"])
 def test_zero_terminal_snr_with_v_prediction(name):
     # At zero terminal SNR x_T ~ N(0, I) is exactly the prior, and eps-to-x0 conversions would divide by 0.
-    sampler = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}[name]
+    sampler = ALL[name]
     timesteps = sampling_timesteps(1000, 1000)
-    x = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(10_000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     denoise = Denoiser(GaussianNetwork(ZSNR, "v"), ZSNR, "v")
     torch.manual_seed(0)
     x0 = sampler(denoise, x, timesteps, ZSNR)
@@ -107,7 +140,7 @@ def test_zero_terminal_snr_with_v_prediction(name):
 def test_zero_terminal_snr_few_steps_stay_finite():
     timesteps = sampling_timesteps(1000, 4)
     x = torch.randn(16, 1, 2, 2, dtype=torch.float64)
-    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m):
+    for sampler in ALL.values():
         assert torch.isfinite(sampler(Denoiser(GaussianNetwork(ZSNR, "v"), ZSNR, "v"), x, timesteps, ZSNR)).all()
 
 
