@@ -1,11 +1,13 @@
-"""Sample images from a trained checkpoint: `python sample.py checkpoint=CKPT prompt="..." [key=value ...]`.
+"""Sample images: `python sample.py checkpoint=MODEL prompt="..." | prompts_file=FILE | prompts_shards=SPEC [key=value ...]`.
 
-Writes one PNG per image, `metadata.jsonl` (one JSON line per image) and `grid.png` to `out_dir`.
+MODEL is a training checkpoint, an SD 1.x/2.x single file or a diffusers folder. Writes one PNG per
+image, `metadata.jsonl` and `grid.png` to `out_dir` (or webdataset shards with output=shards).
+Under torchrun or srun every rank samples a disjoint share; a rerun makes only what is missing.
 """
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,77 +16,107 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from PIL import Image
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 from ldm.cli import one_line_errors
 from ldm.errors import UserError
-from ldm.pipeline import pipeline_from_checkpoint, to_uint8
+from ldm.evaluation.sampling_job import (
+    FolderOutput,
+    JobItem,
+    Ranks,
+    ShardOutput,
+    init_process_group,
+    job_items,
+    read_prompt_records,
+    run_job,
+)
+from ldm.pipeline import pipeline_from_checkpoint
 
-GRID_MAX_IMAGES = 64  # the grid is a preview: the first prompts only
+GRID_MAX_IMAGES = 64  # the grid is a preview of the first images
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
-def read_prompts(cfg: DictConfig) -> list[str]:
-    if (cfg.prompt is None) == (cfg.prompts_file is None):
-        raise UserError("give exactly one of prompt=... or prompts_file=...")
-    if cfg.prompt is not None:
-        return [str(cfg.prompt)]
-    path = Path(cfg.prompts_file).expanduser()
-    if not path.is_file():
-        raise UserError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"prompts file is empty: {path}")
-    return prompts
-
-
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, ranks: Ranks) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
+def sampler_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What decides an image besides its prompt and seed (stored with every image)."""
+    name = HydraConfig.get().runtime.choices.get("sampler", "custom") if HydraConfig.initialized() else "custom"
+    return {
+        "sampler": name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+        "negative_prompt": cfg.negative_prompt, "spacing": cfg.spacing, "guidance_rescale": cfg.guidance_rescale,
+        "checkpoint": str(cfg.checkpoint), "use_ema": cfg.use_ema, "precision": str(cfg.precision),
+    }  # fmt: skip
+
+
 def sample(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Generate every (prompt, seed) image of ``cfg`` into ``cfg.out_dir``; returns the metadata rows."""
-    prompts = read_prompts(cfg)
+    """Run the sampling job of ``cfg``; returns the metadata rows of the images on disk (rank 0)."""
     if str(cfg.precision) not in PRECISIONS:
         raise UserError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision}")
-    device = pick_device(cfg.device)
+    if cfg.output not in ("folder", "shards"):
+        raise UserError(f"output must be 'folder' or 'shards', got {cfg.output!r}")
+    records = read_prompt_records(cfg.prompt, cfg.prompts_file, cfg.get("prompts_shards"))
+    items = job_items(records, cfg.num_images_per_prompt, cfg.seed)
+    ranks = Ranks.from_environment()
+    device = pick_device(cfg.device, ranks)
+    distributed = init_process_group(ranks, device)
     pipeline, _ = pipeline_from_checkpoint(
         cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)], cfg.prediction_type, cfg.image_size
     )
     sampler = instantiate(cfg.sampler)
-    sampler_name = HydraConfig.get().runtime.choices.get("sampler", "custom") if HydraConfig.initialized() else "custom"
+    settings = sampler_settings(cfg)
+
+    def row(item: JobItem) -> dict[str, Any]:
+        return {"index": item.index, "prompt": item.prompt, "seed": item.seed, **settings, **item.fields}
+
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return pipeline(prompts, seeds, sampler, cfg.steps, cfg.guidance_scale, cfg.negative_prompt,
+                        cfg.spacing, cfg.guidance_rescale)  # fmt: skip
+
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = cfg.num_images_per_prompt
-    jobs = [(i * n + j, p, cfg.seed + i * n + j) for i, p in enumerate(prompts) for j in range(n)]
-    rows, images = [], []
-    with tqdm(total=len(jobs), desc="sampling", unit="img") as progress:
-        for start in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[start : start + cfg.batch_size]
-            pixels = pipeline(
-                [p for _, p, _ in batch], [s for _, _, s in batch], sampler, cfg.steps,
-                cfg.guidance_scale, cfg.negative_prompt, cfg.spacing,
-            )
-            for (index, prompt, seed), image in zip(batch, to_uint8(pixels)):
-                name = f"{index:05d}.png"
-                Image.fromarray(image.numpy()).save(out_dir / name)
-                rows.append({
-                    "file": name, "prompt": prompt, "seed": seed, "sampler": sampler_name, "steps": cfg.steps,
-                    "guidance_scale": cfg.guidance_scale, "negative_prompt": cfg.negative_prompt,
-                    "spacing": cfg.spacing, "checkpoint": str(cfg.checkpoint), "use_ema": cfg.use_ema,
-                })
-            if sum(len(x) for x in images) < GRID_MAX_IMAGES:
-                images.append(pixels.cpu())
-            progress.update(len(batch))
-    with open(out_dir / "metadata.jsonl", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    save_image(make_grid(torch.cat(images)[:GRID_MAX_IMAGES], nrow=n, padding=2, pad_value=1.0), out_dir / "grid.png")
-    print(f"wrote {len(rows)} images, metadata.jsonl and grid.png to {out_dir.resolve()}")
-    return rows
+    if cfg.output == "shards":
+        output = ShardOutput(out_dir, cfg.samples_per_shard, row)
+    else:
+        output = FolderOutput(out_dir)
+    counts = run_job(items, generate, output, ranks, cfg.batch_size, row)
+    counts = _sum_over_ranks(counts, distributed, device)
+    if ranks.rank != 0:
+        return []
+    written = output.finalize(items, row)
+    if isinstance(output, FolderOutput):
+        _write_grid(out_dir, items[:GRID_MAX_IMAGES], cfg.num_images_per_prompt)
+    rate = counts["made"] / max(counts["seconds"], 1e-9)
+    print(f"{written}/{len(items)} images in {out_dir.resolve()}: made {counts['made']} now "
+          f"({rate:.2f} img/s per rank over {ranks.world_size} rank(s)), {counts['skipped']} already there")  # fmt: skip
+    if written != len(items):
+        raise UserError(f"only {written} of {len(items)} images exist: rerun the same command to finish")
+    if isinstance(output, FolderOutput):
+        return [{"file": f"{i.name}.png", **row(i)} for i in items]
+    return [row(i) for i in items]
+
+
+def _sum_over_ranks(counts: dict[str, float], distributed: bool, device: torch.device) -> dict[str, float]:
+    if not distributed:
+        return counts
+    import torch.distributed as dist
+
+    values = torch.tensor([counts["made"], counts["skipped"], counts["seconds"]], dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")  # fmt: skip
+    dist.all_reduce(values)  # also the barrier before rank 0 writes metadata.jsonl
+    made, skipped, seconds = values.tolist()
+    return {"made": int(made), "skipped": int(skipped), "seconds": seconds / dist.get_world_size()}
+
+
+def _write_grid(out_dir: Path, items: list[JobItem], per_row: int) -> None:
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    images = [pil_to_tensor(Image.open(out_dir / f"{i.name}.png")).float() / 255 for i in items]
+    if images:
+        save_image(make_grid(torch.stack(images), nrow=per_row, padding=2, pad_value=1.0), out_dir / "grid.png")
 
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")

@@ -10,23 +10,6 @@ from PIL import Image
 from conftest import compose_config
 from ldm.errors import UserError
 from sample import sample
-from train import train
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, toy_data_dir):
-    from omegaconf import open_dict
-
-    from conftest import TINY_MODEL, TINY_TRAINING
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", "trainer.max_steps=2"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run)
-        cfg.paths.data_dir = str(toy_data_dir)
-        cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
 
 
 def _sample_config(checkpoint, out_dir, *overrides):
@@ -39,12 +22,12 @@ def _sample_config(checkpoint, out_dir, *overrides):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_sample_writes_images_metadata_and_grid(tiny_checkpoint, tmp_path, sampler):
     rows = sample(_sample_config(tiny_checkpoint, tmp_path, "prompt='a red circle in the top left'", f"sampler={sampler}"))
-    assert [r["file"] for r in rows] == ["00000.png", "00001.png"]
+    assert [r["file"] for r in rows] == ["000000.png", "000001.png"]
     lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert lines == rows
     assert {"file", "prompt", "seed", "sampler", "steps", "guidance_scale"} <= set(lines[0])
     assert lines[0]["sampler"] == sampler and [r["seed"] for r in lines] == [0, 1]
-    image = Image.open(tmp_path / "00000.png")
+    image = Image.open(tmp_path / "000000.png")
     assert image.size == (32, 32) and image.mode == "RGB"
     assert (tmp_path / "grid.png").is_file()
 
@@ -54,11 +37,12 @@ def test_same_seed_same_images_whatever_the_batch(tiny_checkpoint, tmp_path):
     prompts.write_text("a red circle in the top left\na blue square in the center\n")
     sample(_sample_config(tiny_checkpoint, tmp_path / "a", f"prompts_file={prompts}", "sampler=ddpm", "batch_size=4"))
     sample(_sample_config(tiny_checkpoint, tmp_path / "b", f"prompts_file={prompts}", "sampler=ddpm", "batch_size=1"))
-    for name in ("00000.png", "00001.png", "00002.png", "00003.png"):
+    for name in ("000000.png", "000001.png", "000002.png", "000003.png"):
         a = np.asarray(Image.open(tmp_path / "a" / name))
         b = np.asarray(Image.open(tmp_path / "b" / name))
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched matmuls may differ in the last bit
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / "00000.png")), np.asarray(Image.open(tmp_path / "a" / "00001.png")))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000000.png")),
+                              np.asarray(Image.open(tmp_path / "a" / "000001.png")))
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):
@@ -74,5 +58,41 @@ def test_wrong_file_is_a_user_error(tmp_path):
 
 
 def test_prompt_and_prompts_file_are_exclusive(tiny_checkpoint, tmp_path):
-    with pytest.raises(UserError, match="exactly one"):
+    with pytest.raises(UserError, match="exactly one of prompt"):
         sample(_sample_config(tiny_checkpoint, tmp_path))
+
+
+def test_jsonl_prompts_carry_their_fields(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle in the top left", "id": 7}\n{"caption": "a blue square in the center", "id": 9}\n')
+    rows = sample(_sample_config(tiny_checkpoint, tmp_path / "out", f"prompts_file={prompts}", "num_images_per_prompt=1"))
+    assert [(r["prompt"], r["id"]) for r in rows] == [("a red circle in the top left", 7), ("a blue square in the center", 9)]
+
+
+def test_rerun_makes_only_what_is_missing(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle in the top left\na blue square in the center\n")
+    config = _sample_config(tiny_checkpoint, tmp_path / "full", f"prompts_file={prompts}", "sampler=ddpm")
+    sample(config)
+    partial = tmp_path / "partial"
+    sample(_sample_config(tiny_checkpoint, partial, f"prompts_file={prompts}", "sampler=ddpm"))
+    for name in ("000001.png", "000003.png", "metadata.jsonl"):  # a crash lost these
+        (partial / name).unlink()
+    before = (partial / "000000.png").stat().st_mtime_ns
+    sample(_sample_config(tiny_checkpoint, partial, f"prompts_file={prompts}", "sampler=ddpm"))
+    assert (partial / "000000.png").stat().st_mtime_ns == before  # not redone
+    for name in ("000000.png", "000001.png", "000002.png", "000003.png"):
+        assert np.array_equal(np.asarray(Image.open(partial / name)), np.asarray(Image.open(tmp_path / "full" / name)))
+    assert (partial / "metadata.jsonl").read_text() == (tmp_path / "full" / "metadata.jsonl").read_text()
+
+
+def test_shard_output(tiny_checkpoint, tmp_path):
+    import tarfile
+
+    rows = sample(_sample_config(tiny_checkpoint, tmp_path, "prompt='a red circle in the top left'",
+                                 "num_images_per_prompt=3", "output=shards", "samples_per_shard=2"))
+    assert len(rows) == 3
+    names = sorted(p.name for p in tmp_path.glob("samples-*.tar"))
+    assert names == ["samples-000000.tar", "samples-000001.tar"]
+    with tarfile.open(tmp_path / "samples-000000.tar") as tar:
+        assert tar.getnames() == ["000000.png", "000000.json", "000001.png", "000001.json"]

@@ -1,0 +1,106 @@
+"""The sampling job across 2 CPU ranks (gloo), and a killed job finished by a rerun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT
+from ldm.evaluation.sampling_job import JobItem, Ranks, job_items, read_prompt_records
+
+PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom left"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(checkpoint, out_dir, prompts_file, world_size=2, extra=()):
+    port = _free_port()
+    processes = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        command = [sys.executable, "sample.py", f"checkpoint={checkpoint}", f"prompts_file={prompts_file}",
+                   "num_images_per_prompt=4", "steps=2", "batch_size=2", f"out_dir={out_dir}", *extra]
+        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    return processes
+
+
+def test_job_items_and_rank_split_are_disjoint_and_complete():
+    items = job_items([{"prompt": p} for p in PROMPTS], 4, seed=10)
+    assert [i.seed for i in items] == list(range(10, 22))
+    shares = [Ranks(r, 3, 0).mine(items) for r in range(3)]
+    indices = sorted(i.index for share in shares for i in share)
+    assert indices == list(range(12))
+    assert not set(i.index for i in shares[0]) & set(i.index for i in shares[1])
+    assert items[5] == JobItem(5, PROMPTS[1], 15, {})
+
+
+def test_two_ranks_write_the_whole_set_once(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    processes = _launch(tiny_checkpoint, tmp_path / "out", prompts)
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png") if p.name != "grid.png")
+    assert names == [f"{i:06d}.png" for i in range(12)]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(12)) and rows[4]["prompt"] == PROMPTS[1]
+
+    # the same job in one process gives the same images (each image depends only on its seed)
+    single = subprocess.run([sys.executable, "sample.py", f"checkpoint={tiny_checkpoint}", f"prompts_file={prompts}",
+                             "num_images_per_prompt=4", "steps=2", "batch_size=5", f"out_dir={tmp_path / 'one'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "out" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "one" / name)).astype(int)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_killed_job_is_finished_by_a_rerun(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS * 4) + "\n")  # 48 images
+    out = tmp_path / "out"
+    processes = _launch(tiny_checkpoint, out, prompts, extra=["steps=4"])
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(out.glob("0*.png"))) < 6:
+        time.sleep(0.2)
+    for p in processes:
+        p.kill()
+        p.wait()
+    made_before = len(list(out.glob("0*.png")))
+    assert 0 < made_before < 48
+    processes = _launch(tiny_checkpoint, out, prompts, extra=["steps=4"])
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:]
+    names = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
+    assert names == [f"{i:06d}.png" for i in range(48)]
+    assert not list(out.glob(".*.tmp"))  # no leftovers visible as images
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(48))
+    assert f"{48 - made_before}" in outputs[0] or "made" in outputs[0]
+
+
+def test_prompt_sources(tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "captions-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, text in (("a", "first caption"), ("b", "second caption")):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records = read_prompt_records(None, None, str(shard))
+    assert [(r["prompt"], r["key"]) for r in records] == [("first caption", "a"), ("second caption", "b")]
