@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
+import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
@@ -122,8 +124,6 @@ def bare_transform(paths: list[str], size: int) -> int:
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -201,9 +201,6 @@ def main() -> None:
     parser.add_argument("--train", action="store_true", help="time the training pipeline (resampled, shuffled)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    import PIL
-    import torch
 
     torch.set_num_threads(args.torch_threads)
     paths, shards = prepare_data(Path(args.data_dir), args.images, args.samples_per_shard, args.seed)

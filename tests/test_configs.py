@@ -90,3 +90,31 @@ def test_sd_model_configs_build_the_published_architectures(model, unet_preset, 
     assert shapes(vae) == shapes(reference_vae) and vae.scaling_factor == 0.18215
     assert conditioner.context_dim == text_width == cfg.model.unet.context_dim
     assert cfg.objective.prediction_type == ("v" if model == "sd21_768" else "eps")
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_config("train", ["hydra/launcher=slurm", "hydra.launcher.nodes=4"])
+    assert cfg.hydra.launcher.nodes == 4 and cfg.hydra.launcher.signal_delay_s == 300
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp", "deepspeed"])
+def test_strategies_compose_into_the_trainer(strategy):
+    cfg = compose_config("train", [f"strategy={strategy}"])
+    assert cfg.trainer.strategy._target_ == cfg.strategy._target_
+    if strategy in ("auto", "ddp"):
+        built = instantiate(cfg.strategy)
+        assert built == "auto" if strategy == "auto" else type(built).__name__ == "DDPStrategy"
+
+
+def test_fsdp_strategy_wraps_unet_blocks():
+    # Lightning runs FSDP on GPUs only; on the CPU we check what it would wrap (docs/cluster.md has the GPU command)
+    from ldm.models.attention import SpatialTransformer
+    from ldm.models.unet import ResBlock
+
+    strategy = instantiate(compose_config("train", ["strategy=fsdp"]).strategy)
+    assert type(strategy).__name__ == "FSDPStrategy"
+    assert strategy.kwargs["use_orig_params"] is True
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert {ResBlock, SpatialTransformer} <= set(getattr(policy, "_module_classes", policy))

@@ -33,7 +33,7 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -357,7 +357,7 @@ class InspectionReport:
     sheet: list[Candidate] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sheet"}  # no image copies
         data["sheet"] = [{"shard": c.shard, "key": c.key, "caption": c.caption} for c in self.sheet]
         return data
 

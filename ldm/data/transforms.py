@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision.transforms.v2 import functional as F
 
+BICUBIC = F.InterpolationMode.BICUBIC
 WHITE = (255, 255, 255, 255)
 
 
@@ -41,11 +43,12 @@ class ImageTransform:
     """RGB PIL image -> (3, size, size) float tensor in [-1, 1]: short side resized to ``size``, a
     centre (or random) square crop, optional horizontal flip.
 
-    The crop is taken in the source image and resized in one step (``Image.resize(box=...)``), which
-    is the same geometry as resize-then-crop but resamples only the kept pixels; an image that
-    already has the target size is not resampled at all. Smaller images are upscaled (the caller
-    decides whether to skip them first, see ``small_images``). ``random_flip`` must stay off when
-    captions name left and right (as the toy's do).
+    The square is cropped first and then resized (the same geometry as resize-then-crop, with fewer
+    pixels to resample), bicubic with antialiasing on uint8 (torchvision's vectorised kernel, about
+    twice as fast as PIL's); an image that already has the target size is not resampled at all.
+    Smaller images are upscaled (the caller decides whether to skip them first, see
+    ``small_images``). ``random_flip`` must stay off when captions name left and right (as the
+    toy's do). ``rng`` draws the crop offset and the flip (default: a fresh unseeded generator).
     """
 
     def __init__(self, size: int, center_crop: bool = True, random_flip: bool = False):
@@ -55,21 +58,22 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
         rng = rng or random.Random()
-        image = to_rgb(image)
-        width, height = image.size
+        pixels = np.array(to_rgb(image))  # (H, W, 3) uint8, a writable copy
+        height, width = pixels.shape[:2]
         side = min(width, height)
         if self.center_crop:
             left, top = (width - side) // 2, (height - side) // 2
         else:
             left, top = rng.randint(0, width - side), rng.randint(0, height - side)
-        box = (left, top, left + side, top + side)
-        if (width, height) == (self.size, self.size):
-            pass  # fast path: already the target size
-        elif side == self.size:
-            image = image.crop(box)
-        else:
-            image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+        square = pixels[top : top + side, left : left + side].transpose(2, 0, 1)  # (3, side, side) view
+        if side != self.size:
+            resized = F.resize(torch.from_numpy(square), [self.size, self.size], interpolation=BICUBIC, antialias=True)
+            square = resized.numpy()  # (3, size, size) uint8
         if self.random_flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, size, size) uint8 (a writable copy)
-        return pixels.float().div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+            square = square[:, :, ::-1]
+        # to [-1, 1] in NumPy, not torch: torch's intra-op threads make small element-wise ops up to
+        # 100x slower in a busy process; x / 127.5 - 1 maps 0 and 255 exactly to -1 and 1
+        out = np.ascontiguousarray(square, dtype=np.float32)
+        out /= 127.5
+        out -= 1.0
+        return torch.from_numpy(out)

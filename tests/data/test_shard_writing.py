@@ -13,13 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ldm.data.shard_writing import (
-    SourceItem,
-    encode_image,
-    folder_items,
-    table_items,
-    write_shards,
-)
+from ldm.data.shard_writing import encode_image, folder_items, table_items, write_shards
 from ldm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

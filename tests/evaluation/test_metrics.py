@@ -1,0 +1,125 @@
+"""The metrics CLI on small toy folders: every metric, the cache, the settings, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from torch import Tensor, nn
+
+from ldm.checkpoints import save_safetensors
+from ldm.data.toy import caption, render, sample_spec
+from ldm.evaluation.fid import build_inception_v3
+from ldm.evaluation.metrics import evaluate, main
+
+SETTINGS = {"sampler": "euler", "steps": 20, "guidance_scale": 3.0, "negative_prompt": "", "spacing": "trailing"}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "head_width": 16, "layers": 1},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _toy_folder(folder: Path, n: int, seed: int, checkpoint: Path | None = None) -> None:
+    """Real toy images and a metadata.jsonl as sample.py writes it."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        spec = sample_spec(rng)
+        render(spec).save(folder / f"{i:05d}.png")
+        row = {"file": f"{i:05d}.png", "prompt": caption(spec), "seed": i, **SETTINGS, "key": f"k{i}"}
+        if checkpoint is not None:
+            row.update(checkpoint=str(checkpoint), use_ema=True)
+        rows.append(row)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random-weight stand-ins for the FID Inception and an open_clip model (config + weights)."""
+    directory = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    save_safetensors(build_inception_v3("fid").state_dict(), directory / "pt_inception.safetensors")
+    (directory / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
+    save_safetensors(open_clip.CLIP(**TINY_CLIP).state_dict(), directory / "tiny_clip.safetensors")
+    return {"fid": directory / "pt_inception.safetensors", "clip_config": directory / "tiny_clip.json",
+            "clip": directory / "tiny_clip.safetensors"}  # fmt: skip
+
+
+def test_cli_writes_every_metric_and_reuses_the_reference_cache(tmp_path: Path, weights: dict[str, Path]) -> None:
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(b"not really a checkpoint" * 100)
+    _toy_folder(tmp_path / "samples", 4, seed=0, checkpoint=checkpoint)
+    _toy_folder(tmp_path / "reference", 3, seed=1)
+    cache, out = tmp_path / "cache" / "ref.npz", tmp_path / "metrics.json"
+    common = ["--fid-weights", str(weights["fid"]), "--device", "cpu", "--no-progress", "--batch-size", "3"]
+    code = main([
+        str(tmp_path / "samples"), "--reference", str(tmp_path / "reference"), "--reference-stats", str(cache),
+        "--clip-model", str(weights["clip_config"]), "--clip-weights", str(weights["clip"]), "--toy",
+        "--out", str(out), *common,
+    ])  # fmt: skip
+    assert code == 0 and cache.is_file()
+    metrics = json.loads(out.read_text())
+    assert {"samples_dir", "num_images", "created", "checkpoint", "sampling", "varying_fields", "fid",
+            "clip_score", "toy_accuracy"} <= set(metrics)  # fmt: skip
+    assert metrics["num_images"] == 4
+    assert metrics["sampling"] == SETTINGS and metrics["varying_fields"] == ["key"]
+    assert metrics["checkpoint"]["size"] == checkpoint.stat().st_size and metrics["checkpoint"]["use_ema"] is True
+    assert len(metrics["checkpoint"]["sha256_first_64MiB"]) == 64
+    fid = metrics["fid"]
+    assert math.isfinite(fid["value"]) and fid["value"] > 0
+    assert (fid["num_generated"], fid["num_reference"]) == (4, 3)
+    assert fid["extractor"].startswith("inception_v3-fid sha256:")
+    assert 0 <= metrics["clip_score"]["value"] <= 100 and metrics["clip_score"]["num_pairs"] == 4
+    assert metrics["toy_accuracy"]["all"] == 1.0 and metrics["toy_accuracy"]["num_images"] == 4
+
+    # the reference images are not needed once their statistics are cached; the default output path
+    assert main([str(tmp_path / "samples"), "--reference-stats", str(cache), *common]) == 0
+    again = json.loads((tmp_path / "samples" / "metrics.json").read_text())
+    assert again["fid"]["value"] == pytest.approx(fid["value"], rel=1e-6)
+    assert "clip_score" not in again and "toy_accuracy" not in again
+
+
+class ColourStats(nn.Module):
+    feature_dim = 6
+    description = "colour-stats-v1"
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float().flatten(2) / 255  # (B, 3, H*W)
+        return torch.cat([x.mean(-1), x.std(-1)], dim=1)  # (B, 6)
+
+
+def test_evaluate_a_folder_without_metadata(tmp_path: Path) -> None:
+    _toy_folder(tmp_path / "samples", 5, seed=0)
+    (tmp_path / "samples" / "metadata.jsonl").unlink()
+    results = evaluate(tmp_path / "samples", fid_extractor=ColourStats(), reference=str(tmp_path / "samples"),
+                       progress=False)  # fmt: skip
+    assert results["num_images"] == 5 and results["sampling"] == {} and results["checkpoint"] is None
+    assert abs(results["fid"]["value"]) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/absent", "--toy"], "samples folder not found"),
+        (["{tmp}/samples"], "nothing to compute"),
+        (["{tmp}/samples", "--fid-weights", "{tmp}/absent.pth", "--reference", "{tmp}/samples"], "FID weights not found"),
+        (["{tmp}/samples", "--reference", "{tmp}/samples"], "FID needs --fid-weights"),
+        (["{tmp}/samples", "--clip-weights", "{tmp}/absent.safetensors"], "CLIP weights not found"),
+        (["{tmp}/bare", "--toy"], "no metadata.jsonl"),
+    ],
+)
+def test_cli_mistakes_are_one_line_errors(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    _toy_folder(tmp_path / "samples", 1, seed=0)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(tmp=tmp_path) for arg in args] + ["--no-progress", "--device", "cpu"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error
