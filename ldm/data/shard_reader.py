@@ -19,7 +19,7 @@ import select
 import subprocess
 import tarfile
 import tempfile
-from typing import Any, BinaryIO, Iterator
+from typing import Any, Iterator
 
 from ldm.data.skips import STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
 

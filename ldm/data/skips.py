@@ -34,7 +34,9 @@ UNREADABLE_SHARD = "unreadable_shard"  # could not be opened, or not a tar at al
 TRUNCATED_SHARD = "truncated_shard"    # ended early; its complete samples are kept, the last is dropped
 STALLED_SHARD = "stalled_shard"        # a pipe/remote read sent no byte for read_timeout seconds
 
-SAMPLE_REASONS = (NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_METADATA, ERROR)
+SAMPLE_REASONS = (
+    NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_METADATA, ERROR,
+)
 SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, STALLED_SHARD)
 
 # warnings printed per reason and process before going quiet (the counts keep going)

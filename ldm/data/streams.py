@@ -40,8 +40,7 @@ MAX_FAILED_SHARDS = 16
 # this many unexpected errors in a row are a bug, not bad data: raise the last one
 MAX_CONSECUTIVE_ERRORS = 100
 # streams of the per-worker seed
-SHARDS, SHUFFLE, PROCESS = 0, 1, 2
-VALIDATION = 3
+SHARDS, SHUFFLE, PROCESS, VALIDATION, MIX = 0, 1, 2, 3, 4
 # samples in the shuffle buffer before it starts yielding (it then grows to its full size)
 SHUFFLE_INITIAL = 100
 
@@ -104,11 +103,13 @@ class ImageCaptionStream(IterableDataset):
             raise ValueError("validation reads exactly one source")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be positive or None, not {samples_per_epoch}")
         self.sources = list(sources)
         self.to_sample = to_sample
         self.batch_size = batch_size
         self.train = train
-        self.seed = seed
+        self.seed = seed if seed is not None else 0
         self.start_step = start_step
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch = samples_per_epoch
@@ -128,7 +129,7 @@ class ImageCaptionStream(IterableDataset):
         else:
             raw = self._validation_samples(rank, world_size, worker, num_workers)
             rng = random.Random(stream_seed(self.seed, VALIDATION, rank, worker))  # same every time
-        batches = self._batches(self._decoded(raw, rng), partial=not self.train)
+        batches = self._batches(self._decoded(raw, rng), keep_partial=not self.train)
         if self.train and self.samples_per_epoch:
             per_worker = math.ceil(self.samples_per_epoch / (world_size * num_workers * self.batch_size))
             batches = itertools.islice(batches, per_worker)  # wds with_epoch: a fixed count per worker
@@ -141,7 +142,8 @@ class ImageCaptionStream(IterableDataset):
             source_seed = seed(SHARDS, index)
             shards = wds.ResampledShards(source.urls, worker_seed=lambda s=source_seed: s, deterministic=True)
             streams.append(self._read_resampled(shards, source))
-        mixed = streams[0] if len(streams) == 1 else _mix(streams, [s.weight for s in self.sources], seed(SHUFFLE, 1))
+        weights = [source.weight for source in self.sources]
+        mixed = streams[0] if len(streams) == 1 else _mix(streams, weights, seed(MIX))
         if self.shuffle_buffer > 1:
             initial = min(SHUFFLE_INITIAL, self.shuffle_buffer)
             mixed = wds.shuffle(self.shuffle_buffer, initial, rng=random.Random(seed(SHUFFLE)))(mixed)
@@ -169,7 +171,9 @@ class ImageCaptionStream(IterableDataset):
                     )
                 time.sleep(min(60.0, 2.0 ** (failures - MAX_FAILED_SHARDS)))
 
-    def _validation_samples(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    def _validation_samples(
+        self, rank: int, world_size: int, worker: int, num_workers: int
+    ) -> Iterator[dict[str, Any]]:
         urls = self.sources[0].urls
         split_samples = len(urls) < world_size  # too few shards to give every rank one
         rank_urls = urls if split_samples else urls[rank::world_size]
@@ -201,7 +205,7 @@ class ImageCaptionStream(IterableDataset):
             errors = 0
             yield decoded
 
-    def _batches(self, samples: Iterator[dict[str, Any]], partial: bool) -> Iterator[dict[str, Any]]:
+    def _batches(self, samples: Iterator[dict[str, Any]], keep_partial: bool) -> Iterator[dict[str, Any]]:
         ready: list[dict[str, Any]] | None = None  # a full batch, handed out when the next sample comes
         current: list[dict[str, Any]] = []
         for sample in samples:
@@ -211,7 +215,7 @@ class ImageCaptionStream(IterableDataset):
             current.append(sample)
             if len(current) == self.batch_size:
                 ready, current = current, []
-        if partial and current:
+        if keep_partial and current:
             if ready is not None:
                 yield self._collate(ready)
             ready = current

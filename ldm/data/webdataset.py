@@ -77,6 +77,8 @@ class ShardDataModule(pl.LightningDataModule):
         super().__init__()
         if small_images not in SMALL_IMAGES:
             raise UserError(f"data.small_images must be one of {list(SMALL_IMAGES)}, not {small_images!r}")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise UserError(f"data.samples_per_epoch must be positive or null, not {samples_per_epoch}")
         try:
             captions = CaptionPicker(caption_keys, empty_captions)
             metadata_filter = MetadataFilter(**(filters or {}))
@@ -148,6 +150,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank=rank, world_size=world_size, read_timeout=self.read_timeout,
         )
         # no more workers than this rank has shards: the extra ones would only start and stop
-        world_size = world_size or 1
-        rank_shards = len(self.val_urls) if len(self.val_urls) < world_size else len(self.val_urls[rank or 0 :: world_size])
+        world_size, rank = world_size or 1, rank or 0
+        split_samples = len(self.val_urls) < world_size  # (then every rank reads every shard)
+        rank_shards = len(self.val_urls) if split_samples else len(self.val_urls[rank::world_size])
         return self._loader(stream, min(self.num_workers, rank_shards))

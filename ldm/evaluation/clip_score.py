@@ -119,12 +119,13 @@ def load_clip_scorer(model_name: str, weights: str | Path | None, init_seed: int
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
-            raise UserError(f"{weights} does not fit open_clip model {model_name} ({str(error).splitlines()[0]})") from error
+            first_line = str(error).splitlines()[0]
+            raise UserError(f"{weights} does not fit open_clip model {model_name} ({first_line})") from error
         identity = "sha256:" + file_fingerprint(weights)["sha256_first_64MiB"][:16]
     return CLIPScorer(model, tokenizer, description=f"open_clip {model_name} {identity}")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def clip_score(
     pairs: Iterable[tuple[ImageBatch, Sequence[str]]],
     scorer: CLIPScorer,

@@ -6,19 +6,19 @@ reports the Fréchet distance ||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^{1/
 
 Weights (a local file; nothing here downloads). The standard FID network is TensorFlow's
 Inception-v3 of 2015-12-05 as ported by pytorch-fid: ``pt_inception-2015-12-05-6726825d.pth``
-(~92 MB) from ``FID_WEIGHTS_URL``. Its graph differs from torchvision's Inception-v3 in three
-places, all rebuilt here (``variant="fid"``, the default): 1008 output classes, average pools
-that leave the zero padding out of the mean (TensorFlow's behaviour) in the Mixed_5*/6*/7b
-blocks, and a max pool instead of an average pool in the last block (Mixed_7c).
-``variant="torchvision"`` runs torchvision's own graph with its ImageNet weights
-(``inception_v3_google-0cc3c7bd.pth`` from download.pytorch.org): a non-standard
-"FID-torchvision" that does not compare with published FIDs (it reads ~1.5 lower on GAN benchmarks).
+(~92 MB) from ``FID_WEIGHTS_URL`` (torch-fidelity ships the same port). Its graph differs from
+torchvision's Inception-v3 in three places, all rebuilt here (``variant="fid"``, the default):
+1008 output classes, average pools that leave the zero padding out of the mean (TensorFlow's
+behaviour) in the Mixed_5*, Mixed_6b-e and Mixed_7b blocks, and a max pool instead of an average
+pool in the last block (Mixed_7c). ``variant="torchvision"`` runs torchvision's own graph with its
+ImageNet weights (``inception_v3_google-0cc3c7bd.pth`` from download.pytorch.org): a non-standard
+"FID-torchvision" that does not compare with published FIDs.
 
-Resizing follows clean-fid (Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in
-GAN Evaluation"): uint8 images become float, are resized to 299x299 with antialiased bicubic
-filtering in float (which matches clean-fid's PIL float resize to ~1e-3 grey levels), clamped to
-[0, 255] and scaled to [-1, 1], the range the weights expect. pytorch-fid resizes bilinearly without
-antialiasing, so its numbers differ slightly from these; clean-fid's "clean" mode is the reference.
+Preprocessing follows clean-fid (Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties
+in GAN Evaluation"): uint8 images become float, are resized to 299x299 with antialiased bicubic
+filtering in float (matching clean-fid's PIL float resize to ~0.01 grey levels) and clamped to
+[0, 255]; then, as inside the TensorFlow graph, x -> (x - 128) / 128. pytorch-fid resizes
+bilinearly without antialiasing and scales by 2x/255 - 1, so its numbers differ slightly from these.
 
 Statistics are streamed in float64 (count, mean and centred scatter, merged by Chan et al. 1979),
 gathered exactly across ``torch.distributed`` ranks (``gather``), and cached to ``.npz`` files that
@@ -191,7 +191,7 @@ class FeatureStatistics:
             raise FileNotFoundError(f"statistics file not found: {path}")
         with np.load(path, allow_pickle=False) as data:
             if not {"mu", "sigma", "count", "extractor"} <= set(data.files):
-                raise StatisticsMismatchError(f"{path} is not a statistics file of ldm (needs mu, sigma, count, extractor)")
+                raise StatisticsMismatchError(f"{path} is not an ldm statistics file (no mu, sigma, count, extractor)")
             stored, stored_source = str(data["extractor"]), str(data["source"]) if "source" in data.files else ""
             if extractor is not None and stored != extractor:
                 raise StatisticsMismatchError(
@@ -214,7 +214,8 @@ def gather(stats: FeatureStatistics, group: Any = None) -> FeatureStatistics:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return stats
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     count = torch.tensor([stats.count], dtype=torch.int64, device=device)
     dist.all_reduce(count, group=group)
     total = int(count.item())
@@ -230,20 +231,25 @@ def gather(stats: FeatureStatistics, group: Any = None) -> FeatureStatistics:
     return FeatureStatistics(total, mean.to(stats.mean.device), m2.to(stats.m2.device), stats.extractor)
 
 
-def _psd_sqrt(matrix: Tensor) -> Tensor:
-    """Symmetric square root of a symmetric PSD matrix; rounding's tiny negative eigenvalues -> 0."""
-    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+def _psd_factor(matrix: Tensor) -> Tensor:
+    """A factor L with L L^T = matrix (symmetric PSD): Cholesky when it succeeds (full rank, fast),
+    else the symmetric square root, with rounding's tiny negative eigenvalues clamped to 0."""
+    matrix = (matrix + matrix.T) / 2
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if info.item() == 0:
+        return factor
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
 
 
 def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
     """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^{1/2}) (Heusel et al. 2017), in float64.
 
-    Tr((C_a C_b)^{1/2}) equals the sum of the singular values (nuclear norm) of
-    sqrt(C_a) sqrt(C_b), because that product times its transpose is sqrt(C_a) C_b sqrt(C_a), which
-    is similar to C_a C_b. Singular values are accurate to ~eps ||.||, where the eigenvalues of the
-    product would need square roots of rounding noise: rank-deficient covariances (fewer images
-    than feature dimensions) stay exact, e.g. a set against itself gives 0 to ~1e-12.
+    With factors C_a = L_a L_a^T and C_b = L_b L_b^T, Tr((C_a C_b)^{1/2}) is the sum of the
+    singular values (nuclear norm) of L_a^T L_b: (L_a^T L_b)^T (L_a^T L_b) = L_b^T C_a L_b has the
+    eigenvalues of C_a C_b. Singular values are accurate to ~eps ||.||, where eigenvalues of the
+    product would need square roots of rounding noise: rank-deficient covariances (fewer images than
+    feature dimensions) stay exact, e.g. a set against itself gives 0 to ~1e-12.
     """
     if a.dim != b.dim:
         raise ValueError(f"statistics of {a.dim}-d and {b.dim}-d features do not compare")
@@ -251,7 +257,7 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
         raise StatisticsMismatchError(f"statistics of different extractors: {a.extractor!r} and {b.extractor!r}")
     device = a.mean.device
     cov_a, cov_b = a.covariance, b.covariance.to(device)  # (D, D)
-    trace_sqrt = torch.linalg.svdvals(_psd_sqrt(cov_a) @ _psd_sqrt(cov_b)).sum()
+    trace_sqrt = torch.linalg.svdvals(_psd_factor(cov_a).T @ _psd_factor(cov_b)).sum()
     diff = a.mean - b.mean.to(device)  # (D,)
     return float(diff @ diff + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
 
@@ -282,9 +288,8 @@ class _FIDInceptionC(InceptionC):
 
     def _forward(self, x: Tensor) -> list[Tensor]:
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = x
-        for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = layer(branch7x7dbl)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
         return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(_tf_avg_pool(x))]
 
 
@@ -365,7 +370,7 @@ class InceptionV3Features(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         x = images.to(self.net.Conv2d_1a_3x3.conv.weight.device, torch.float32)  # (B, 3, H, W) in [0, 255]
         x = resize_images(x, INCEPTION_SIZE)  # (B, 3, 299, 299)
-        x = x / 127.5 - 1  # [-1, 1], as the TensorFlow graph expects
+        x = (x - 128) / 128  # as the TensorFlow graph's first op does (~[-1, 1])
         return self.net(x)  # (B, 2048)
 
 
@@ -434,7 +439,7 @@ def rebatch(batches: Iterable[ImageBatch], batch_size: int) -> Iterator[Tensor]:
         yield torch.cat(pending)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def feature_statistics(
     batches: Iterable[ImageBatch],
     extractor: FeatureExtractor,
@@ -543,7 +548,8 @@ def folder_images(folder: str | Path) -> list[Path]:
         paths = [folder / row["file"] for row in rows]
         missing = [p for p in paths if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) of {folder / 'metadata.jsonl'} are missing, e.g. {missing[0]}")
+            listed = folder / "metadata.jsonl"
+            raise FileNotFoundError(f"{len(missing)} image(s) listed in {listed} are missing, e.g. {missing[0]}")
     else:
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:

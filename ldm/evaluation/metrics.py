@@ -148,7 +148,7 @@ def _clip(
         raise UserError(f"the CLIP score needs each image's prompt: no metadata.jsonl in {folder}")
     missing = [row["file"] for row in rows if not isinstance(row.get("prompt"), str)]
     if missing:
-        raise UserError(f"the CLIP score needs a 'prompt' for every image of {folder}/metadata.jsonl, e.g. {missing[0]}")
+        raise UserError(f"the CLIP score needs a 'prompt' for every image in {folder}/metadata.jsonl: {missing[0]}")
     rank, world = _rank_and_world()
     paths = folder_images(folder)[rank::world]
     prompts = [row["prompt"] for row in rows][rank::world]
@@ -245,6 +245,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"FID needs --fid-weights (the standard file: {FID_WEIGHTS_URL})")
     if not Path(args.samples_dir).expanduser().is_dir():
         raise NotADirectoryError(f"samples folder not found: {args.samples_dir}")
+    cached = args.reference_stats is not None and Path(args.reference_stats).is_file()
+    if wants_fid and args.reference is None and not cached:
+        raise UserError("FID needs --reference images or an existing --reference-stats file")
     device = _pick_device(args.device)
     _init_distributed(device)
     fid_extractor = None

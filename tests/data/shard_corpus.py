@@ -13,13 +13,10 @@ import numpy as np
 from PIL import Image
 
 
-def image_bytes(size: tuple[int, int] = (12, 10), colour=(200, 30, 30), fmt: str = "PNG", mode: str = "RGB", **save) -> bytes:
-    """A flat image of ``size`` (w, h) encoded as ``fmt``."""
-    image = Image.new(mode, size, colour if mode == "RGB" else None)
-    if mode != "RGB":
-        image = Image.new("RGB", size, colour).convert(mode)
+def image_bytes(size: tuple[int, int] = (12, 10), colour=(200, 30, 30), fmt: str = "PNG") -> bytes:
+    """A flat RGB image of ``size`` (w, h) encoded as ``fmt``."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save)
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
     return buffer.getvalue()
 
 
@@ -44,7 +41,7 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def good_sample(key: str, caption: str | None = None, meta: dict | None = None, size=(12, 10)) -> list[tuple[str, bytes]]:
+def good_sample(key: str, caption: str | None = None, meta: dict | None = None, size=(12, 10)) -> list:
     """The members of one good sample: .png, .txt (caption defaults to 'caption <key>'), optional .json."""
     colour = tuple(int(c) for c in np.random.default_rng(zlib.crc32(key.encode())).integers(0, 256, 3))
     members = [(f"{key}.png", image_bytes(size, colour)), (f"{key}.txt", (caption or f"caption {key}").encode())]

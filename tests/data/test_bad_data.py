@@ -23,7 +23,8 @@ def corpus(tmp_path_factory):
 
 
 def _to_sample() -> ToTrainingSample:
-    return ToTrainingSample(ImageTransform(8), CaptionPicker(["txt"]), MetadataFilter(max_unsafe=0.5), max_pixels=1_000_000)
+    filters = MetadataFilter(max_unsafe=0.5)
+    return ToTrainingSample(ImageTransform(8), CaptionPicker(["txt"]), filters, max_pixels=1_000_000)
 
 
 def _validation(urls, batch_size=4, **options) -> ImageCaptionStream:

@@ -37,7 +37,8 @@ def test_a_list_gives_a_random_choice_per_use():
     chosen = [picker(members, rng) for _ in range(200)]
     assert set(chosen) == {"first", "second", "third"}
     assert chosen == [picker(members, r) for r in [random.Random(0)] for _ in range(200)]  # seeded
-    assert CaptionPicker(["json.captions", "txt"])(_members(json={"captions": ["", " "]}, txt="fallback"), rng) == "fallback"
+    only_empty = _members(json={"captions": ["", " "]}, txt="fallback")
+    assert CaptionPicker(["json.captions", "txt"])(only_empty, rng) == "fallback"
 
 
 def test_empty_captions_are_dropped_or_kept():

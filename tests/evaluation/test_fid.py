@@ -69,7 +69,8 @@ def test_streaming_statistics_equal_numpy_mean_and_cov() -> None:
     single = FeatureStatistics.empty(7)
     for batch in _split(features.float(), [50, 53]):
         single = single.update(batch)
-    np.testing.assert_allclose(single.covariance.numpy(), np.cov(features.float().double().numpy(), rowvar=False), rtol=1e-12)
+    as_float32 = features.float().double().numpy()
+    np.testing.assert_allclose(single.covariance.numpy(), np.cov(as_float32, rowvar=False), rtol=1e-12)
 
 
 def test_merge_is_associative_and_empty_is_its_identity() -> None:
@@ -81,7 +82,7 @@ def test_merge_is_associative_and_empty_is_its_identity() -> None:
     empty = FeatureStatistics.empty(5)
     assert empty.merge(left).count == left.count and torch.equal(left.merge(empty).m2, left.m2)
     with pytest.raises(StatisticsMismatchError):
-        FeatureStatistics.from_features(torch.ones(2, 5), "a").merge(FeatureStatistics.from_features(torch.ones(2, 5), "b"))
+        FeatureStatistics.empty(5, "a").update(torch.ones(2, 5)).merge(FeatureStatistics.empty(5, "b"))
 
 
 # --------------------------------------------------------------------------- the distance
@@ -205,7 +206,8 @@ def test_fid_blocks_differ_from_torchvision_only_in_the_pool_branch() -> None:
     g = torch.Generator().manual_seed(0)
     for fid_block, tv_block, pool_channels, differs_inside in cases:
         tv_block.load_state_dict(fid_block.state_dict())
-        fid_block.eval(), tv_block.eval()
+        fid_block.eval()
+        tv_block.eval()
         x = torch.rand(1, tv_block.branch1x1.conv.in_channels, 6, 6, generator=g)
         with torch.no_grad():
             ours, theirs = fid_block(x), tv_block(x)
@@ -304,11 +306,14 @@ def test_folders_and_shards_read_the_same_images_and_fid_uses_the_cache(tmp_path
 
     assert abs(compute_fid(folder_set, folder_set, extractor, progress=False)) < 1e-6
     cache = tmp_path / "ref_stats.npz"
-    fid = compute_fid(folder_set, ImageSet(str(tmp_path / "reference")), extractor, reference_cache=cache, progress=False)
+    references = ImageSet(str(tmp_path / "reference"))
+    fid = compute_fid(folder_set, references, extractor, reference_cache=cache, progress=False)
     assert fid > 0 and cache.is_file()
-    assert compute_fid(folder_set, None, extractor, batch_size=2, reference_cache=cache, progress=False) == pytest.approx(fid, rel=1e-10)
+    cached = compute_fid(folder_set, None, extractor, batch_size=2, reference_cache=cache, progress=False)
+    assert cached == pytest.approx(fid, rel=1e-10)
     # batches of uint8 tensors or numpy arrays of any batch size give the same number
     tensors = [torch.from_numpy(np.stack(samples[i : i + 2])).permute(0, 3, 1, 2) for i in range(0, 9, 2)]
-    assert compute_fid(tensors, None, extractor, batch_size=5, reference_cache=cache, progress=False) == pytest.approx(fid, rel=1e-10)
+    from_tensors = compute_fid(tensors, None, extractor, batch_size=5, reference_cache=cache, progress=False)
+    assert from_tensors == pytest.approx(fid, rel=1e-10)
     with pytest.raises(UserError, match="no reference images"):
         compute_fid(folder_set, None, extractor, reference_cache=tmp_path / "absent.npz", progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from ldm.checkpoints import save_safetensors
 from ldm.data.toy import caption, render, sample_spec
-from ldm.evaluation.fid import build_inception_v3
+from ldm.evaluation.fid import FeatureStatistics, build_inception_v3
 from ldm.evaluation.metrics import evaluate, main
 
 SETTINGS = {"sampler": "euler", "steps": 20, "guidance_scale": 3.0, "negative_prompt": "", "spacing": "trailing"}
@@ -52,38 +53,51 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "clip": directory / "tiny_clip.safetensors"}  # fmt: skip
 
 
-def test_cli_writes_every_metric_and_reuses_the_reference_cache(tmp_path: Path, weights: dict[str, Path]) -> None:
+def test_cli_writes_the_configured_metrics(tmp_path: Path, weights: dict[str, Path]) -> None:
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"not really a checkpoint" * 100)
     _toy_folder(tmp_path / "samples", 4, seed=0, checkpoint=checkpoint)
-    _toy_folder(tmp_path / "reference", 3, seed=1)
-    cache, out = tmp_path / "cache" / "ref.npz", tmp_path / "metrics.json"
-    common = ["--fid-weights", str(weights["fid"]), "--device", "cpu", "--no-progress", "--batch-size", "3"]
+    out = tmp_path / "out" / "metrics.json"
     code = main([
-        str(tmp_path / "samples"), "--reference", str(tmp_path / "reference"), "--reference-stats", str(cache),
-        "--clip-model", str(weights["clip_config"]), "--clip-weights", str(weights["clip"]), "--toy",
-        "--out", str(out), *common,
+        str(tmp_path / "samples"), "--clip-model", str(weights["clip_config"]), "--clip-weights",
+        str(weights["clip"]), "--toy", "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "3",
     ])  # fmt: skip
-    assert code == 0 and cache.is_file()
+    assert code == 0
     metrics = json.loads(out.read_text())
-    assert {"samples_dir", "num_images", "created", "checkpoint", "sampling", "varying_fields", "fid",
-            "clip_score", "toy_accuracy"} <= set(metrics)  # fmt: skip
+    assert set(metrics) == {"samples_dir", "num_images", "created", "checkpoint", "sampling", "varying_fields",
+                            "clip_score", "toy_accuracy"}  # fmt: skip
     assert metrics["num_images"] == 4
     assert metrics["sampling"] == SETTINGS and metrics["varying_fields"] == ["key"]
-    assert metrics["checkpoint"]["size"] == checkpoint.stat().st_size and metrics["checkpoint"]["use_ema"] is True
-    assert len(metrics["checkpoint"]["sha256_first_64MiB"]) == 64
-    fid = metrics["fid"]
-    assert math.isfinite(fid["value"]) and fid["value"] > 0
-    assert (fid["num_generated"], fid["num_reference"]) == (4, 3)
-    assert fid["extractor"].startswith("inception_v3-fid sha256:")
+    identity = metrics["checkpoint"]
+    assert identity["size"] == checkpoint.stat().st_size and identity["use_ema"] is True
+    assert identity["sha256_first_64MiB"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert 0 <= metrics["clip_score"]["value"] <= 100 and metrics["clip_score"]["num_pairs"] == 4
+    assert metrics["clip_score"]["model"].endswith("sha256:" + identity_of(weights["clip"]))
     assert metrics["toy_accuracy"]["all"] == 1.0 and metrics["toy_accuracy"]["num_images"] == 4
 
-    # the reference images are not needed once their statistics are cached; the default output path
-    assert main([str(tmp_path / "samples"), "--reference-stats", str(cache), *common]) == 0
-    again = json.loads((tmp_path / "samples" / "metrics.json").read_text())
-    assert again["fid"]["value"] == pytest.approx(fid["value"], rel=1e-6)
-    assert "clip_score" not in again and "toy_accuracy" not in again
+
+def identity_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()[: 64 * 2**20]).hexdigest()[:16]
+
+
+@pytest.mark.slow  # 15-30 s on one loaded core: the 2048-d Fréchet distance in float64 dominates
+def test_cli_fid_with_random_inception_weights_writes_and_reuses_the_cache(
+    tmp_path: Path, weights: dict[str, Path]
+) -> None:
+    _toy_folder(tmp_path / "samples", 3, seed=0)
+    _toy_folder(tmp_path / "reference", 3, seed=1)
+    cache = tmp_path / "cache" / "ref.npz"
+    common = ["--fid-weights", str(weights["fid"]), "--reference-stats", str(cache), "--device", "cpu", "--no-progress"]
+    assert main([str(tmp_path / "samples"), "--reference", str(tmp_path / "reference"), *common]) == 0
+    fid = json.loads((tmp_path / "samples" / "metrics.json").read_text())["fid"]  # the default output path
+    assert math.isfinite(fid["value"]) and fid["value"] > 0
+    assert (fid["num_generated"], fid["num_reference"]) == (3, 3)
+    expected = f"inception_v3-fid sha256:{identity_of(weights['fid'])} 299px-bicubic-antialias-float pool3"
+    assert fid["extractor"] == expected
+    assert FeatureStatistics.load(cache, extractor=fid["extractor"], source=fid["reference"]).count == 3
+    # another reference with the same cache file is refused in one line
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "samples"), "--reference", str(tmp_path / "samples"), *common])
 
 
 class ColourStats(nn.Module):
@@ -103,21 +117,35 @@ def test_evaluate_a_folder_without_metadata(tmp_path: Path) -> None:
     assert results["num_images"] == 5 and results["sampling"] == {} and results["checkpoint"] is None
     assert abs(results["fid"]["value"]) < 1e-6
 
+    _toy_folder(tmp_path / "reference", 6, seed=1)
+    cache = tmp_path / "ref.npz"
+    first = evaluate(tmp_path / "samples", fid_extractor=ColourStats(), reference=str(tmp_path / "reference"),
+                     reference_stats=cache, progress=False)["fid"]  # fmt: skip
+    cached = evaluate(tmp_path / "samples", fid_extractor=ColourStats(), reference_stats=cache, progress=False)["fid"]
+    assert first["value"] > 0 and cached["value"] == pytest.approx(first["value"], rel=1e-10)
+    assert (cached["num_reference"], cached["reference"]) == (6, None)
+
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["{tmp}/absent", "--toy"], "samples folder not found"),
         (["{tmp}/samples"], "nothing to compute"),
-        (["{tmp}/samples", "--fid-weights", "{tmp}/absent.pth", "--reference", "{tmp}/samples"], "FID weights not found"),
+        (["{tmp}/samples", "--fid-weights", "{tmp}/none.pth", "--reference", "{tmp}/samples"], "FID weights not found"),
         (["{tmp}/samples", "--reference", "{tmp}/samples"], "FID needs --fid-weights"),
         (["{tmp}/samples", "--clip-weights", "{tmp}/absent.safetensors"], "CLIP weights not found"),
+        (["{tmp}/samples", "--toy", "--reference-stats", "{tmp}/absent.npz"], "FID needs --fid-weights"),
+        (["{tmp}/samples", "--fid-weights", "{tmp}/samples/00000.png"], "FID needs --reference"),
         (["{tmp}/bare", "--toy"], "no metadata.jsonl"),
+        (["{tmp}/empty", "--toy"], "no images in"),
     ],
 )
 def test_cli_mistakes_are_one_line_errors(tmp_path: Path, capsys, args: list[str], message: str) -> None:
     _toy_folder(tmp_path / "samples", 1, seed=0)
     (tmp_path / "bare").mkdir()
+    (tmp_path / "samples" / "00000.png").rename(tmp_path / "bare" / "00000.png")
+    (tmp_path / "samples" / "00000.png").write_bytes((tmp_path / "bare" / "00000.png").read_bytes())
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main([arg.format(tmp=tmp_path) for arg in args] + ["--no-progress", "--device", "cpu"])
     assert exit_info.value.code == 1
