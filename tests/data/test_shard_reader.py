@@ -1,0 +1,67 @@
+"""Reading one shard: local files, commands and object-storage URLs, compressed tars, odd endings."""
+
+import gzip
+import os
+import stat
+
+import pytest
+
+from ldm.data.shard_reader import read_shard, split_name
+from ldm.data.skips import DataCounts
+from shard_corpus import good_sample, tar_bytes, write_good_shard
+
+
+def _read(url, **options):
+    counts = DataCounts()
+    keys = [sample["__key__"] for sample in read_shard(url, counts, **options)]
+    return keys, counts.take()
+
+
+@pytest.fixture
+def fake_tools(tmp_path, monkeypatch):
+    """`aws`, `gsutil` and `curl` on PATH that print the local file named by the URL's last part."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("aws", "gsutil", "curl"):
+        script = bin_dir / tool
+        # every tool gets the URL among its arguments; serve tmp_path/<basename of the URL>
+        serve = f'for a in "$@"; do case "$a" in *://*) exec cat "{tmp_path}/${{a##*/}}";; esac; done'
+        script.write_text(f"#!/bin/sh\n{serve}\nexit 3\n")
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/dir/remote.tar", "gs://bucket/remote.tar", "https://host/remote.tar",
+                                 "http://host/remote.tar"])
+def test_object_storage_urls_are_read_through_their_tools(fake_tools, url):
+    write_good_shard(fake_tools / "remote.tar", ["r0", "r1"])
+    assert _read(url) == (["r0", "r1"], {})
+
+
+def test_a_missing_remote_object_is_an_unreadable_shard(fake_tools):
+    assert _read("s3://bucket/absent.tar") == ([], {"skipped/unreadable_shard": 1})
+
+
+def test_compressed_tars_and_file_urls(tmp_path):
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress(tar_bytes(good_sample("z0") + good_sample("z1"))))
+    assert _read(str(tmp_path / "z.tar.gz")) == (["z0", "z1"], {})
+    write_good_shard(tmp_path / "f.tar", ["f0"])
+    assert _read(f"file://{tmp_path}/f.tar") == (["f0"], {})
+
+
+def test_an_empty_tar_is_not_an_error(tmp_path):
+    (tmp_path / "e.tar").write_bytes(tar_bytes([]))
+    assert _read(str(tmp_path / "e.tar")) == ([], {})
+
+
+def test_a_command_failing_after_its_output_drops_the_last_sample(tmp_path):
+    shard = write_good_shard(tmp_path / "s.tar", ["s0", "s1", "s2"])
+    assert _read(f"pipe:cat {shard}; exit 2") == (["s0", "s1"], {"skipped/truncated_shard": 1})
+    assert _read(f"pipe:cat {shard} | cat") == (["s0", "s1", "s2"], {})  # a shell pipeline
+
+
+def test_member_names_split_like_webdataset():
+    assert split_name("dir/000123.jpg") == ("dir/000123", "jpg")
+    assert split_name("000123.seg.PNG") == ("000123", "seg.png")
+    assert split_name("noextension") == (None, None)
