@@ -70,7 +70,10 @@ class ImageCaptionStream(IterableDataset):
     sources: training: one or more ``Source`` (urls, weight), mixed by weight; validation: exactly one.
     to_sample: raw sample, rng -> training sample, raising ``SkipSample``/``FilteredOut`` to drop it.
     batch_size: samples per batch; validation keeps the last partial batch, training drops it.
-    seed: base seed; start_step: the global step the run starts from (a resumed run draws new streams).
+    seed: base seed. Training streams are a function of (seed, rank, worker, epoch) only, so a
+        resumed run reads exactly what the interrupted one would have read next: ``TrainingLoader``
+        sets ``epoch`` and ``skip_batches`` (batches of that epoch this rank already trained on)
+        before each iteration, and each worker drops its share of them.
     shuffle_buffer: raw samples held for shuffling (training; <= 1: off).
     samples_per_epoch: training epoch length summed over all ranks and workers (None: endless).
     rank / world_size: this process's place in the job (None: from the environment).
@@ -89,7 +92,8 @@ class ImageCaptionStream(IterableDataset):
         *,
         train: bool,
         seed: int = 0,
-        start_step: int = 0,
+        epoch: int = 0,
+        skip_batches: int = 0,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
         rank: int | None = None,
@@ -110,30 +114,35 @@ class ImageCaptionStream(IterableDataset):
         self.batch_size = batch_size
         self.train = train
         self.seed = seed if seed is not None else 0
-        self.start_step = start_step
+        self.epoch = epoch
+        self.skip_batches = skip_batches
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch = samples_per_epoch
         self.rank = rank
         self.world_size = world_size
         self.read_timeout = read_timeout
         self.counts = DataCounts()  # one per process: each loader worker has its own copy
-        self._epoch = 0  # iterations started by this copy (persistent workers keep it)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, num_workers = worker_position(self.rank, self.world_size)
+        skip = 0
         if self.train:
-            epoch, self._epoch = self._epoch, self._epoch + 1
-            seed = partial(stream_seed, self.seed, self.start_step, rank, worker, epoch)
+            seed = partial(stream_seed, self.seed, rank, worker, self.epoch)
             raw = self._training_samples(seed)
             rng = random.Random(seed(PROCESS))
+            # resuming: this worker's batches among the first skip_batches. The loader takes
+            # batches from its workers in turn, always starting with worker 0, so whole rounds are
+            # skipped here and ``TrainingLoader`` drops the rest.
+            whole_rounds = self.skip_batches - self.skip_batches % num_workers
+            skip = len(range(worker, whole_rounds, num_workers))
         else:
             raw = self._validation_samples(rank, world_size, worker, num_workers)
             rng = random.Random(stream_seed(self.seed, VALIDATION, rank, worker))  # same every time
         batches = self._batches(self._decoded(raw, rng), keep_partial=not self.train)
+        end = None
         if self.train and self.samples_per_epoch:
-            per_worker = math.ceil(self.samples_per_epoch / (world_size * num_workers * self.batch_size))
-            batches = itertools.islice(batches, per_worker)  # wds with_epoch: a fixed count per worker
-        return batches
+            end = math.ceil(self.samples_per_epoch / (world_size * num_workers * self.batch_size))  # wds with_epoch
+        return itertools.islice(batches, skip, end) if skip or end else batches
 
     # ------------------------------------------------------------------ sources of raw samples
     def _training_samples(self, seed: Callable[..., int]) -> Iterator[dict[str, Any]]:
@@ -240,3 +249,28 @@ def _mix(streams: list[Iterator[Any]], weights: Sequence[float], seed: int) -> I
         except StopIteration:
             return
 
+
+
+class TrainingLoader:
+    """The training loader: every ``iter()`` (each epoch, and Lightning's extra ones on a restart)
+    starts the stream at the trainer's current position, from ``position() -> (epoch, batches of
+    that epoch already trained)``, with fresh workers that get the new position."""
+
+    def __init__(
+        self,
+        stream: ImageCaptionStream,
+        make_loader: Callable[[ImageCaptionStream], Iterable[Any]],
+        num_workers: int,
+        position: Callable[[], tuple[int, int]],
+    ):
+        self.stream = stream
+        self.make_loader = make_loader
+        self.num_workers = max(num_workers, 1)
+        self.position = position
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, done = self.position()
+        self.stream.epoch, self.stream.skip_batches = epoch, done
+        batches = iter(self.make_loader(self.stream))
+        partial_round = done % self.num_workers
+        return itertools.islice(batches, partial_round, None) if partial_round else batches

@@ -8,6 +8,9 @@ filters, caption choice, image decoding and transforms (``ldm.data.samples``) ->
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 from typing import Any, Callable, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -19,7 +22,7 @@ from ldm.data.decode import IMAGE_EXTENSIONS, SMALL_IMAGES
 from ldm.data.metadata import MetadataFilter
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpec, ShardSpecError, Source, expand_shards, resolve_sources
-from ldm.data.streams import ImageCaptionStream
+from ldm.data.streams import TrainingLoader, ImageCaptionStream
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 
@@ -114,37 +117,61 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_sources = resolve_sources(self.shards, self.sources)
         self.val_urls = expand_shards(self.val_shards) if self.val_shards else []
 
-    def _place(self) -> tuple[int | None, int | None, int]:
-        """(rank, world size, global step) from the trainer; (None, None, 0) when there is none."""
+    def _place(self) -> tuple[int | None, int | None]:
+        """(rank, world size) from the trainer; (None, None) without one."""
         trainer = self.trainer
         if trainer is None:
-            return None, None, 0
-        return trainer.global_rank, trainer.world_size, trainer.global_step
+            return None, None
+        return trainer.global_rank, trainer.world_size
 
-    def _loader(self, stream: ImageCaptionStream, num_workers: int) -> DataLoader:
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it this rank already trained on): (0, 0) for a new run.
+
+        Counted from the optimiser steps, which checkpoints are written between; an epoch holds
+        ``batches_per_epoch`` batches per rank, or never ends when samples_per_epoch is None."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        trained = trainer.global_step * trainer.accumulate_grad_batches
+        per_epoch = self.batches_per_epoch(trainer.world_size)
+        return (trained // per_epoch, trained % per_epoch) if per_epoch else (0, trained)
+
+    def batches_per_epoch(self, world_size: int) -> int | None:
+        """Training batches per rank and epoch (every worker yields the same number), or None."""
+        if not self.samples_per_epoch:
+            return None
+        workers = max(self.num_workers, 1)
+        return math.ceil(self.samples_per_epoch / (world_size * workers * self.batch_size)) * workers
+
+    def _loader(self, stream: ImageCaptionStream, num_workers: int, persistent: bool = True) -> DataLoader:
         return DataLoader(
             stream,
             batch_size=None,  # the stream batches (and attaches the skip counts) itself
             num_workers=num_workers,
-            persistent_workers=num_workers > 0,  # keeps each worker's epoch count and stream going
+            # training restarts its workers at each epoch so that they start at the new position
+            persistent_workers=persistent and num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # its own generator: creating a loader iterator draws a worker seed, and drawing it
+            # from torch's global generator would shift the model's random numbers on resume
+            generator=torch.Generator().manual_seed(self.seed or 0),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> TrainingLoader:
         if not self.train_sources:
             raise ShardSpecError("train_dataloader() before setup(): no shards resolved")
-        rank, world_size, step = self._place()
+        rank, world_size = self._place()
         stream = ImageCaptionStream(
             self.train_sources, self.train_sample, self.batch_size, train=True, seed=self.seed,
-            start_step=step, shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch,
+            shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch,
             rank=rank, world_size=world_size, read_timeout=self.read_timeout,
-        )
-        return self._loader(stream, self.num_workers)
+        )  # fmt: skip
+        make_loader = partial(self._loader, num_workers=self.num_workers, persistent=False)
+        return TrainingLoader(stream, make_loader, self.num_workers, self._position)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        rank, world_size, _ = self._place()
+        rank, world_size = self._place()
         stream = ImageCaptionStream(
             [Source(self.val_urls)], self.val_sample, self.val_batch_size, train=False, seed=self.seed,
             rank=rank, world_size=world_size, read_timeout=self.read_timeout,

@@ -72,7 +72,8 @@ class RunGuard(pl.Callback):
             self.stop_reason = f"received {self._signal_received or 'a signal on another rank'}"
             if self.requeue and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False)
-        if self.stop_reason is not None and not trainer.should_stop:
+        # only between optimiser steps: a resumed run restarts its data at a step boundary
+        if self.stop_reason is not None and not trainer.should_stop and not trainer.fit_loop._should_accumulate():
             self._save_and_stop(trainer)
 
     # ------------------------------------------------------------------ numerics

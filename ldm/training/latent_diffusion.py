@@ -148,7 +148,9 @@ class LatentDiffusion(pl.LightningModule):
         loss = self.objective.loss(network(x_t, t, context), target, self.objective.weights(self.schedule, t))
         self.log("val/loss", loss, prog_bar=True, batch_size=latents.shape[0], sync_dist=True)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # right after the update, before any callback's on_train_batch_end can write a checkpoint
         if self.ema is not None and self.global_step % self.ema_every_n_steps == 0:
             self.ema.update_parameters(self.unet)
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from conftest import compose_config
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpecError, Source
-from ldm.data.streams import ImageCaptionStream
+from ldm.data.streams import TrainingLoader, ImageCaptionStream
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import ShardDataModule, image_caption_pipeline
 from shard_corpus import write_good_shard
@@ -59,8 +59,21 @@ def test_the_seed_makes_streams_reproducible_and_each_rank_different(uneven):
     first = _keys(iter(_train(uneven, rank=0, world_size=2)), 10)
     assert first == _keys(iter(_train(uneven, rank=0, world_size=2)), 10)
     for other in (_train(uneven, rank=1, world_size=2), _train(uneven, seed=1, rank=0, world_size=2),
-                  _train(uneven, rank=0, world_size=2, start_step=500)):  # a resumed run draws anew
+                  _train(uneven, rank=0, world_size=2, epoch=1)):  # each epoch draws anew
         assert _keys(iter(other), 10) != first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_continues_where_it_stopped(uneven, workers):
+    def batches(skip):
+        def make_loader(stream):
+            return DataLoader(stream, batch_size=None, num_workers=workers)
+
+        loader = TrainingLoader(_train(uneven, rank=0, world_size=1), make_loader, workers, lambda: (0, skip))
+        return [b["key"] for b in itertools.islice(loader, 12 - skip)]
+
+    straight = batches(0)
+    assert batches(5) == straight[5:]  # the loader takes batches from its workers in turn
 
 
 def test_each_worker_draws_its_own_stream(uneven):
@@ -78,8 +91,10 @@ def test_samples_per_epoch_gives_every_rank_the_same_number_of_batches(uneven):
     per_rank = [len(list(_train(uneven[:1] if rank else uneven, rank=rank, world_size=2, samples_per_epoch=40)))
                 for rank in (0, 1)]
     assert per_rank == [5, 5]  # ceil(40 / (2 ranks x 1 worker x 4)), whatever the shards
-    loader = DataLoader(_train(uneven, rank=0, world_size=2, samples_per_epoch=40), batch_size=None,
-                        num_workers=2, persistent_workers=True)
+    epoch = iter(range(2))
+    loader = TrainingLoader(_train(uneven, rank=0, world_size=2, samples_per_epoch=40),
+                            lambda stream: DataLoader(stream, batch_size=None, num_workers=2), 2,
+                            lambda: (next(epoch), 0))  # fmt: skip
     epochs = [_keys(loader) for _ in range(2)]
     assert [len(keys) for keys in epochs] == [24, 24]  # 2 workers x ceil(40 / (2 x 2 x 4)) x 4
     assert epochs[0] != epochs[1]  # each epoch draws anew

@@ -1,0 +1,42 @@
+"""Exact resume: N steps straight == N/2 steps, stop, resume from the checkpoint, N/2 steps."""
+
+from pathlib import Path
+
+import torch
+from omegaconf import open_dict
+
+from ldm.checkpoints import load_training_checkpoint
+from train import train
+
+STEPS = 6
+
+
+def _run(train_config, out: Path, max_steps: int, *extra: str):
+    cfg = train_config("~callbacks.sample_grid", f"trainer.max_steps={max_steps}", "data.num_workers=2",
+                       "callbacks.checkpoint.every_n_train_steps=3", *extra)  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return train(cfg)
+
+
+def test_resume_is_bit_identical(train_config, tmp_path):
+    straight = _run(train_config, tmp_path / "straight", STEPS)["task"]
+    _run(train_config, tmp_path / "interrupted", STEPS // 2)
+    half = tmp_path / "interrupted" / "checkpoints" / "step_0000003.ckpt"
+    assert load_training_checkpoint(half)["global_step"] == STEPS // 2
+    resumed = _run(train_config, tmp_path / "interrupted", STEPS, f"resume={half}")["task"]
+
+    for name, a in straight.state_dict().items():
+        assert torch.equal(a, resumed.state_dict()[name]), name  # U-Net, EMA copy (and its count), frozen parts
+    a = load_training_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = load_training_checkpoint(tmp_path / "interrupted" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == STEPS
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+def test_resume_auto_finds_the_newest_checkpoint(train_config, tmp_path):
+    _run(train_config, tmp_path / "run", 2)
+    result = _run(train_config, tmp_path / "run", 4, "resume=auto")
+    assert result["trainer"].global_step == 4
