@@ -2,64 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
-# A tiny but complete model: same code paths as the toy, sizes a test can afford.
-TINY_MODEL = [
-    "model.unet.model_channels=32",
-    "model.unet.channel_multipliers=[1,1]",
-    "model.unet.attention_resolutions=[2]",
-    "model.unet.num_heads=2",
-    "model.unet.context_dim=32",
-    "model.autoencoder.path=null",
-    "model.autoencoder.module.channel_multipliers=[1,1]",
-    "model.conditioner.text_cfg.width=32",
-    "model.conditioner.text_cfg.heads=2",
-    "model.conditioner.text_cfg.layers=1",
-]
-TINY_TRAINING = [
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "data.shuffle_buffer=8",
-    "data.image_size=32",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu",
-    "callbacks.checkpoint.every_n_train_steps=2",
-    "callbacks.sample_grid.prompts=[a red circle in the top left]",
-    "callbacks.sample_grid.images_per_prompt=2",
-    "callbacks.sample_grid.num_steps=2",
-    "optim.lr_scheduler.schedule.warmup_steps=2",
-    "logger=csv",
-]
-
-
-def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose a real config of ``configs/`` the way ``@hydra.main`` would (Hydra runtime set)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from conftest import CONFIGS, compose_config
+from ldm_testing import CONFIGS, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = [

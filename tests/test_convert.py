@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from conftest import TINY_MODEL, TINY_TRAINING, compose_config
+from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config
 from ldm.checkpoints import load_training_checkpoint, submodule_state
 from ldm.convert import main as convert
 from ldm.formats import load_bundle, load_weights_into
@@ -68,7 +68,7 @@ def test_sample_from_a_single_file(trained, tmp_path):
     cfg = compose_config("sample", [f"checkpoint={tmp_path / 'm.safetensors'}", f"out_dir={tmp_path / 'out'}",
                                     "prompt='a red circle in the top left'", "steps=2", "num_images_per_prompt=1"])
     rows = sample(cfg)
-    assert len(rows) == 1 and (tmp_path / "out" / "00000.png").is_file()
+    assert len(rows) == 1 and (tmp_path / "out" / "000000.png").is_file()
 
 
 def test_convert_errors_are_one_line(tmp_path, capsys):

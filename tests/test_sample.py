@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_config
+from ldm_testing import compose_config
 from ldm.errors import UserError
 from sample import sample
 

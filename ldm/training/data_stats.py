@@ -94,6 +94,8 @@ class DataSkipReport(pl.Callback):
         # other ranks may be gone: report this rank's own counts, without a collective
         stages = {"training": (Counter(self.counts["train"]), self.samples["train"]),
                   "validation": (Counter(self.counts["val"]), self.samples["val"])}
+        if not any(delivered or counts for counts, delivered in stages.values()):
+            return  # failed before reading anything (bad path, bad config): the error says it all
         self.report = format_report(stages, 1, note=f" (rank {trainer.global_rank} only: the run failed)")
         print(self.report, file=sys.stderr, flush=True)
 

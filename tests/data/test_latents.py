@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from hydra.utils import instantiate
 
-from conftest import ROOT, TINY_MODEL, TINY_TRAINING, compose_config
+from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config
 from ldm.checkpoints import save_safetensors
 from ldm.data.latents import (
     LatentShardDataModule,

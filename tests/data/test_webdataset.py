@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from conftest import compose_config
+from ldm_testing import compose_config
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpecError, Source
 from ldm.data.streams import TrainingLoader, ImageCaptionStream

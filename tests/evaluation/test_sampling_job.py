@@ -10,7 +10,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT
+from ldm_testing import ROOT
 from ldm.evaluation.sampling_job import JobItem, Ranks, job_items, read_prompt_records
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom left"]

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_MODEL, TINY_TRAINING
+from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING
 from ldm.checkpoints import load_training_checkpoint
 
 

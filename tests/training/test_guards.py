@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, TINY_TRAINING
+from omegaconf import open_dict
+
+from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config
 from ldm.checkpoints import load_training_checkpoint, torch_save_atomic
 from ldm.training.guards import RunGuard
 from ldm.training.latent_diffusion import LatentDiffusion
@@ -72,11 +74,13 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, toy_data_dir):
     stopped_at = checkpoint["global_step"]
     assert 0 < stopped_at < 100000
 
-    resumed = subprocess.run([sys.executable, "train.py", *overrides[:-4], "resume=auto",
-                              f"trainer.max_steps={stopped_at + 2}", "trainer.val_check_interval=1000",
-                              "callbacks.checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", "resume=auto",
+                                   f"trainer.max_steps={stopped_at + 2}", "trainer.val_check_interval=1000",
+                                   "callbacks.checkpoint.every_n_train_steps=1000"])
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.data_dir = str(run), str(toy_data_dir)
+        cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
+    assert train(cfg)["trainer"].global_step == stopped_at + 2
     assert load_training_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == stopped_at + 2
 
 

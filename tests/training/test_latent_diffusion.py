@@ -2,7 +2,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.diffusion.parameterization import add_noise
+from ldm.diffusion.parameterization import add_noise, training_target
 from ldm.training.ema import EMADecay, build_ema
 from ldm.training.latent_diffusion import LatentDiffusion, fingerprint
 
@@ -43,7 +43,7 @@ def test_training_step_gives_finite_loss_and_unet_gradients(task):
 
 
 def test_diffusion_loss_uses_the_forward_process(task, monkeypatch):
-    # with eps-prediction a U-Net that returns the true noise has zero loss
+    # a U-Net that returns the exact target (from x_t and the true x0) has zero loss
     latents = torch.randn(2, *task.latent_shape)
     seen = {}
 
@@ -52,7 +52,8 @@ def test_diffusion_loss_uses_the_forward_process(task, monkeypatch):
             alpha = task.schedule.alpha(t, 4, like=x_t)
             sigma = task.schedule.sigma(t, 4, like=x_t)
             seen["t"] = t
-            return (x_t - alpha * latents) / sigma
+            eps = (x_t - alpha * latents) / sigma
+            return training_target(task.objective.prediction_type, latents, eps, alpha, sigma)
 
     monkeypatch.setattr(task, "unet", Oracle())
     loss = task.diffusion_loss(latents, torch.zeros(2, 77, 32))

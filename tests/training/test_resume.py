@@ -21,7 +21,8 @@ def _run(train_config, out: Path, max_steps: int, *extra: str):
 
 def test_resume_is_bit_identical(train_config, tmp_path):
     straight = _run(train_config, tmp_path / "straight", STEPS)["task"]
-    _run(train_config, tmp_path / "interrupted", STEPS // 2)
+    _run(train_config, tmp_path / "interrupted", STEPS, "+callbacks.stop._target_=ldm_testing.StopAfterStep",
+         f"+callbacks.stop.step={STEPS // 2}")  # fmt: skip
     half = tmp_path / "interrupted" / "checkpoints" / "step_0000003.ckpt"
     assert load_training_checkpoint(half)["global_step"] == STEPS // 2
     resumed = _run(train_config, tmp_path / "interrupted", STEPS, f"resume={half}")["task"]
