@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +34,12 @@ def resume_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions (no effect without an Ampere+ GPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's config as plain data with every interpolation resolved (Hydra's own node dropped)."""
     return {
@@ -45,6 +52,7 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg``, fit, and return the run directory and final metrics."""
     pl.seed_everything(cfg.seed, workers=True)
+    set_tf32(cfg.get("tf32", True))
     run_config = resolved_config(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     # _convert_="all": objects receive plain lists and dicts, never OmegaConf containers, so

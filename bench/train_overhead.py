@@ -1,13 +1,15 @@
 """Training throughput and the framework's per-step overhead.
 
-    python bench/train_overhead.py [--model toy] [--batch 16] [--steps 60] [--warmup 10] [--repeats 2] [overrides...]
+    python bench/train_overhead.py [--batch 16] [--steps 60] [--warmup 10] [--repeats 2] [overrides...]
 
 Times the same U-Net training step two ways in one process, on the same precomputed latent batches:
   bare       a plain PyTorch loop: U-Net forward, diffusion loss, backward, AdamW step
   framework  train.py's LightningModule in a Lightning Trainer with the default callbacks (EMA,
-             logging, progress bar, throughput, run guard, checkpoint every --checkpoint-every steps)
-and prints images/s for both and the overhead fraction (target: <= 5%), plus model FLOPs/s
-(and MFU on GPUs whose peak is known). Medians over --repeats alternating runs.
+             logging, throughput, run guard, data report, checkpoint callbacks at their configured
+             cadence, so the timed steps hold no save) and the config's gradient clipping
+and prints images/s for both and the per-step overhead (target: <= 5%), plus model FLOPs/s
+(and MFU on GPUs whose peak is known). Medians over --repeats alternating runs. The checkpoint
+cadence is then priced apart: the time of one save, and its share of the steps between two saves.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def make_task(cfg):
 
 def bare_loop(cfg, batches, steps: int, warmup: int, device) -> float:
     task = make_task(cfg).to(device)
-    optimizer = torch.optim.AdamW(task.unet.parameters(), lr=1e-4)
+    optimizer = task.optimizer_factory(task.unet.parameters())  # the config's optimiser, as the framework uses
     start = None
     for step in range(steps):
         batch = batches[step % len(batches)]
@@ -74,13 +76,14 @@ def bare_loop(cfg, batches, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / (steps - warmup)
 
 
-def framework(cfg, batches, steps: int, warmup: int, checkpoint_every: int, out: Path) -> float:
+def framework(cfg, batches, steps: int, warmup: int, out: Path) -> tuple[float, float]:
+    """(seconds per step without saves, seconds per checkpoint save)."""
     task = make_task(cfg)
     callbacks = [instantiate(c, _convert_="all") for name, c in cfg.callbacks.items()
-                 if c is not None and name not in ("sample_grid", "progress_bar")]
+                 if c is not None and name not in ("sample_grid", "progress_bar")]  # fmt: skip
     for callback in callbacks:
         if isinstance(callback, pl.callbacks.ModelCheckpoint):
-            callback.dirpath, callback._every_n_train_steps = str(out / "checkpoints"), checkpoint_every
+            callback.dirpath = str(out / "checkpoints")
     timer = StepTimer(warmup)
     trainer = pl.Trainer(
         accelerator="auto", devices=1, max_steps=steps, logger=pl.loggers.CSVLogger(out), callbacks=[*callbacks, timer],
@@ -89,7 +92,12 @@ def framework(cfg, batches, steps: int, warmup: int, checkpoint_every: int, out:
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(LatentBatches(batches), batch_size=None)
     trainer.fit(task, train_dataloaders=loader)
-    return (timer.end - timer.start) / (steps - warmup)
+    saves = []
+    for _ in range(3):
+        start = time.perf_counter()
+        trainer.save_checkpoint(out / "probe.ckpt")
+        saves.append(time.perf_counter() - start)
+    return (timer.end - timer.start) / (steps - warmup), statistics.median(saves)
 
 
 def main() -> None:
@@ -98,7 +106,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=sd15")
     args = parser.parse_args()
 
@@ -118,10 +125,12 @@ def main() -> None:
     flops = probe._count_flops(batches[0])
     del probe
 
-    times = {"bare": [], "framework": []}
+    times: dict[str, list[float]] = {"bare": [], "framework": [], "save": []}
     for _ in range(args.repeats):
         times["bare"].append(bare_loop(cfg, batches, args.steps, args.warmup, device))
-        times["framework"].append(framework(cfg, batches, args.steps, args.warmup, args.checkpoint_every, out))
+        step, save = framework(cfg, batches, args.steps, args.warmup, out)
+        times["framework"].append(step)
+        times["save"].append(save)
     bare, full = statistics.median(times["bare"]), statistics.median(times["framework"])
     print(f"U-Net training step, batch {args.batch}, {device}, {flops / 1e9:.2f} GFLOP/step")
     for name, seconds in (("bare loop", bare), ("framework", full)):
@@ -130,6 +139,9 @@ def main() -> None:
     overhead = full / bare - 1
     print(f"  framework overhead: {100 * overhead:+.1f}% of a bare step "
           f"({'within' if overhead <= 0.05 else 'above'} the 5% target)")
+    save, every = statistics.median(times["save"]), cfg.callbacks.checkpoint.every_n_train_steps
+    print(f"  a checkpoint save: {save:.2f} s = {100 * save / (every * full):.2f}% of the {every} steps "
+          f"between saves (callbacks.checkpoint.every_n_train_steps)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ def test_train_writes_checkpoint_config_and_samples(train_config):
     assert checkpoint["global_step"] == 4
 
 
+def test_checkpoints_keep_the_newest_and_every_milestone(train_config):
+    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=6", "trainer.val_check_interval=6",
+                       "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=2",
+                       "callbacks.checkpoint_milestones.every_n_train_steps=3")  # fmt: skip
+    train(cfg)
+    names = sorted(p.name for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "milestone_0000003.ckpt", "milestone_0000006.ckpt",
+                     "step_0000005.ckpt", "step_0000006.ckpt"]  # fmt: skip
+
+
 def test_missing_shards_fail_with_one_line(train_config, tmp_path, capsys):
     cfg = train_config(f"data.shards='{tmp_path}/nothing-{{000..009}}.tar'", "data.prepare=null")
     with pytest.raises(SystemExit) as exit_info, one_line_errors():  # what main() wraps train() in

@@ -111,6 +111,9 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
     root = Path(path)
     if root.exists() and any(root.iterdir()) and not is_diffusers_folder(root):
         raise UserError(f"refusing to write a diffusers folder into non-empty {root}")
+    if bundle.unet_config.get("context_pooling"):
+        raise UserError("this U-Net pools its text context into the time embedding (context_pooling), which "
+                        "diffusers' UNet2DConditionModel has no weights for: export it with --to sd instead")  # fmt: skip
 
     def save(folder: str, name: str, state: dict[str, Tensor], config: dict[str, Any], config_name: str) -> None:
         if dtype is not None:

@@ -148,6 +148,32 @@ class UNetBlock(nn.Sequential):
         return x
 
 
+class ContextPooling(nn.Module):
+    """Attention pooling of the text context into one vector added to the time embedding (Imagen,
+    Saharia et al. 2022, Sec. 2.4): a learned query attends over the tokens, so every ResBlock sees a
+    global summary of the prompt, not only the spatial transformers. Not part of SD 1.x / 2.x.
+    The output projection starts at zero: at init the U-Net is the plain one."""
+
+    def __init__(self, context_dim: int, num_heads: int, out_dim: int) -> None:
+        super().__init__()
+        if context_dim % num_heads:
+            raise ValueError(f"ContextPooling: context_dim {context_dim} does not split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.query = nn.Parameter(torch.randn(context_dim) * context_dim**-0.5)
+        self.to_kv = nn.Linear(context_dim, 2 * context_dim)
+        self.proj_out = nn.Linear(context_dim, out_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        """context (B, L, D) -> (B, out_dim)."""
+        batch, length, dim = context.shape
+        k, v = self.to_kv(context).view(batch, length, 2, self.num_heads, dim // self.num_heads).unbind(2)
+        q = self.query.to(k.dtype).view(1, self.num_heads, 1, dim // self.num_heads).expand(batch, -1, -1, -1)
+        pooled = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))  # (B, heads, 1, D/heads)
+        return self.proj_out(pooled.reshape(batch, dim))
+
+
 class UNetModel(nn.Module):
     """Text-conditioned U-Net of latent diffusion: ResBlocks with a time embedding, spatial transformers
     with cross-attention to the context at the levels in `attention_resolutions`, skip connections by
@@ -156,6 +182,8 @@ class UNetModel(nn.Module):
     Defaults are SD 1.x (`sd15_unet_config()`). Heads are given either as a count per block
     (`num_heads`, SD 1.x: 8) or as a width (`head_dim`, SD 2.x: 64 channels); exactly one must be set.
     `attention_resolutions` lists downsampling factors (1 = full latent resolution), as in SD configs.
+    `context_pooling` adds an attention-pooled summary of the context to the time embedding
+    (`ContextPooling`); off in the SD presets, whose checkpoints have no such weights.
     """
 
     def __init__(
@@ -174,6 +202,7 @@ class UNetModel(nn.Module):
         dropout: float = 0.0,
         norm_groups: int = 32,
         gradient_checkpointing: bool = False,
+        context_pooling: bool = False,
     ) -> None:
         super().__init__()
         if (num_heads is None) == (head_dim is None):
@@ -202,6 +231,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+        pooling_heads = num_heads if num_heads is not None else max(1, context_dim // head_dim)
+        self.context_pool = ContextPooling(context_dim, pooling_heads, time_embed_dim) if context_pooling else None
 
         # Encoder. `skip_channels` records each input block's output width for the decoder's concatenations.
         self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
@@ -251,6 +282,8 @@ class UNetModel(nn.Module):
         t_emb = timestep_embedding(timesteps, self.model_channels)  # (B, model_channels)
         # Match the weights' dtype so a model cast wholesale to bf16/fp16 runs without autocast.
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 4 * model_channels)
+        if self.context_pool is not None:
+            emb = emb + self.context_pool(context)
         h = x
         skips = []
         for block in self.input_blocks:

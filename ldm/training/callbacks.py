@@ -153,6 +153,7 @@ class RunSummary(pl.Callback):
         self.expected_global_batch = expected_global_batch
         self._start_time: float | None = None
         self._start_step = 0
+        self._samples = 0  # counted on this rank: right even where the datamodule has no batch_size
 
     @staticmethod
     def global_batch(trainer: pl.Trainer) -> tuple[int, int, int, int]:
@@ -179,6 +180,11 @@ class RunSummary(pl.Callback):
 
         self._start_time = time.perf_counter()
         self._start_step = trainer.global_step
+        self._samples = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:  # fmt: skip
+        self._samples += batch_size(batch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import time
@@ -188,12 +194,12 @@ class RunSummary(pl.Callback):
             return
         seconds = time.perf_counter() - self._start_time
         steps = trainer.global_step - self._start_step
-        total = self.global_batch(trainer)[0]
+        samples = self._samples * trainer.world_size  # ranks run equal batches
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         lines = [
             "-" * 72,
             f"run summary: {steps} steps in {seconds / 60:.1f} min "
-            f"({steps / max(seconds, 1e-9):.2f} steps/s, {steps * total / max(seconds, 1e-9):.1f} samples/s over "
+            f"({steps / max(seconds, 1e-9):.2f} steps/s, {samples / max(seconds, 1e-9):.1f} samples/s over "
             f"{trainer.world_size} device(s)); global step {trainer.global_step}",
             "  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/"))),
             f"  U-Net weights identical on all ranks: {'yes' if in_sync else 'NO (desynchronised!)'}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
@@ -17,6 +18,36 @@ from ldm.training.ema import build_ema
 from ldm.training.rng import rng_state, set_rng_state
 
 FROZEN = ("autoencoder", "conditioner")
+
+
+class ContextCache:
+    """Text contexts of recently seen captions, so a frozen text encoder runs once per caption.
+
+    Exact (the encoder is frozen and deterministic); worth it where captions repeat, as in the toy's
+    106 captions, and a waste of memory where they rarely do (web data): off unless ``max_entries``.
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self.entries: OrderedDict[str, Tensor] = OrderedDict()
+
+    def __call__(self, encoder: nn.Module, captions: list[str]) -> Tensor:
+        if self.max_entries <= 0:
+            return encoder(captions)
+        for caption in dict.fromkeys(c for c in captions if c not in self.entries):
+            # one caption at a time: a batched matmul's last bits depend on the batch it is in, and a
+            # cached context must not depend on which batch first met its caption (exact resume)
+            self.entries[caption] = encoder([caption])[0]
+        contexts = []
+        for caption in captions:
+            self.entries.move_to_end(caption)
+            contexts.append(self.entries[caption])
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return torch.stack(contexts)
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -64,6 +95,8 @@ class LatentDiffusion(pl.LightningModule):
         image_size: int = 64,
         frozen_in_checkpoint_mb: float = 64.0,
         channels_last: bool = False,
+        context_cache_size: int = 0,
+        compile_unet: bool | dict = False,
         run_config: dict | None = None,
     ):
         super().__init__()
@@ -85,6 +118,10 @@ class LatentDiffusion(pl.LightningModule):
         if channels_last:  # NHWC convolutions: faster with cuDNN on tensor cores and oneDNN on CPUs
             for module in (self.unet, self.autoencoder) + ((self.ema,) if self.ema is not None else ()):
                 module.to(memory_format=torch.channels_last)
+        self.context_cache = ContextCache(context_cache_size)
+        if compile_unet:
+            # in place (state-dict keys unchanged), after the EMA deep copy, which stays eager
+            self.unet.compile(**(compile_unet if isinstance(compile_unet, dict) else {}))
         self.run_config = run_config or {}
         self.flops_per_batch: float | None = None  # set by a FLOP count for MFU (ThroughputMonitor)
         self._rng_to_restore: dict[str, Any] | None = None
@@ -120,7 +157,7 @@ class LatentDiffusion(pl.LightningModule):
             images = batch["image"].float().contiguous(memory_format=self.memory_format)
             latents = self.autoencoder.encode_to_latent(images)
         captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
-        return latents, self.conditioner(captions)
+        return latents, self.context_cache(self.conditioner, captions)
 
     def diffusion_loss(self, latents: Tensor, context: Tensor) -> Tensor:
         t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device)
@@ -192,6 +229,7 @@ class LatentDiffusion(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.context_cache.clear()  # the text encoder may be about to change
         stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
         for name in stored:
             expected, actual = stored[name], fingerprint(getattr(self, name))

@@ -70,3 +70,10 @@ def test_import_errors_name_the_problem(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({}))
     with pytest.raises(UserError, match="unet/config.json"):
         import_diffusers(tmp_path)
+
+
+def test_refuses_a_unet_with_context_pooling(tmp_path):
+    bundle = make_bundle("sd2", context_pooling=True)
+    with pytest.raises(UserError, match="context_pooling"):
+        export_diffusers(bundle, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bundles import assert_same_tensors
+from bundles import assert_same_tensors, make_bundle
 from ldm.errors import UserError
 from ldm.formats.single_file import detect_family, export_single_file, import_single_file
 
@@ -96,3 +96,13 @@ def test_built_models_reproduce_outputs(bundle, tmp_path):
         assert torch.equal(text_b(["a red circle", ""]), context)
         assert torch.equal(unet_a(x, t, context), unet_b(x, t, context))
         assert torch.equal(vae_a.decode(x), vae_b.decode(x))
+
+
+def test_a_custom_unet_with_context_pooling_round_trips(tmp_path):
+    bundle = make_bundle("sd2", context_pooling=True)
+    assert any(k.startswith("context_pool.") for k in bundle.unet)
+    back = import_single_file(export_single_file(bundle, tmp_path / "m.safetensors"))
+    assert back.family == "custom" and back.unet_config["context_pooling"]
+    assert_same_tensors(back.unet, bundle.unet)
+    unet = back.build()[0]  # strict load of every tensor, context_pool.* included
+    assert unet.context_pool is not None

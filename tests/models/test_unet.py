@@ -143,3 +143,27 @@ def test_matches_diffusers_after_single_file_conversion(flavour: str) -> None:
         expected = reference(x, timesteps, encoder_hidden_states=context).sample
     assert out.abs().mean() > 0.1  # a real signal, not two near-zero tensors
     assert (out - expected).abs().max().item() < 1e-4
+
+
+def test_context_pooling_starts_as_the_plain_unet_and_then_conditions_every_resblock() -> None:
+    torch.manual_seed(0)
+    plain, pooled = UNetModel(**TINY), UNetModel(**TINY, context_pooling=True)
+    _randomise(plain)
+    pooled.load_state_dict(plain.state_dict(), strict=False)  # all but context_pool.*, which keeps its init
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    context = torch.randn(2, 7, 64)
+    assert torch.equal(pooled(x, t, context), plain(x, t, context))  # zero-initialised output projection
+
+    with torch.no_grad():
+        pooled.context_pool.proj_out.weight.normal_()
+    emb = pooled.time_embed(timestep_embedding(t, 32))
+    query, (k, v) = pooled.context_pool.query, pooled.context_pool.to_kv(context).chunk(2, dim=-1)
+    heads, width = 4, 16  # num_heads of TINY; one head at a time, by hand
+    summary = torch.cat([
+        torch.softmax(k[..., h * width:(h + 1) * width] @ query[h * width:(h + 1) * width] / width**0.5, dim=-1)
+        .unsqueeze(1).bmm(v[..., h * width:(h + 1) * width]).squeeze(1)
+        for h in range(heads)
+    ], dim=-1)  # fmt: skip
+    expected = emb + pooled.context_pool.proj_out(summary)
+    torch.testing.assert_close(pooled.context_pool(context) + emb, expected)
+    assert not torch.allclose(pooled(x, t, context), plain(x, t, context))

@@ -4,7 +4,7 @@ from hydra.utils import instantiate
 
 from ldm.diffusion.parameterization import add_noise, training_target
 from ldm.training.ema import EMADecay, build_ema
-from ldm.training.latent_diffusion import LatentDiffusion, fingerprint
+from ldm.training.latent_diffusion import ContextCache, LatentDiffusion, fingerprint
 
 
 @pytest.fixture
@@ -138,3 +138,59 @@ def test_noising_matches_closed_form(task):
     assert torch.equal(x_t, add_noise(x0, eps, abar.sqrt(), (1 - abar).sqrt())) or torch.allclose(
         x_t, add_noise(x0, eps, abar.sqrt(), (1 - abar).sqrt()), atol=1e-6
     )
+
+
+class CountingEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoded: list[str] = []
+
+    def forward(self, captions):
+        self.encoded += captions
+        return torch.stack([torch.full((3, 2), float(len(c))) for c in captions])
+
+
+def test_context_cache_encodes_each_caption_once_and_evicts_the_oldest():
+    encoder, cache = CountingEncoder(), ContextCache(max_entries=2)
+    first = cache(encoder, ["ab", "abc", "ab"])
+    assert encoder.encoded == ["ab", "abc"]
+    assert torch.equal(first, encoder(["ab", "abc", "ab"]))
+    encoder.encoded.clear()
+    cache(encoder, ["abc", "abcd"])  # "ab" is the least recently used: evicted
+    assert encoder.encoded == ["abcd"] and list(cache.entries) == ["abc", "abcd"]
+
+
+def test_context_cache_gives_the_encoders_contexts(task):
+    captions = ["a red circle in the top left", "", "a red circle in the top left"]
+    with torch.no_grad():
+        batched = task.conditioner(captions)
+        one_by_one = torch.cat([task.conditioner([c]) for c in captions])
+        cached = ContextCache(8)(task.conditioner, captions)
+        assert torch.equal(cached, one_by_one)  # whatever batch first met a caption: exact resume
+        torch.testing.assert_close(cached, batched)
+        assert torch.equal(ContextCache(0)(task.conditioner, captions), batched)
+
+
+def test_compile_unet_compiles_the_trained_unet_in_place(train_config, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: compiled.append((module, options)))
+    cfg = train_config("task.compile_unet={mode: max-autotune}")
+    task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={})
+    assert compiled == [(task.unet, {"mode": "max-autotune"})]  # not the EMA copy, which samples eagerly
+    assert all(not k.startswith("unet._orig_mod") for k in task.state_dict())
+
+
+def test_ema_model_matches_torchs_averaged_model_update():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))  # float and integer buffers
+    ours = build_ema(net, decay=0.9, warmup=True)
+    reference = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=EMADecay(0.9, True), use_buffers=True)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(5, 3))  # moves the running statistics and num_batches_tracked
+        ours.update_parameters(net)
+        reference.update_parameters(net)
+    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
