@@ -7,8 +7,9 @@ captions, and shards them with `ldm.data.shard_writing` (JPEGs stored byte for b
 repeat and interleaved so that machine noise hits every column alike, it times one pass over all
 images of:
 
-* pipeline, W workers: `image_caption_pipeline` + `ImageTransform(size)` (decode, RGB, resize short
-  side, centre crop, [-1, 1] tensor, collate) through `wds.WebLoader(num_workers=W)`;
+* pipeline, W workers: `image_caption_pipeline` + `ImageTransform(size, uint8=True)` (decode, RGB,
+  resize short side, centre crop, collate) through `wds.WebLoader(num_workers=W)`, as
+  `ShardDataModule` reads, and the mapping to [-1, 1] floats in the consuming process;
 * bare PIL, max(1, W) processes: open the file, decode (JPEG at the smallest DCT scale that keeps
   the short side >= size, as the loader does), RGB, one bicubic resize of the centre square to
   size x size: the reference, about the least work that gives the loader's pixels;
@@ -45,7 +46,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from ldm.data.shard_writing import folder_items, write_shards
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.data.webdataset import image_caption_pipeline  # imported here: no import inside a timing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,13 +169,15 @@ def time_bare(fn, paths: list[str], size: int, processes: int, threads: int) -> 
 
 def time_pipeline(shards: list[str], size: int, batch_size: int, workers: int, images: int, train: bool) -> Rate:
     """One pass of the project's pipeline through a WebLoader (start-up included)."""
-    pipeline = image_caption_pipeline(shards, ImageTransform(size), batch_size=batch_size, train=train)
+    # as ShardDataModule does: workers ship uint8 pixels, the trainer's process maps them to [-1, 1]
+    pipeline = image_caption_pipeline(shards, ImageTransform(size, uint8=True), batch_size=batch_size, train=train)
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
     def run() -> int:
         done = 0
         batches = iter(loader)
         for batch in batches:
+            to_model_range(batch["image"])
             done += len(batch["caption"])
             if done >= images:  # training reads forever; validation ends by itself
                 break

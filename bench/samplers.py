@@ -51,7 +51,7 @@ def run(pipeline: TextToImage, sampler_name: str, steps: int, prompts: list[str]
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         batch = pipeline(prompts[i : i + batch_size], seeds[i : i + batch_size], sampler, steps, guidance_scale)
-        images += [image.permute(1, 2, 0).numpy() for image in to_uint8(batch.cpu())]
+        images += [image.numpy() for image in to_uint8(batch.cpu())]  # (H, W, 3) uint8 each
     seconds = time.perf_counter() - start
     return score(images, prompts), len(images) / seconds
 

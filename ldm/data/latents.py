@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import expand_shards
 from ldm.data.skips import DataCounts, FilteredOut, SkipSample
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.errors import UserError
 from ldm.training.latent_diffusion import fingerprint
 
@@ -343,7 +343,7 @@ class _Encoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> list[dict[str, Any]]:
-        images = batch["image"].to(self.device, non_blocking=True)
+        images = to_model_range(batch["image"].to(self.device, non_blocking=True))  # uint8 from the image pipeline
         with torch.autocast(self.device.type, enabled=False):  # the VAE in fp32: half precision overflows
             posterior = self.autoencoder.encode(images.float())
         mean, logvar = posterior.mean.float().cpu(), posterior.logvar.float().cpu()  # (B, C, h, w)

@@ -15,7 +15,7 @@ from ldm.data.transforms import ImageTransform
 
 
 class ToTrainingSample:
-    """Raw sample -> {"image": (3, size, size) float in [-1, 1], "caption": str, "key": str}.
+    """Raw sample -> {"image": (3, size, size) tensor from the transform, "caption": str, "key": str}.
 
     Checks run cheapest first, and a dropped sample is counted under the first reason found: no
     image member (``no_image``), metadata filters (``filtered/<name>``, ``corrupt_metadata``), the

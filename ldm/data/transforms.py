@@ -40,8 +40,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageTransform:
-    """RGB PIL image -> (3, size, size) float tensor in [-1, 1]: short side resized to ``size``, a
-    centre (or random) square crop, optional horizontal flip.
+    """RGB PIL image -> (3, size, size) float tensor in [-1, 1] (or the uint8 pixels, ``uint8=True``):
+    short side resized to ``size``, a centre (or random) square crop, optional horizontal flip.
 
     The square is cropped first and then resized (the same geometry as resize-then-crop, with fewer
     pixels to resample), bicubic with antialiasing on uint8 (torchvision's vectorised kernel, about
@@ -51,10 +51,11 @@ class ImageTransform:
     toy's do). ``rng`` draws the crop offset and the flip (default: a fresh unseeded generator).
     """
 
-    def __init__(self, size: int, center_crop: bool = True, random_flip: bool = False):
+    def __init__(self, size: int, center_crop: bool = True, random_flip: bool = False, uint8: bool = False):
         self.size = size
         self.center_crop = center_crop
         self.random_flip = random_flip
+        self.uint8 = uint8  # (3, size, size) uint8 out; `to_model_range` maps it to [-1, 1] later
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
         rng = rng or random.Random()
@@ -71,9 +72,19 @@ class ImageTransform:
             square = resized.numpy()  # (3, size, size) uint8
         if self.random_flip and rng.random() < 0.5:
             square = square[:, :, ::-1]
+        if self.uint8:
+            return torch.from_numpy(np.ascontiguousarray(square))
         # to [-1, 1] in NumPy, not torch: torch's intra-op threads make small element-wise ops up to
         # 100x slower in a busy process; x / 127.5 - 1 maps 0 and 255 exactly to -1 and 1
         out = np.ascontiguousarray(square, dtype=np.float32)
         out /= 127.5
         out -= 1.0
         return torch.from_numpy(out)
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 pixels (B, 3, H, W) -> float32 in [-1, 1], exactly as ``ImageTransform`` maps them
+    (x / 127.5 - 1); float input is returned as it is."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.float().div_(127.5).sub_(1.0)

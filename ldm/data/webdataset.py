@@ -3,7 +3,8 @@
 The pipeline (see docs/data.md): shard specs (``ldm.data.shards``) -> per rank and worker streams
 (``ldm.data.streams``) -> tar reading with failure counts (``ldm.data.shard_reader``) -> metadata
 filters, caption choice, image decoding and transforms (``ldm.data.samples``) -> batches
-{"image": (B, 3, H, W) in [-1, 1], "caption": [B] str, "key": [B] str, "skipped": {key: count}}.
+{"image": (B, 3, H, W) uint8, "caption": [B] str, "key": [B] str, "skipped": {key: count}}, whose
+images become float32 in [-1, 1] once on the device (``on_after_batch_transfer``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ldm.data.metadata import MetadataFilter
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpec, ShardSpecError, Source, expand_shards, resolve_sources
 from ldm.data.streams import TrainingLoader, ImageCaptionStream
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.errors import UserError
 
 IMAGE_KEYS = IMAGE_EXTENSIONS  # image members, in order of preference
@@ -98,12 +99,14 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = seed
         self.read_timeout = read_timeout
         self.prepare = prepare
+        # workers ship uint8 pixels (4x less to move between processes than float32); they become
+        # [-1, 1] floats after the transfer to the device (on_after_batch_transfer)
         self.train_sample = ToTrainingSample(
-            ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip),
+            ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip, uint8=True),
             captions, metadata_filter or None, max_pixels, small_images,
         )
         self.val_sample = ToTrainingSample(
-            ImageTransform(image_size, center_crop=True, random_flip=False),
+            ImageTransform(image_size, center_crop=True, random_flip=False, uint8=True),
             captions, metadata_filter or None, max_pixels, small_images,
         )
         self.train_sources: list[Source] = []
@@ -112,6 +115,10 @@ class ShardDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         if self.prepare is not None:
             self.prepare()
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """uint8 pixels -> [-1, 1] float32, on the device the batch was moved to."""
+        return {**batch, "image": to_model_range(batch["image"])}
 
     def setup(self, stage: str | None = None) -> None:
         self.train_sources = resolve_sources(self.shards, self.sources)

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchvision.utils import save_image
 
+from ldm.data.transforms import to_model_range
 from ldm.models.autoencoder import AutoencoderKL
 
 # (reconstruction, target) -> per-image perceptual distance (B,) or a scalar, e.g. LPIPS.
@@ -86,7 +87,7 @@ class AutoencoderTraining(pl.LightningModule):
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images = batch["image"]  # (B, 3, H, W) in [-1, 1]
+        images = to_model_range(batch["image"])  # (B, 3, H, W) in [-1, 1]
         reconstruction, posterior = self.autoencoder(images, sample_posterior=True)
         rec_loss = self.reconstruction_loss(reconstruction, images).mean()
         kl = posterior.kl().mean()  # nats per image
@@ -104,7 +105,7 @@ class AutoencoderTraining(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        images = batch["image"]
+        images = to_model_range(batch["image"])
         reconstruction = self.autoencoder.decode(self.autoencoder.encode(images).mode())
         error = (reconstruction - images).float()  # (B, 3, H, W)
         # PSNR of the displayable image: clamp to [-1, 1], then map to [0, 1] (error / 2), peak 1.
@@ -161,7 +162,7 @@ def estimate_scaling_factor(
     total = total_sq = count = 0.0
     try:
         for batch in itertools.islice(images, max_batches):
-            x = batch["image"] if isinstance(batch, Mapping) else batch
+            x = to_model_range(batch["image"] if isinstance(batch, Mapping) else batch)
             z = autoencoder.encode(x.to(device)).sample(generator).double()  # float64: sums of many squares
             total += z.sum().item()
             total_sq += z.square().sum().item()

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ldm.data.transforms import to_model_range
 from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.pipeline import TextToImage
@@ -154,7 +155,7 @@ class LatentDiffusion(pl.LightningModule):
             return batch["latent"], batch["context"]
         with torch.autocast(self.device.type, enabled=False):
             # the VAE stays in float32: half-precision VAEs overflow into NaNs and black images
-            images = batch["image"].float().contiguous(memory_format=self.memory_format)
+            images = to_model_range(batch["image"]).float().contiguous(memory_format=self.memory_format)
             latents = self.autoencoder.encode_to_latent(images)
         captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
         return latents, self.context_cache(self.conditioner, captions)

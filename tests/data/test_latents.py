@@ -123,7 +123,7 @@ def test_stored_posterior_and_context_equal_the_online_encoding(latents_dir, fro
         num_workers=0,
     )
     images.setup("fit")
-    batch = next(iter(images.val_dataloader()))
+    batch = images.on_after_batch_transfer(next(iter(images.val_dataloader())), 0)  # as Lightning hands it over
     samples = _raw_samples(latents_dir / "val-000000.tar")[1:]
     stored_mean = torch.from_numpy(np.stack([_npy(s["mean.npy"]) for s in samples]))
     stored_logvar = torch.from_numpy(np.stack([_npy(s["logvar.npy"]) for s in samples]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.transforms import ImageTransform, to_rgb
+from ldm.data.transforms import ImageTransform, to_model_range, to_rgb
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I;16B", "I", "F",
@@ -83,3 +83,13 @@ def test_random_crop_and_flip_follow_the_generator():
 def test_small_image_is_upscaled():
     x = ImageTransform(32)(Image.new("RGB", (8, 12), (255, 0, 0)))
     assert x.shape == (3, 32, 32) and torch.allclose(x[0], torch.ones(32, 32))
+
+
+def test_uint8_output_maps_to_the_float_output_exactly():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8))
+    pixels = ImageTransform(16, uint8=True)(image, random.Random(0))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
+    expected = ImageTransform(16)(image, random.Random(0))
+    assert torch.equal(to_model_range(pixels[None])[0], expected)
+    assert to_model_range(expected) is expected  # float input passes through

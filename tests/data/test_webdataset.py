@@ -143,7 +143,10 @@ def test_datamodule_from_the_real_config(uneven, tmp_path):
     datamodule.setup("fit")
     assert [len(source.urls) for source in datamodule.train_sources] == [3]
     batch = next(iter(datamodule.train_dataloader()))
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.uint8  # 4x less to move
+    images = datamodule.on_after_batch_transfer(batch, 0)["image"]  # what Lightning hands the task
+    assert images.dtype == torch.float32 and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(images, batch["image"].float() / 127.5 - 1)
     assert len(_keys(datamodule.val_dataloader())) == 40
 
 

@@ -10,8 +10,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from ldm_testing import ROOT
+from ldm_testing import ROOT, compose_config
 from ldm.evaluation.sampling_job import JobItem, Ranks, job_items, read_prompt_records
+from sample import sample
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom left"]
 
@@ -57,10 +58,8 @@ def test_two_ranks_write_the_whole_set_once(tiny_checkpoint, tmp_path):
     assert [r["index"] for r in rows] == list(range(12)) and rows[4]["prompt"] == PROMPTS[1]
 
     # the same job in one process gives the same images (each image depends only on its seed)
-    single = subprocess.run([sys.executable, "sample.py", f"checkpoint={tiny_checkpoint}", f"prompts_file={prompts}",
-                             "num_images_per_prompt=4", "steps=2", "batch_size=5", f"out_dir={tmp_path / 'one'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
+    sample(compose_config("sample", [f"checkpoint={tiny_checkpoint}", f"prompts_file={prompts}",
+                                     "num_images_per_prompt=4", "steps=2", "batch_size=5", f"out_dir={tmp_path / 'one'}"]))  # fmt: skip
     for name in names:
         a = np.asarray(Image.open(tmp_path / "out" / name)).astype(int)
         b = np.asarray(Image.open(tmp_path / "one" / name)).astype(int)
