@@ -14,6 +14,7 @@ import json
 import os
 import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -116,6 +117,10 @@ class FolderOutput:
     def done(self, item: JobItem) -> bool:
         return (self.directory / f"{item.name}.png").is_file()
 
+    def files_of(self, mine: Sequence[JobItem], items: Sequence[JobItem]) -> set[str]:
+        """Names of the files that only this rank writes."""
+        return {f"{item.name}.png" for item in mine}
+
     def write(self, item: JobItem, image: np.ndarray) -> None:
         with _atomic_path(self.directory / f"{item.name}.png") as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
@@ -146,6 +151,11 @@ class ShardOutput:
 
     def done(self, item: JobItem) -> bool:
         return self.path(self.shard_of(item)).is_file()
+
+    def files_of(self, mine: Sequence[JobItem], items: Sequence[JobItem]) -> set[str]:
+        """Names of the shards whose items all belong to this rank (only it writes them)."""
+        everyone, own = Counter(self.shard_of(i) for i in items), Counter(self.shard_of(i) for i in mine)
+        return {self.path(shard).name for shard, count in own.items() if everyone[shard] == count}
 
     def write(self, item: JobItem, image: np.ndarray, shard_items: Sequence[JobItem]) -> None:
         shard = self.shard_of(item)
@@ -209,6 +219,20 @@ def batches_of(items: Sequence[JobItem], size: int) -> Iterable[list[JobItem]]:
         yield list(items[start : start + size])
 
 
+def remove_stale_temporaries(directory: Path, names: set[str]) -> int:
+    """Delete the hidden ``.NAME.XXXX.tmp`` files that a killed run left for these target names.
+
+    Only this rank's targets: another rank may be writing its own temporaries right now. One
+    directory listing, whatever the number of names. Returns how many were removed."""
+    removed = 0
+    for path in directory.iterdir():
+        name = path.name
+        if name.startswith(".") and name.endswith(".tmp") and name[1:].rsplit(".", 2)[0] in names:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def run_job(
     items: Sequence[JobItem],
     generate: Callable[[list[str], list[int]], torch.Tensor],
@@ -219,6 +243,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Make this rank's missing items in batches; returns counts (made, skipped, seconds)."""
     mine = ranks.mine(items)
+    remove_stale_temporaries(output.directory, output.files_of(mine, items))
     todo = [item for item in mine if not output.done(item)]
     by_shard: dict[int, list[JobItem]] = {}
     if isinstance(output, ShardOutput):

@@ -103,3 +103,14 @@ def test_prompt_sources(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     records = read_prompt_records(None, None, str(shard))
     assert [(r["prompt"], r["key"]) for r in records] == [("first caption", "a"), ("second caption", "b")]
+
+
+def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
+    from ldm.evaluation.sampling_job import FolderOutput, remove_stale_temporaries
+
+    for name in (".000000.png.ab12cd.tmp", ".000001.png.xy.tmp", ".000000.png", "000000.png", ".other.tmp"):
+        (tmp_path / name).write_text("x")
+    items = job_items([{"prompt": p} for p in PROMPTS], 1, seed=0)  # indices 0, 1, 2
+    mine = Ranks(0, 2, 0).mine(items)  # this rank: 0 and 2; rank 1 may be writing 000001 right now
+    assert remove_stale_temporaries(tmp_path, FolderOutput(tmp_path).files_of(mine, items)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy.tmp", ".other.tmp", "000000.png"]
