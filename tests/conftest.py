@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, open_dict
 
-from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config
+from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config, train_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +39,4 @@ def train_config(tmp_path, toy_data_dir):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, toy_data_dir):
-    from train import train
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", "trainer.max_steps=2"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run)
-        cfg.paths.data_dir = str(toy_data_dir)
-        cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"), toy_data_dir, steps=2)

@@ -73,3 +73,18 @@ class StopAfterStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int) -> Path:
+    """Train the tiny model ``steps`` steps on the small toy data; its ``last.ckpt``."""
+    from omegaconf import open_dict
+
+    from train import train
+
+    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", f"trainer.max_steps={steps}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.data_dir = str(toy_data_dir)
+        cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
+    train(cfg)
+    return run_dir / "checkpoints" / "last.ckpt"

@@ -3,26 +3,17 @@
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config
+from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config, train_tiny_checkpoint
 from ldm.checkpoints import load_training_checkpoint, submodule_state
 from ldm.convert import main as convert
 from ldm.formats import load_bundle, load_weights_into
 from sample import sample
-from train import train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, toy_data_dir):
-    run = tmp_path_factory.mktemp("run")
-    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", "trainer.max_steps=3"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run)
-        cfg.paths.data_dir = str(toy_data_dir)
-        cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
-    train(cfg)
-    return run / "checkpoints" / "last.ckpt"
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"), toy_data_dir, steps=3)
 
 
 @pytest.mark.parametrize("target, name", [("sd", "model.safetensors"), ("diffusers", "pipe")])

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -61,6 +60,7 @@ from tqdm import tqdm
 from ldm.checkpoints import load_state_dict_file, resolve_path
 from ldm.data.shards import expand_shards
 from ldm.errors import UserError
+from ldm.jsonl import jsonl_rows
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -524,13 +524,7 @@ def read_metadata(folder: str | Path) -> list[dict[str, Any]] | None:
     if not path.is_file():
         return None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not JSON ({error.msg})") from error
+    for number, row in jsonl_rows(path):
         if not isinstance(row, dict) or "file" not in row:
             raise UserError(f"{path}:{number}: each line needs a 'file'")
         rows.append(row)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ldm.checkpoints import _atomic_path
 from ldm.errors import UserError
+from ldm.jsonl import jsonl_rows
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,9 @@ def _records_from_text(path: Path) -> list[dict[str, Any]]:
 
 def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not JSON ({error.msg})") from error
+    for number, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: each line must be a JSON object")
         text = row.pop("prompt", None) or row.pop("caption", None)
         if not isinstance(text, str):
             raise UserError(f"{path}:{number}: no 'prompt' or 'caption' string")
