@@ -11,6 +11,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of a (B, C, H, W) tensor: channels_last when it is stored so, else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (SD's `GroupNorm32`).
 
@@ -163,11 +170,14 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             h_ = self.proj_in(h_.flatten(2).transpose(1, 2))  # (B, H*W, inner)
         else:
-            h_ = self.proj_in(h_).flatten(2).transpose(1, 2)  # (B, H*W, inner)
+            # contiguous tokens: the residual adds in the blocks keep their first operand's layout,
+            # and a transposed one would make every LayerNorm copy (~1% of an SD 1.x step on CPUs)
+            h_ = self.proj_in(h_).flatten(2).transpose(1, 2).contiguous()  # (B, H*W, inner)
         for block in self.transformer_blocks:
             h_ = block(h_, context)  # (B, H*W, inner)
+        layout = _memory_format(x)
         if self.use_linear:
-            h_ = self.proj_out(h_).transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
+            h_ = self.proj_out(h_).transpose(1, 2).reshape(b, c, h, w).contiguous(memory_format=layout)
         else:
-            h_ = self.proj_out(h_.transpose(1, 2).reshape(b, -1, h, w))  # (B, C, H, W)
+            h_ = self.proj_out(h_.transpose(1, 2).reshape(b, -1, h, w).contiguous(memory_format=layout))
         return x + h_  # (B, C, H, W)
