@@ -62,6 +62,22 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1 - alphas
 
 
+def shift_snr(betas: Tensor, factor: float) -> Tensor:
+    """Betas whose SNR at every step is `factor` times that of `betas` (logSNR + log(factor)).
+
+    The resolution shift of Hoogeboom et al. 2023 ("simple diffusion") and Esser et al. 2024 (SD3):
+    a schedule made for one resolution destroys the image sooner at a lower one (fewer pixels carry
+    the same content), so a model on 16x16 latents is better served by a schedule made for 64x64
+    ones with its SNRs times (64 / 16)^2 = 16. Zero terminal SNR stays zero.
+    """
+    if factor <= 0:
+        raise ValueError(f"snr_shift must be positive, got {factor}")
+    abar = torch.cumprod(1 - betas.to(torch.float64), dim=0)
+    shifted = factor * abar / (1 + (factor - 1) * abar)  # abar / (1 - abar) scaled by factor
+    previous = torch.cat([shifted.new_ones(1), shifted[:-1]])
+    return 1 - shifted / previous
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
     """A discrete variance-preserving noise schedule over ``num_timesteps`` steps (float64, CPU).
@@ -79,10 +95,11 @@ class NoiseSchedule:
             raise ValueError("every beta must lie in (0, 1]")
 
     @classmethod
-    def from_betas(cls, betas: Tensor, zero_terminal_snr: bool = False) -> NoiseSchedule:
-        """Build from betas, optionally rescaled to zero terminal SNR."""
+    def from_betas(cls, betas: Tensor, zero_terminal_snr: bool = False, snr_shift: float = 1.0) -> NoiseSchedule:
+        """Build from betas, optionally rescaled to zero terminal SNR, then with every SNR times `snr_shift`."""
         betas = betas.to(torch.float64)
-        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
+        betas = rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+        return cls(shift_snr(betas, snr_shift) if snr_shift != 1.0 else betas)
 
     @property
     def num_timesteps(self) -> int:

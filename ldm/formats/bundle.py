@@ -34,9 +34,11 @@ def sd_schedule(zero_terminal_snr: bool = False) -> dict[str, Any]:
 
 def schedule_from_spec(spec: dict[str, Any]) -> NoiseSchedule:
     """The ``NoiseSchedule`` a bundle's schedule spec describes."""
-    arguments = {k: v for k, v in spec.items() if k not in ("kind", "zero_terminal_snr")}
+    arguments = {k: v for k, v in spec.items() if k not in ("kind", "zero_terminal_snr", "snr_shift")}
     betas = BETA_FUNCTIONS[spec.get("kind", "scaled_linear")](**arguments)
-    return NoiseSchedule.from_betas(betas, bool(spec.get("zero_terminal_snr", False)))
+    return NoiseSchedule.from_betas(
+        betas, bool(spec.get("zero_terminal_snr", False)), float(spec.get("snr_shift", 1.0))
+    )
 
 
 def sd_vae_config() -> dict[str, Any]:

@@ -59,5 +59,6 @@ def bundle_from_training_checkpoint(path: str | Path, use_ema: bool = True) -> M
             kind=kind,
             **{k: v for k, v in schedule_node["betas"].items() if k not in _NOT_KWARGS},
             zero_terminal_snr=bool(schedule_node.get("zero_terminal_snr", False)),
+            snr_shift=float(schedule_node.get("snr_shift", 1.0)),
         ),
     )

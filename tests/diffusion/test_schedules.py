@@ -9,6 +9,7 @@ from ldm.diffusion.schedules import (
     linear_betas,
     rescale_zero_terminal_snr,
     scaled_linear_betas,
+    shift_snr,
 )
 from ldm.diffusion.timesteps import sampling_timesteps
 
@@ -66,6 +67,25 @@ def test_zero_terminal_snr_rescaling():
     snr = rescaled.snr(torch.arange(1000))
     assert (snr.diff() < 0).all()
     assert torch.equal(rescale_zero_terminal_snr(scaled_linear_betas())[-1], torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("factor", [0.25, 4.0])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_snr_shift_scales_every_snr(factor, zero_snr):
+    base = NoiseSchedule.from_betas(scaled_linear_betas(), zero_terminal_snr=zero_snr)
+    shifted = NoiseSchedule.from_betas(scaled_linear_betas(), zero_terminal_snr=zero_snr, snr_shift=factor)
+    t = torch.arange(999)
+    assert torch.allclose(shifted.snr(t), factor * base.snr(t), rtol=1e-9, atol=0)
+    assert shifted.zero_terminal_snr == zero_snr  # a zero SNR stays zero
+    assert (shifted.snr(t).diff() < 0).all()
+
+
+def test_snr_shift_of_one_is_identity_and_bad_factors_fail():
+    betas = scaled_linear_betas()
+    assert torch.equal(NoiseSchedule.from_betas(betas, snr_shift=1.0).betas, betas)
+    assert torch.allclose(shift_snr(betas, 1.0), betas, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="snr_shift must be positive"):
+        shift_snr(betas, 0.0)
 
 
 def test_lookups_broadcast_and_cast():

@@ -1,5 +1,6 @@
 """Export to the diffusers folder layout, read back, and load in diffusers/transformers themselves."""
 
+import dataclasses
 import json
 
 import pytest
@@ -77,3 +78,10 @@ def test_refuses_a_unet_with_context_pooling(tmp_path):
     with pytest.raises(UserError, match="context_pooling"):
         export_diffusers(bundle, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_shifted_schedule(tmp_path):
+    bundle = make_bundle("sd2")
+    bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))
+    with pytest.raises(UserError, match="snr_shift=0.25"):
+        export_diffusers(bundle, tmp_path / "out")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -6,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from bundles import assert_same_tensors, make_bundle
 from ldm.errors import UserError
+from ldm.formats.bundle import schedule_from_spec
 from ldm.formats.single_file import detect_family, export_single_file, import_single_file
 
 
@@ -106,3 +108,13 @@ def test_a_custom_unet_with_context_pooling_round_trips(tmp_path):
     assert_same_tensors(back.unet, bundle.unet)
     unet = back.build()[0]  # strict load of every tensor, context_pool.* included
     assert unet.context_pool is not None
+
+
+def test_a_shifted_schedule_round_trips(tmp_path):
+    bundle = make_bundle("sd2", context_pooling=True)  # a custom model: its metadata travels
+    bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))
+    back = import_single_file(export_single_file(bundle, tmp_path / "m.safetensors"))
+    assert back.schedule["snr_shift"] == 0.25
+    shifted = schedule_from_spec(back.schedule)
+    plain = schedule_from_spec(dict(back.schedule, snr_shift=1.0))
+    assert torch.allclose(shifted.snr(torch.arange(999)), 0.25 * plain.snr(torch.arange(999)), rtol=1e-9)
