@@ -1,18 +1,16 @@
 """train.py end to end on the real configs, shrunk (tests/conftest.py)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from ldm_testing import run_script
 from ldm.checkpoints import load_training_checkpoint
 from ldm.cli import one_line_errors
 from train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_writes_checkpoint_config_and_samples(train_config):
@@ -58,11 +56,17 @@ def test_missing_resume_checkpoint_is_one_line(train_config, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: resume checkpoint not found: {tmp_path}/nope.ckpt"
 
 
-def test_unknown_config_key_is_reported(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path}/run"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode != 0
-    assert "max_stepz" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_unknown_config_key_is_reported(tmp_path, capsys):
+    assert run_script("train.py", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path}/run") != 0
+    stderr = capsys.readouterr().err
+    assert "max_stepz" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_run_ending_between_checkpoints_leaves_one_last_checkpoint(train_config):
+    # the run guard saves the final step; the checkpoint callback must not add a last-v1.ckpt beside it
+    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=500")
+    train(cfg)
+    directory = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt"]
+    assert load_training_checkpoint(directory / "last.ckpt")["global_step"] == 3
