@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import runpy
+import signal
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -75,6 +78,19 @@ class StopAfterStep(pl.Callback):
             trainer.should_stop = True
 
 
+class SignalAtStep(pl.Callback):
+    """Sends this process a real signal (default SIGTERM) once, after optimiser step ``step``, as a
+    scheduler's preemption notice would; what the run does with it is up to its handlers."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+        self.step, self.signal_name, self.sent = step, signal_name, False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
 def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int) -> Path:
     """Train the tiny model ``steps`` steps on the small toy data; its ``last.ckpt``."""
     from omegaconf import open_dict
@@ -88,3 +104,21 @@ def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int) -> Path
         cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32
     train(cfg)
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+def run_script(script: str, *args: str) -> int:
+    """Run one of the project's command-line scripts in this process, as `python SCRIPT ARGS...` would
+    (Hydra's command-line parsing and error reporting included), and return its exit status.
+
+    Saves the ~10 s a fresh interpreter spends importing Lightning; read what it printed with capsys.
+    """
+    saved_argv = sys.argv
+    sys.argv = [str(ROOT / script), *args]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()
+    return 0

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ import torch
 import webdataset as wds
 from hydra.utils import instantiate
 
-from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config
+from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config, run_script
 from ldm.checkpoints import save_safetensors
 from ldm.data.latents import (
     LatentShardDataModule,
@@ -202,15 +200,13 @@ def test_two_ranks_from_the_environment_write_disjoint_complete_halves(
     assert _files(tmp_path / "out") == _files(latents_dir)
 
 
-def test_cli_reports_a_missing_input_in_one_line(model_overrides, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "data_scripts/precompute_latents.py", *model_overrides, "data.prepare=null",
-         f"data.shards='{tmp_path}/nothing-{{000..003}}.tar'", f"out={tmp_path}/out", "progress=false"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith("error: no shard found") and "nothing-" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_cli_reports_a_missing_input_in_one_line(model_overrides, tmp_path, capsys):
+    status = run_script("data_scripts/precompute_latents.py", *model_overrides, "data.prepare=null",
+                        f"data.shards='{tmp_path}/nothing-{{000..003}}.tar'", f"out={tmp_path}/out", "progress=false")
+    stderr = capsys.readouterr().err
+    assert status == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: no shard found") and "nothing-" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_datamodule_batches_go_straight_through_encode_batch(latents_dir, model_overrides, frozen):
