@@ -82,7 +82,9 @@ def test_rerun_makes_only_what_is_missing(tiny_checkpoint, tmp_path):
     sample(_sample_config(tiny_checkpoint, partial, f"prompts_file={prompts}", "sampler=ddpm"))
     assert (partial / "000000.png").stat().st_mtime_ns == before  # not redone
     for name in ("000000.png", "000001.png", "000002.png", "000003.png"):
-        assert np.array_equal(np.asarray(Image.open(partial / name)), np.asarray(Image.open(tmp_path / "full" / name)))
+        a = np.asarray(Image.open(partial / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "full" / name)).astype(int)
+        assert np.abs(a - b).max() <= 1  # the rerun batches 1 and 3 together: last-bit differences
     assert (partial / "metadata.jsonl").read_text() == (tmp_path / "full" / "metadata.jsonl").read_text()
 
 
