@@ -45,8 +45,8 @@ def train_all(runs: list[tuple[str, list[str]]], out: Path, common: list[str], e
         command = [sys.executable, "train.py", f"hydra.run.dir={out / name}", "logger=csv",
                    "callbacks.checkpoint.save_top_k=-1", f"callbacks.checkpoint.every_n_train_steps={every}",
                    *common, *overrides]  # fmt: skip
-        log = (out / f"{name}.log").open("w")
-        processes[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        with (out / f"{name}.log").open("w") as log:  # the child keeps its own copy of the handle
+            processes[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     start = time.monotonic()
     while any(p.poll() is None for p in processes.values()) and time.monotonic() - start < deadline:
         time.sleep(5)
@@ -63,16 +63,13 @@ def train_all(runs: list[tuple[str, list[str]]], out: Path, common: list[str], e
 def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
     """Score every step checkpoint of these runs, appending one JSON line per checkpoint."""
     import torch
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from ldm.data.toy import all_prompts
-    from ldm.evaluation.toy_accuracy import score
-    from ldm.pipeline import pipeline_from_checkpoint, to_uint8
+    from ldm.pipeline import pipeline_from_checkpoint
+    from samplers import run as sample_and_score  # bench/samplers.py: same sampling and scoring
 
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = instantiate(OmegaConf.load(ROOT / "configs" / "sampler" / "dpmpp_2m.yaml"))
     prompts = [p for p in all_prompts() for _ in range(4)]
     seeds = [1000 + i for i in range(len(prompts))]
     for run_dir in run_dirs:
@@ -80,9 +77,8 @@ def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
         for checkpoint in checkpoints:
             for use_ema in (True, False) if checkpoint == checkpoints[-1] else (True,):
                 pipeline, _ = pipeline_from_checkpoint(str(checkpoint), use_ema=use_ema, device=device)
-                images = to_uint8(pipeline(prompts, seeds, sampler, 20, 3.0))
-                row = {"run": run_dir.name, "checkpoint": checkpoint.name, "ema": use_ema,
-                       **score([image.numpy() for image in images], prompts)}  # fmt: skip
+                scores, _ = sample_and_score(pipeline, "dpmpp_2m", 20, prompts, seeds, 3.0, len(prompts))
+                row = {"run": run_dir.name, "checkpoint": checkpoint.name, "ema": use_ema, **scores}
                 with scores_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
 

@@ -12,7 +12,6 @@ from ldm.cli import one_line_errors
 from train import train
 
 
-
 def test_train_writes_checkpoint_config_and_samples(train_config):
     cfg = train_config()
     result = train(cfg)
