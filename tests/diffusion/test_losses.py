@@ -73,6 +73,18 @@ def test_timesteps_are_uniform_over_all_steps():
     assert counts.std().item() < 25  # binomial std ~ 14
 
 
+@pytest.mark.parametrize("power", [2.0, 0.5])
+def test_timestep_power_matches_its_closed_form_density(power):
+    objective = DiffusionObjective(timestep_power=power)
+    t = objective.sample_timesteps(SCHEDULE, 400_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min().item() >= 0 and t.max().item() == 999
+    # P(t < k) = (k / T)^p: check it at every tenth of the range
+    edges = torch.arange(100, 1001, 100)
+    observed = torch.stack([(t < k).double().mean() for k in edges])
+    expected = (edges / 1000.0).double() ** power
+    assert torch.allclose(observed, expected, atol=3e-3)
+
+
 def test_offset_noise_adds_per_channel_constant():
     x0 = torch.zeros(4096, 3, 8, 8)
     plain = sample_noise(x0, 0.0, torch.Generator().manual_seed(0))
@@ -88,3 +100,5 @@ def test_invalid_objective_rejected():
         DiffusionObjective(prediction_type="score")
     with pytest.raises(ValueError, match="min_snr_gamma"):
         DiffusionObjective(min_snr_gamma=0.0)
+    with pytest.raises(ValueError, match="timestep_power"):
+        DiffusionObjective(timestep_power=0.0)
