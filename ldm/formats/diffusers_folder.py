@@ -114,6 +114,9 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
     if bundle.unet_config.get("context_pooling"):
         raise UserError("this U-Net pools its text context into the time embedding (context_pooling), which "
                         "diffusers' UNet2DConditionModel has no weights for: export it with --to sd instead")  # fmt: skip
+    if (patch_size := int(bundle.unet_config.get("patch_size", 1))) != 1:
+        raise UserError(f"this U-Net works on {patch_size}x{patch_size} latent patches (patch_size), which "
+                        "diffusers' UNet2DConditionModel cannot: export it with --to sd instead")  # fmt: skip
     if float(bundle.schedule.get("snr_shift", 1.0)) != 1.0:
         raise UserError(f"this model was trained with schedule.snr_shift={bundle.schedule['snr_shift']}, which "
                         "diffusers' schedulers cannot express: export it with --to sd instead")  # fmt: skip

@@ -184,6 +184,10 @@ class UNetModel(nn.Module):
     `attention_resolutions` lists downsampling factors (1 = full latent resolution), as in SD configs.
     `context_pooling` adds an attention-pooled summary of the context to the time embedding
     (`ContextPooling`); off in the SD presets, whose checkpoints have no such weights.
+    `patch_size` p > 1 folds each p x p patch of latent pixels into channels before the first
+    convolution and unfolds the output likewise (space-to-depth, as in simple diffusion, Hoogeboom
+    et al. 2023): every level runs at 1/p of the latent resolution, so factor 1 in
+    `attention_resolutions` means H/p. The SD presets use p = 1.
     """
 
     def __init__(
@@ -203,8 +207,11 @@ class UNetModel(nn.Module):
         norm_groups: int = 32,
         gradient_checkpointing: bool = False,
         context_pooling: bool = False,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"UNetModel: patch_size must be >= 1, got {patch_size}")
         if (num_heads is None) == (head_dim is None):
             raise ValueError(
                 f"UNetModel: set exactly one of num_heads (SD 1.x) and head_dim (SD 2.x), "
@@ -213,6 +220,7 @@ class UNetModel(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.model_channels = model_channels
+        self.patch_size = patch_size
         time_embed_dim = 4 * model_channels
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
@@ -235,7 +243,7 @@ class UNetModel(nn.Module):
         self.context_pool = ContextPooling(context_dim, pooling_heads, time_embed_dim) if context_pooling else None
 
         # Encoder. `skip_channels` records each input block's output width for the decoder's concatenations.
-        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(in_channels * patch_size**2, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
         ch, factor = model_channels, 1
         for level, mult in enumerate(channel_multipliers):
@@ -268,7 +276,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1)
+            GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels * patch_size**2, 3, padding=1)
         )
         # Zero-init: the untrained network predicts 0 (the mean of eps), not noise of its own.
         nn.init.zeros_(self.out[2].weight)
@@ -277,14 +285,14 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) latents; timesteps: (B,) int or float; context: (B, L, context_dim).
 
-        Returns (B, out_channels, H, W). H and W should be divisible by 2^(levels - 1).
+        Returns (B, out_channels, H, W). H and W should be divisible by patch_size * 2^(levels - 1).
         """
         t_emb = timestep_embedding(timesteps, self.model_channels)  # (B, model_channels)
         # Match the weights' dtype so a model cast wholesale to bf16/fp16 runs without autocast.
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 4 * model_channels)
         if self.context_pool is not None:
             emb = emb + self.context_pool(context)
-        h = x
+        h = F.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x  # (B, C p^2, H/p, W/p)
         skips = []
         for block in self.input_blocks:
             h = block(h, emb, context)  # (B, C_level, H / 2^level, W / 2^level)
@@ -292,4 +300,5 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)  # (B, C_last, H / 2^(levels-1), W / 2^(levels-1))
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C_level, H', W')
-        return self.out(h)  # (B, out_channels, H, W)
+        out = self.out(h)  # (B, out_channels p^2, H/p, W/p)
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out  # (B, out_channels, H, W)

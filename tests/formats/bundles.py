@@ -26,16 +26,17 @@ def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
-def make_bundle(flavour: str, seed: int = 0, context_pooling: bool = False) -> ModelBundle:
+def make_bundle(flavour: str, seed: int = 0, context_pooling: bool = False, patch_size: int = 1) -> ModelBundle:
     unet_config, text_config = (UNET_SD1, TEXT_SD1) if flavour == "sd1" else (UNET_SD2, TEXT_SD2)
-    if context_pooling:  # not an SD layout: a custom model that our metadata describes
-        unet_config = dict(unet_config, context_pooling=True)
+    custom = context_pooling or patch_size != 1  # not an SD layout: a custom model that our metadata describes
+    if custom:
+        unet_config = dict(unet_config, context_pooling=context_pooling, patch_size=patch_size)
     unet = randomise(UNetModel(**unet_config), seed)
     vae = randomise(AutoencoderKL(**VAE), seed + 1)
     text = randomise(OpenCLIPTextEncoder(**text_config), seed + 2)
     return bundle_from_modules(
         unet, vae, text, dict(unet_config=unet_config, vae_config=VAE, text_config=text_config),
-        family="custom" if context_pooling else flavour, prediction_type="eps" if flavour == "sd1" else "v", image_size=32,
+        family="custom" if custom else flavour, prediction_type="eps" if flavour == "sd1" else "v", image_size=32,
         schedule=sd_schedule(zero_terminal_snr=flavour == "sd2"),
     )
 

@@ -80,6 +80,13 @@ def test_refuses_a_unet_with_context_pooling(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_refuses_a_patched_unet(tmp_path):
+    bundle = make_bundle("sd2", patch_size=2)
+    with pytest.raises(UserError, match="2x2 latent patches"):
+        export_diffusers(bundle, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_a_shifted_schedule(tmp_path):
     bundle = make_bundle("sd2")
     bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))

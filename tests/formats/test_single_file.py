@@ -110,6 +110,14 @@ def test_a_custom_unet_with_context_pooling_round_trips(tmp_path):
     assert unet.context_pool is not None
 
 
+def test_a_patched_unet_round_trips(tmp_path):
+    bundle = make_bundle("sd2", patch_size=2)
+    back = import_single_file(export_single_file(bundle, tmp_path / "m.safetensors"))
+    assert back.family == "custom" and back.unet_config["patch_size"] == 2
+    assert_same_tensors(back.unet, bundle.unet)
+    assert back.build()[0].patch_size == 2  # strict load: conv_in takes 4 x 2 x 2 channels
+
+
 def test_a_shifted_schedule_round_trips(tmp_path):
     bundle = make_bundle("sd2", context_pooling=True)  # a custom model: its metadata travels
     bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))

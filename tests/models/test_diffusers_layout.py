@@ -79,7 +79,7 @@ def _architecture(cls: type, config: dict[str, Any], drop: tuple[str, ...]) -> d
 
 
 def _unet_architecture(config: dict[str, Any]) -> dict[str, Any]:
-    return _architecture(UNetModel, config, drop=("gradient_checkpointing", "context_pooling"))  # not in diffusers
+    return _architecture(UNetModel, config, drop=("gradient_checkpointing", "context_pooling", "patch_size"))  # not in diffusers
 
 
 def _vae_architecture(config: dict[str, Any]) -> dict[str, Any]:

@@ -167,3 +167,32 @@ def test_context_pooling_starts_as_the_plain_unet_and_then_conditions_every_resb
     expected = emb + pooled.context_pool.proj_out(summary)
     torch.testing.assert_close(pooled.context_pool(context) + emb, expected)
     assert not torch.allclose(pooled(x, t, context), plain(x, t, context))
+
+
+def test_patched_unet_is_the_plain_unet_on_folded_latents() -> None:
+    """patch_size=2 = pixel_unshuffle -> a U-Net with 4x the channels at half the size -> pixel_shuffle."""
+    torch.manual_seed(0)
+    patched = UNetModel(in_channels=4, out_channels=4, patch_size=2, **TINY).eval()
+    plain = UNetModel(in_channels=16, out_channels=16, **TINY).eval()
+    _randomise(patched)
+    assert [(k, v.shape) for k, v in patched.state_dict().items()] == [
+        (k, v.shape) for k, v in plain.state_dict().items()
+    ]  # the same names: only conv_in and the output conv are wider
+    plain.load_state_dict(patched.state_dict())
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    timesteps, context = torch.tensor([3, 999]), torch.randn(2, 7, 64)
+    with torch.no_grad():
+        out = patched(x, timesteps, context)
+        reference = torch.nn.functional.pixel_shuffle(
+            plain(torch.nn.functional.pixel_unshuffle(x, 2), timesteps, context), 2
+        )
+    assert out.shape == x.shape
+    assert torch.equal(out, reference)
+    # the fold is the 2x2 patch: latent pixel (y, x), channel c lands at channel 4c + 2(y%2) + x%2 of (y//2, x//2)
+    folded = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert torch.equal(folded[:, 4 * 1 + 2 * 1 + 0, 3, 5], x[:, 1, 7, 10])
+
+
+def test_patch_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="patch_size"):
+        UNetModel(patch_size=0, **TINY)
