@@ -6,6 +6,7 @@ import os
 import runpy
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -91,13 +92,15 @@ class SignalAtStep(pl.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
-def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int) -> Path:
-    """Train the tiny model ``steps`` steps on the small toy data; its ``last.ckpt``."""
+def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int, overrides: Sequence[str] = ()) -> Path:
+    """Train the tiny model ``steps`` steps on the small toy data (plus Hydra ``overrides``); its ``last.ckpt``."""
     from omegaconf import open_dict
 
     from train import train
 
-    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", f"trainer.max_steps={steps}"])
+    cfg = compose_config(
+        "train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", f"trainer.max_steps={steps}", *overrides]
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
         cfg.paths.data_dir = str(toy_data_dir)

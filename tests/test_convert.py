@@ -13,14 +13,23 @@ from sample import sample
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, toy_data_dir):
+    """The tiny toy as configured: its U-Net works on 2x2 latent patches, which diffusers cannot hold."""
     return train_tiny_checkpoint(tmp_path_factory.mktemp("run"), toy_data_dir, steps=3)
 
 
+@pytest.fixture(scope="module")
+def trained_unpatched(tmp_path_factory, toy_data_dir):
+    """The tiny toy with an SD-shaped U-Net (patch_size 1): exportable to diffusers too."""
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"), toy_data_dir, steps=3,
+                                 overrides=["model.unet.patch_size=1"])  # fmt: skip
+
+
 @pytest.mark.parametrize("target, name", [("sd", "model.safetensors"), ("diffusers", "pipe")])
-def test_training_checkpoint_converts_with_ema_weights(trained, tmp_path, target, name):
-    convert([str(trained), str(tmp_path / name), "--to", target])
+def test_training_checkpoint_converts_with_ema_weights(trained, trained_unpatched, tmp_path, target, name):
+    checkpoint = trained if target == "sd" else trained_unpatched
+    convert([str(checkpoint), str(tmp_path / name), "--to", target])
     bundle = load_bundle(tmp_path / name)
-    state = load_training_checkpoint(trained)["state_dict"]
+    state = load_training_checkpoint(checkpoint)["state_dict"]
     ema = submodule_state(state, "ema.module.")
     assert bundle.unet.keys() == ema.keys()
     assert all(torch.equal(bundle.unet[k], ema[k]) for k in ema)
@@ -34,15 +43,23 @@ def test_no_ema_exports_the_trained_weights(trained, tmp_path):
     assert all(torch.equal(bundle.unet[k], unet[k]) for k in unet)
 
 
-def test_diffusers_export_of_the_toy_loads_in_diffusers(trained, tmp_path):
+def test_diffusers_export_of_the_toy_loads_in_diffusers(trained_unpatched, tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    convert([str(trained), str(tmp_path / "pipe"), "--to", "diffusers", "--dtype", "fp16"])
+    convert([str(trained_unpatched), str(tmp_path / "pipe"), "--to", "diffusers", "--dtype", "fp16"])
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float16}
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), safety_checker=None)
     assert pipe.vae.config.norm_num_groups == 8  # the toy's narrow VAE survives the trip
+
+
+def test_patched_toy_refuses_diffusers_in_one_line(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        convert([str(trained), str(tmp_path / "pipe"), "--to", "diffusers"])
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: this U-Net works on 2x2 latent patches") and "--to sd" in error
+    assert "\n" not in error and not (tmp_path / "pipe").exists()
 
 
 def test_fine_tuning_starts_from_a_converted_file(trained, tmp_path):
