@@ -243,7 +243,8 @@ class UNetModel(nn.Module):
         self.context_pool = ContextPooling(context_dim, pooling_heads, time_embed_dim) if context_pooling else None
 
         # Encoder. `skip_channels` records each input block's output width for the decoder's concatenations.
-        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(in_channels * patch_size**2, model_channels, 3, padding=1))])
+        conv_in = nn.Conv2d(in_channels * patch_size**2, model_channels, 3, padding=1)
+        self.input_blocks = nn.ModuleList([UNetBlock(conv_in)])
         skip_channels = [model_channels]
         ch, factor = model_channels, 1
         for level, mult in enumerate(channel_multipliers):
