@@ -10,7 +10,7 @@ RUNS_FILE holds one run a line: a name, then its train.py overrides, e.g.
 
 Every run trains at once (a GPU holds a dozen toy runs; each gets the toy's data loader), saves a
 checkpoint every --every steps, and is stopped at --deadline seconds if still running. Then every
-checkpoint and each run's last.ckpt is scored like bench/toy_end_to_end.py does: the 105 toy prompts x 4
+checkpoint (and last.ckpt of a run that ended between them) is scored like bench/toy_end_to_end.py does: the 105 toy prompts x 4
 images, DPM-Solver++(2M), 20 steps, guidance 3, colour / shape / position read from the pixels (last.ckpt
 also without EMA). Writes DIR/scores.jsonl and prints a table. Accuracy
 depends on the steps and the recipe, not on the hardware, so a GPU sweep ranks recipes for the CPU
@@ -61,8 +61,8 @@ def train_all(runs: list[tuple[str, list[str]]], out: Path, common: list[str], e
 
 
 def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
-    """Score every step checkpoint of these runs and their last.ckpt (the end of a run that stopped between
-    step checkpoints), appending one JSON line per checkpoint."""
+    """Score every step checkpoint of these runs, and last.ckpt where the run ended between step
+    checkpoints, appending one JSON line per checkpoint."""
     import torch
 
     from ldm.data.toy import all_prompts
@@ -74,7 +74,10 @@ def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
     prompts = [p for p in all_prompts() for _ in range(4)]
     seeds = [1000 + i for i in range(len(prompts))]
     for run_dir in run_dirs:
-        checkpoints = sorted(run_dir.glob("checkpoints/step_*.ckpt")) + sorted(run_dir.glob("checkpoints/last.ckpt"))
+        checkpoints = sorted(run_dir.glob("checkpoints/step_*.ckpt"))
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file() and not _same_step_saved(last, checkpoints):
+            checkpoints.append(last)
         for checkpoint in checkpoints:
             for use_ema in (True, False) if checkpoint == checkpoints[-1] else (True,):
                 pipeline, _ = pipeline_from_checkpoint(str(checkpoint), use_ema=use_ema, device=device)
@@ -82,6 +85,14 @@ def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
                 row = {"run": run_dir.name, "checkpoint": checkpoint.name, "ema": use_ema, **scores}
                 with scores_file.open("a") as f:
                     f.write(json.dumps(row) + "\n")
+
+
+def _same_step_saved(last: Path, step_checkpoints: list[Path]) -> bool:
+    """Whether a step checkpoint already holds last.ckpt's step (a run that ended on a checkpoint step)."""
+    from ldm.checkpoints import load_training_checkpoint
+
+    step = load_training_checkpoint(last).get("global_step")
+    return any(c.name == f"step_{step:07d}.ckpt" for c in step_checkpoints)
 
 
 def print_table(scores_file: Path) -> None:
