@@ -10,10 +10,11 @@ RUNS_FILE holds one run a line: a name, then its train.py overrides, e.g.
 
 Every run trains at once (a GPU holds a dozen toy runs; each gets the toy's data loader), saves a
 checkpoint every --every steps, and is stopped at --deadline seconds if still running. Then every
-checkpoint (and last.ckpt of a run that ended between them) is scored like bench/toy_end_to_end.py does: the 105 toy prompts x 4
-images, DPM-Solver++(2M), 20 steps, guidance 3, colour / shape / position read from the pixels (last.ckpt
-also without EMA). Writes DIR/scores.jsonl and prints a table. Accuracy
-depends on the steps and the recipe, not on the hardware, so a GPU sweep ranks recipes for the CPU
+checkpoint (and last.ckpt of a run that ended between two) is scored like bench/toy_end_to_end.py
+does: the 105 toy prompts x 4 images, DPM-Solver++(2M), 20 steps, guidance 3, colour / shape /
+position read from the pixels (the run's final weights also without EMA). Writes DIR/scores.jsonl
+and prints a table. Accuracy depends on the steps and the recipe, not on the hardware, so a GPU
+sweep ranks recipes for the CPU
 target; single runs differ by +-8 points (all three) from the seed alone, so repeat what matters.
 """
 
