@@ -69,3 +69,22 @@ def test_a_run_ending_between_checkpoints_leaves_one_last_checkpoint(train_confi
     directory = Path(cfg.paths.output_dir) / "checkpoints"
     assert sorted(p.name for p in directory.iterdir()) == ["last.ckpt"]
     assert load_training_checkpoint(directory / "last.ckpt")["global_step"] == 3
+
+
+def test_first_stage_run_exports_the_autoencoder_with_its_scaling_factor(tmp_path, toy_data_dir):
+    from safetensors import safe_open
+
+    from ldm_testing import compose_config
+
+    cfg = compose_config("train", [
+        "experiment=toy_vae", "model.autoencoder.module.channel_multipliers=[1,1]", "data.batch_size=4",
+        "data.num_workers=0", "data.shuffle_buffer=8", "data.image_size=32", "trainer.max_steps=3",
+        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu", "optim.lr_scheduler.schedule.warmup_steps=1", "logger=csv",
+        "callbacks.export.scaling_batches=2", "task.equivariance_weight=0.5",
+    ])  # fmt: skip
+    cfg.paths.output_dir, cfg.paths.data_dir = str(tmp_path / "run"), str(toy_data_dir)
+    train(cfg)
+    with safe_open(str(tmp_path / "run" / "autoencoder.safetensors"), "pt") as exported:
+        assert float(exported.metadata()["scaling_factor"]) > 0
+        assert "encoder.conv_in.weight" in exported.keys()

@@ -134,7 +134,7 @@ class ExportAutoencoder(pl.Callback):
         if not trainer.is_global_zero:
             return
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
-        if not loader:
+        if loader is None:  # not `not loader`: a loader over a stream has no len()
             loader = trainer.datamodule.train_dataloader()
         autoencoder = pl_module.autoencoder
         factor = estimate_scaling_factor(autoencoder, loader, max_batches=self.scaling_batches)
