@@ -149,3 +149,36 @@ def test_perceptual_network_stays_frozen_and_in_eval():
     module = AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, perceptual_loss=distance).train()
     assert module.autoencoder.training and not distance.training
     assert not distance.scale.requires_grad
+
+
+def test_equivariance_term_decodes_the_pooled_latent_to_the_pooled_image():
+    torch.manual_seed(0)
+    vae = _tiny_autoencoder()
+    module = AutoencoderTraining(vae, optimizer=torch.optim.Adam, l2_weight=1.0)
+    latent, images = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 16, 16) * 2 - 1
+    pooled_latent = latent.reshape(2, 4, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 block means, by hand
+    pooled_images = images.reshape(2, 3, 8, 2, 8, 2).mean(dim=(3, 5))
+    error = vae.decode(pooled_latent) - pooled_images  # (2, 3, 8, 8): the f = 2 decoder halves 16 -> 8
+    expected = (error.abs() + error.square()).mean()
+    torch.testing.assert_close(module.equivariance_loss(latent, images), expected)
+
+
+@pytest.mark.filterwarnings("ignore:.*no `val_dataloader`.*")
+def test_equivariance_term_is_added_to_the_training_loss(tmp_path):
+    # A posterior with a negligible std makes both reconstructions deterministic, so the step's loss can
+    # be recomputed term by term: reconstruction + KL + weight * equivariance.
+    vae = _known_posterior_autoencoder([0.5, -0.5, 0.25, 0.0], logvar=-40.0)
+    module = AutoencoderTraining(vae, optimizer=partial(torch.optim.SGD, lr=0.0), equivariance_weight=3.0)
+    recorder = LossRecorder()
+    batch = _samples(2)
+    _trainer(tmp_path, max_steps=1, callbacks=[recorder], limit_val_batches=0).fit(module, _loader(batch, 2))
+
+    images = torch.stack([s["image"] for s in batch])
+    with torch.no_grad():
+        reconstruction, posterior = vae(images, sample_posterior=False)
+        expected = (
+            module.reconstruction_loss(reconstruction, images).mean()
+            + module.kl_weight * posterior.kl().mean() / images[0].numel()
+            + 3.0 * module.equivariance_loss(posterior.mode(), images)
+        )
+    assert recorder.losses[0] == pytest.approx(expected.item(), rel=1e-5)
