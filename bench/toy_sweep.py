@@ -16,6 +16,11 @@ position read from the pixels (the run's final weights also without EMA). Writes
 and prints a table. Accuracy depends on the steps and the recipe, not on the hardware, so a GPU
 sweep ranks recipes for the CPU
 target; single runs differ by +-8 points (all three) from the seed alone, so repeat what matters.
+
+First-stage runs (`experiment=toy_vae` lines) train side by side too but are not scored: their
+`DIR/NAME/autoencoder.safetensors` (scaling factor in its metadata and log) is for a second sweep
+whose runs set `model.autoencoder.path` and `model.autoencoder.module.scaling_factor`
+(bench/toy_sweep_runs/vaes.txt and vae_latents.txt).
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
     prompts = [p for p in all_prompts() for _ in range(4)]
     seeds = [1000 + i for i in range(len(prompts))]
     for run_dir in run_dirs:
+        if (run_dir / "autoencoder.safetensors").is_file():  # a first-stage run (experiment=toy_vae): a VAE to use
+            continue
         checkpoints = sorted(run_dir.glob("checkpoints/step_*.ckpt"))
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file() and not _same_step_saved(last, checkpoints):

@@ -118,3 +118,22 @@ def test_fsdp_strategy_wraps_unet_blocks():
     assert strategy.kwargs["use_orig_params"] is True
     policy = strategy.kwargs["auto_wrap_policy"]
     assert {ResBlock, SpatialTransformer} <= set(getattr(policy, "_module_classes", policy))
+
+
+def _sweep_runs() -> list[tuple[str, list[str]]]:
+    import shlex
+
+    runs = []
+    for path in sorted((CONFIGS.parent / "bench" / "toy_sweep_runs").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                name, *overrides = shlex.split(line)
+                runs.append((f"{path.stem}:{name}", overrides))
+    return runs
+
+
+@pytest.mark.parametrize(("run", "overrides"), _sweep_runs(), ids=[run for run, _ in _sweep_runs()])
+def test_every_recorded_sweep_run_composes(run, overrides):
+    cfg = compose_config("train", overrides)
+    if "experiment=toy_vae" not in overrides:
+        instantiate(cfg.objective)  # the objective's options are checked when it is built

@@ -27,6 +27,28 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: PredictionType) -
     return (gamma / snr.clamp(min=torch.finfo(snr.dtype).tiny)).clamp(max=1.0)
 
 
+def x0_error_factor(snr: Tensor, prediction_type: PredictionType) -> Tensor:
+    """f with || x0_hat - x0 ||^2 = f * || prediction - target ||^2 for the x0 implied by a prediction.
+
+    With x_t = alpha x0 + sigma eps (alpha^2 + sigma^2 = 1): x0_hat - x0 = -(sigma / alpha) (eps_hat - eps)
+    = -sigma (v_hat - v), so f = 1 / SNR (eps), 1 / (1 + SNR) (v), 1 (x0). Infinite for eps at SNR = 0.
+    """
+    check_prediction_type(prediction_type)
+    if prediction_type == "x0":
+        return torch.ones_like(snr)
+    return 1.0 / (snr + 1.0) if prediction_type == "v" else 1.0 / snr
+
+
+def loss_space_weight(snr: Tensor, prediction_type: PredictionType, loss_space: PredictionType) -> Tensor:
+    """Weight on the `prediction_type` loss that makes it the MSE of the implied `loss_space` quantity."""
+    weight = x0_error_factor(snr, prediction_type) / x0_error_factor(snr, loss_space)
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"the {loss_space} error of an {prediction_type}-prediction is unbounded at SNR 0 (zero terminal SNR)"
+        )
+    return weight
+
+
 def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
     """Standard normal noise like x0, plus optional offset noise (a per-channel constant).
 
@@ -51,12 +73,17 @@ class DiffusionObjective:
         the uniform draw and p > 1 spends more of the training on high noise (p = 2: density rising
         linearly from 0 at t = 0 to twice the uniform one at t = T). Same as weighting the loss by
         p (t/T)^(p-1), but without wasting steps on samples that weigh almost nothing.
+    loss_space: if set (``eps``, ``v`` or ``x0``), the loss is the MSE of that quantity as implied by the
+        prediction, whatever the network outputs: e.g. ``prediction_type="v", loss_space="x0"`` keeps
+        v's skip from x_t to x0 (x0_hat = alpha x_t - sigma v_hat, the network need not copy fine detail
+        at low noise) with the x0 loss's weighting over t (sigma^2 = 1 / (1 + SNR) on the v error).
     """
 
     prediction_type: PredictionType = "eps"
     min_snr_gamma: float | None = None
     offset_noise: float = 0.0
     timestep_power: float = 1.0
+    loss_space: PredictionType | None = None
 
     def __post_init__(self) -> None:
         check_prediction_type(self.prediction_type)
@@ -64,6 +91,10 @@ class DiffusionObjective:
             raise ValueError(f"min_snr_gamma must be positive, got {self.min_snr_gamma}")
         if self.timestep_power <= 0:
             raise ValueError(f"timestep_power must be positive, got {self.timestep_power}")
+        if self.loss_space is not None:
+            check_prediction_type(self.loss_space)
+            if self.min_snr_gamma is not None:
+                raise ValueError("min_snr_gamma and loss_space are two loss weightings: set one of them")
 
     def sample_timesteps(
         self, schedule: NoiseSchedule, batch_size: int, device: torch.device, generator: torch.Generator | None = None
@@ -84,6 +115,8 @@ class DiffusionObjective:
 
     def weights(self, schedule: NoiseSchedule, t: Tensor) -> Tensor | None:
         """Per-sample loss weights (B,), or None for the unweighted loss."""
+        if self.loss_space is not None and self.loss_space != self.prediction_type:
+            return loss_space_weight(schedule.snr(t).to(torch.float32), self.prediction_type, self.loss_space)
         if self.min_snr_gamma is None:
             return None
         snr = schedule.snr(t).to(torch.float32)

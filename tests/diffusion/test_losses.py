@@ -44,6 +44,45 @@ def test_min_snr_is_finite_at_zero_terminal_snr(prediction_type):
     assert weights[1].item() == pytest.approx(expected_last)
 
 
+@pytest.mark.parametrize(
+    ("prediction_type", "loss_space"), [("v", "x0"), ("v", "eps"), ("x0", "v"), ("x0", "eps"), ("eps", "v"), ("eps", "x0")]
+)
+def test_loss_space_weight_gives_the_mse_of_the_implied_quantity(prediction_type, loss_space):
+    t = torch.tensor([0, 10, 300, 700, 999])
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    objective = DiffusionObjective(prediction_type=prediction_type, loss_space=loss_space)
+    x_t, target = objective.noised_inputs(SCHEDULE, x0, t, eps)
+    prediction = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    alpha, sigma = SCHEDULE.alpha(t, 4), SCHEDULE.sigma(t, 4)
+    x0_hat = predict_x0(prediction_type, prediction, x_t, alpha, sigma)
+    implied = {  # the loss_space quantity implied by the prediction, through x0_hat
+        "x0": x0_hat,
+        "eps": (x_t - alpha * x0_hat) / sigma,
+        "v": alpha * (x_t - alpha * x0_hat) / sigma - sigma * x0_hat,
+    }[loss_space]
+    wanted = {"x0": x0, "eps": eps, "v": alpha * eps - sigma * x0}[loss_space]
+    weighted = objective.weights(SCHEDULE, t).double() * (prediction - target).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(weighted, (implied - wanted).pow(2).mean(dim=(1, 2, 3)), rtol=1e-6)
+
+
+def test_loss_space_of_the_prediction_itself_is_unweighted():
+    assert DiffusionObjective(prediction_type="v", loss_space="v").weights(SCHEDULE, torch.tensor([5])) is None
+
+
+def test_v_prediction_with_x0_loss_is_finite_at_zero_terminal_snr():
+    # At SNR 0 the v target is -x0: the x0 loss weighs the v error by sigma^2 = 1 there.
+    weights = DiffusionObjective(prediction_type="v", loss_space="x0").weights(ZSNR, torch.tensor([0, 999]))
+    assert weights[1].item() == pytest.approx(1.0)
+    assert 0 < weights[0].item() < 1e-3
+
+
+def test_x0_loss_of_an_eps_prediction_at_zero_terminal_snr_is_refused():
+    with pytest.raises(ValueError, match="unbounded at SNR 0"):
+        DiffusionObjective(prediction_type="eps", loss_space="x0").weights(ZSNR, torch.tensor([999]))
+
+
 def test_unweighted_loss_is_plain_mse():
     objective = DiffusionObjective()
     assert objective.weights(SCHEDULE, torch.tensor([1, 2])) is None
@@ -102,3 +141,7 @@ def test_invalid_objective_rejected():
         DiffusionObjective(min_snr_gamma=0.0)
     with pytest.raises(ValueError, match="timestep_power"):
         DiffusionObjective(timestep_power=0.0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiffusionObjective(loss_space="score")
+    with pytest.raises(ValueError, match="set one of them"):
+        DiffusionObjective(prediction_type="v", loss_space="x0", min_snr_gamma=5.0)
