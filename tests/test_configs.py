@@ -120,20 +120,25 @@ def test_fsdp_strategy_wraps_unet_blocks():
     assert {ResBlock, SpatialTransformer} <= set(getattr(policy, "_module_classes", policy))
 
 
-def _sweep_runs() -> list[tuple[str, list[str]]]:
+
+
+def test_every_recorded_sweep_run_names_existing_options():
+    # bench/toy_sweep_runs/*.txt record the overrides behind docs/toy.md's tables: they must stay
+    # runnable. Composing each of their ~70 lines costs ~20 s, so compose once per choice of config
+    # groups and check that every other key exists in that config.
     import shlex
 
-    runs = []
-    for path in sorted((CONFIGS.parent / "bench" / "toy_sweep_runs").glob("*.txt")):
-        for line in path.read_text().splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                name, *overrides = shlex.split(line)
-                runs.append((f"{path.stem}:{name}", overrides))
-    return runs
+    from omegaconf import OmegaConf
 
-
-@pytest.mark.parametrize(("run", "overrides"), _sweep_runs(), ids=[run for run, _ in _sweep_runs()])
-def test_every_recorded_sweep_run_composes(run, overrides):
-    cfg = compose_config("train", overrides)
-    if "experiment=toy_vae" not in overrides:
-        instantiate(cfg.objective)  # the objective's options are checked when it is built
+    runs = [shlex.split(line)[1:]
+            for path in sorted((CONFIGS.parent / "bench" / "toy_sweep_runs").glob("*.txt"))
+            for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    assert len(runs) > 50
+    composed = {}
+    for overrides in runs:
+        groups = tuple(o for o in overrides if (CONFIGS / o.split("=")[0]).is_dir())
+        if groups not in composed:
+            composed[groups] = compose_config("train", list(groups))
+        for override in set(overrides) - set(groups):
+            key = override.lstrip("+~").split("=")[0]
+            assert OmegaConf.select(composed[groups], key, default="<missing>") != "<missing>", (groups, override)

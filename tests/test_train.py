@@ -84,6 +84,7 @@ def test_first_stage_run_exports_the_autoencoder_with_its_scaling_factor(tmp_pat
         "callbacks.export.scaling_batches=2", "task.equivariance_weight=0.5",
     ])  # fmt: skip
     cfg.paths.output_dir, cfg.paths.data_dir = str(tmp_path / "run"), str(toy_data_dir)
+    cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32  # the session's toy data, as train_config has it
     train(cfg)
     with safe_open(str(tmp_path / "run" / "autoencoder.safetensors"), "pt") as exported:
         assert float(exported.metadata()["scaling_factor"]) > 0
