@@ -120,8 +120,6 @@ def test_fsdp_strategy_wraps_unet_blocks():
     assert {ResBlock, SpatialTransformer} <= set(getattr(policy, "_module_classes", policy))
 
 
-
-
 def test_every_recorded_sweep_run_names_existing_options():
     # bench/toy_sweep_runs/*.txt record the overrides behind docs/toy.md's tables: they must stay
     # runnable. Composing each of their ~70 lines costs ~20 s, so compose once per choice of config

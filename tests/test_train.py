@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_testing import run_script
+from ldm_testing import compose_config, run_script
 from ldm.checkpoints import load_training_checkpoint
 from ldm.cli import one_line_errors
 from train import train
@@ -73,8 +73,6 @@ def test_a_run_ending_between_checkpoints_leaves_one_last_checkpoint(train_confi
 
 def test_first_stage_run_exports_the_autoencoder_with_its_scaling_factor(tmp_path, toy_data_dir):
     from safetensors import safe_open
-
-    from ldm_testing import compose_config
 
     cfg = compose_config("train", [
         "experiment=toy_vae", "model.autoencoder.module.channel_multipliers=[1,1]", "data.batch_size=4",

@@ -115,11 +115,12 @@ class DiffusionObjective:
 
     def weights(self, schedule: NoiseSchedule, t: Tensor) -> Tensor | None:
         """Per-sample loss weights (B,), or None for the unweighted loss."""
-        if self.loss_space is not None and self.loss_space != self.prediction_type:
-            return loss_space_weight(schedule.snr(t).to(torch.float32), self.prediction_type, self.loss_space)
-        if self.min_snr_gamma is None:
+        other_space = self.loss_space not in (None, self.prediction_type)
+        if not other_space and self.min_snr_gamma is None:
             return None
         snr = schedule.snr(t).to(torch.float32)
+        if other_space:
+            return loss_space_weight(snr, self.prediction_type, self.loss_space)
         return min_snr_weight(snr, self.min_snr_gamma, self.prediction_type)
 
     def loss(self, prediction: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -17,19 +17,24 @@ def test_min_snr_weights_per_prediction_type():
     assert torch.allclose(min_snr_weight(snr, gamma, "v"), torch.tensor([0.5 / 1.5, 5.0 / 6.0, 5.0 / 21.0]))
 
 
+def _noisy_prediction(objective: DiffusionObjective, t: torch.Tensor):
+    """(x0, eps, x_t, target, prediction, x0_hat) in float64: a prediction 0.1 off its target, and its x0."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(len(t), 2, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(len(t), 2, 4, 4, generator=g, dtype=torch.float64)
+    x_t, target = objective.noised_inputs(SCHEDULE, x0, t, eps)
+    prediction = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    alpha, sigma = SCHEDULE.alpha(t, 4), SCHEDULE.sigma(t, 4)
+    return x0, eps, x_t, target, prediction, predict_x0(objective.prediction_type, prediction, x_t, alpha, sigma)
+
+
 @pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
 def test_min_snr_weighted_losses_agree_in_x0_space(prediction_type):
     # The weighted loss must equal min(SNR, gamma) * ||x0_hat - x0||^2 whatever the network predicts.
     gamma = 5.0
     t = torch.tensor([10, 300, 700, 990])
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64)
-    eps = torch.randn(4, 2, 4, 4, generator=g, dtype=torch.float64)
     objective = DiffusionObjective(prediction_type=prediction_type, min_snr_gamma=gamma)
-    x_t, target = objective.noised_inputs(SCHEDULE, x0, t, eps)
-    prediction = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)
-    alpha, sigma = SCHEDULE.alpha(t, 4), SCHEDULE.sigma(t, 4)
-    x0_hat = predict_x0(prediction_type, prediction, x_t, alpha, sigma)
+    x0, _, _, target, prediction, x0_hat = _noisy_prediction(objective, t)
     weighted = objective.weights(SCHEDULE, t).double() * (prediction - target).pow(2).mean(dim=(1, 2, 3))
     x0_space = SCHEDULE.snr(t).clamp(max=gamma) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
     assert torch.allclose(weighted, x0_space, rtol=1e-5)
@@ -49,14 +54,9 @@ def test_min_snr_is_finite_at_zero_terminal_snr(prediction_type):
 )
 def test_loss_space_weight_gives_the_mse_of_the_implied_quantity(prediction_type, loss_space):
     t = torch.tensor([0, 10, 300, 700, 999])
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
-    eps = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
     objective = DiffusionObjective(prediction_type=prediction_type, loss_space=loss_space)
-    x_t, target = objective.noised_inputs(SCHEDULE, x0, t, eps)
-    prediction = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    x0, eps, x_t, target, prediction, x0_hat = _noisy_prediction(objective, t)
     alpha, sigma = SCHEDULE.alpha(t, 4), SCHEDULE.sigma(t, 4)
-    x0_hat = predict_x0(prediction_type, prediction, x_t, alpha, sigma)
     implied = {  # the loss_space quantity implied by the prediction, through x0_hat
         "x0": x0_hat,
         "eps": (x_t - alpha * x0_hat) / sigma,
