@@ -10,6 +10,12 @@ Optional scale equivariance (Skorokhodov et al. 2025, "Improving the diffusabili
 the decoder must also turn the 2x average-pooled latent into the 2x average-pooled image. A latent
 that satisfies this carries no detail finer than the image needs, which makes it easier for a
 diffusion model to learn (the plain objective leaves high-frequency patterns in the latent).
+
+Decoder fine-tuning (``trainable="decoder"``): the encoder stays frozen, so every latent, the scaling
+factor and any diffusion model trained on them stay valid, and only the decoder learns (as SD's
+ft-MSE VAE was made). With ``decoder_latent_noise`` the decoder also learns to turn latents with
+Gaussian noise into the clean image (the noise augmentation of cascaded models, Ho et al. 2021): it
+forgives a diffusion model's small errors instead of drawing them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from ldm.models.autoencoder import AutoencoderKL
 
 # (reconstruction, target) -> per-image perceptual distance (B,) or a scalar, e.g. LPIPS.
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TRAINABLE = ("all", "decoder")
 
 
 class AutoencoderTraining(pl.LightningModule):
@@ -53,6 +60,8 @@ class AutoencoderTraining(pl.LightningModule):
         perceptual_loss: PerceptualLoss | None = None,  # frozen here; none by default (LPIPS needs weights)
         perceptual_weight: float = 1.0,
         equivariance_weight: float = 0.0,  # weight of the 2x-downsampled reconstruction term (0: off)
+        trainable: str = "all",  # "decoder": fine-tune post_quant_conv + decoder; the encoder stays as it is
+        decoder_latent_noise: float = 0.0,  # > 0: decode z + s * N(0, I), s ~ U(0, this x the latents' std)
         sample_every_n_steps: int = 0,
         num_samples: int = 8,  # images per reconstruction grid
         run_config: dict | None = None,  # the resolved run config, stored in checkpoints
@@ -71,6 +80,15 @@ class AutoencoderTraining(pl.LightningModule):
             perceptual_loss.requires_grad_(False).eval()
         self.perceptual_weight = perceptual_weight
         self.equivariance_weight = equivariance_weight
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+        if decoder_latent_noise < 0:
+            raise ValueError(f"decoder_latent_noise must be >= 0, got {decoder_latent_noise}")
+        self.trainable = trainable
+        if trainable == "decoder":
+            for frozen in (autoencoder.encoder, autoencoder.quant_conv):
+                frozen.requires_grad_(False)
+        self.decoder_latent_noise = decoder_latent_noise
         self.sample_every_n_steps = sample_every_n_steps
         self.num_samples = num_samples
 
@@ -98,9 +116,19 @@ class AutoencoderTraining(pl.LightningModule):
         small_images = F.avg_pool2d(images, 2)
         return self.reconstruction_loss(self.autoencoder.decode(F.avg_pool2d(latent, 2)), small_images).mean()
 
+    def noised_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: the latent plus Gaussian noise of a per-image std drawn uniformly in
+        [0, decoder_latent_noise x the batch's latent std] (the latent itself when that is 0)."""
+        if not self.decoder_latent_noise:
+            return latent
+        scale = torch.rand(latent.shape[0], 1, 1, 1, device=latent.device, dtype=latent.dtype)
+        scale = scale * self.decoder_latent_noise * latent.detach().std()
+        return latent + scale * torch.randn_like(latent)
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = to_model_range(batch["image"])  # (B, 3, H, W) in [-1, 1]
-        reconstruction, posterior = self.autoencoder(images, sample_posterior=True)
+        posterior = self.autoencoder.encode(images)
+        reconstruction = self.autoencoder.decode(self.noised_latent(posterior.sample()))
         rec_loss = self.reconstruction_loss(reconstruction, images).mean()
         kl = posterior.kl().mean()  # nats per image
         loss = rec_loss + self.kl_weight * kl / images[0].numel()
@@ -138,7 +166,7 @@ class AutoencoderTraining(pl.LightningModule):
         checkpoint["ldm"] = {"config": self.run_config}
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.autoencoder.parameters())
+        optimizer = self.optimizer_factory(p for p in self.autoencoder.parameters() if p.requires_grad)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -120,8 +120,9 @@ class SampleGrid(pl.Callback):
 
 class ExportAutoencoder(pl.Callback):
     """At the end of first-stage training, write the autoencoder's weights as safetensors with
-    the latent scaling factor measured on validation data (1 / std of posterior samples) in the
-    file's metadata, ready to be the frozen VAE of a diffusion model."""
+    the latent scaling factor measured on validation data (1 / std of posterior samples; the
+    configured one where only the decoder was trained) in the file's metadata, ready to be the
+    frozen VAE of a diffusion model."""
 
     def __init__(self, filename: str = "autoencoder.safetensors", scaling_batches: int = 20):
         self.filename = filename
@@ -133,11 +134,14 @@ class ExportAutoencoder(pl.Callback):
 
         if not trainer.is_global_zero:
             return
-        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
-        if loader is None:  # not `not loader`: a loader over a stream has no len()
-            loader = trainer.datamodule.train_dataloader()
         autoencoder = pl_module.autoencoder
-        factor = estimate_scaling_factor(autoencoder, loader, max_batches=self.scaling_batches)
+        if getattr(pl_module, "trainable", "all") == "decoder":
+            factor = autoencoder.scaling_factor  # the encoder, so every latent, is what it was
+        else:
+            loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
+            if loader is None:  # not `not loader`: a loader over a stream has no len()
+                loader = trainer.datamodule.train_dataloader()
+            factor = estimate_scaling_factor(autoencoder, loader, max_batches=self.scaling_batches)
         path = Path(trainer.default_root_dir) / self.filename
         save_safetensors(autoencoder.state_dict(), path, metadata={"scaling_factor": f"{factor:.6f}"})
         print(f"autoencoder weights: {path} (latent scaling factor {factor:.5f})")

@@ -182,3 +182,41 @@ def test_equivariance_term_is_added_to_the_training_loss(tmp_path):
             + 3.0 * module.equivariance_loss(posterior.mode(), images)
         )
     assert recorder.losses[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*no `val_dataloader`.*")
+def test_decoder_fine_tuning_leaves_the_encoder_and_trains_the_decoder(tmp_path):
+    torch.manual_seed(0)
+    vae = _tiny_autoencoder()
+    before = {name: value.clone() for name, value in vae.state_dict().items()}
+    module = AutoencoderTraining(
+        vae, optimizer=partial(torch.optim.Adam, lr=1e-2), trainable="decoder", decoder_latent_noise=0.5
+    )
+    _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _loader(_samples(8)))
+
+    for name, value in vae.state_dict().items():
+        unchanged = torch.equal(value, before[name])
+        assert unchanged == name.startswith(("encoder.", "quant_conv.")), name
+    optimised = {id(p) for group in module.optimizers().optimizer.param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in (*vae.post_quant_conv.parameters(), *vae.decoder.parameters())}
+
+
+def test_decoder_latent_noise_has_a_per_image_std_up_to_its_bound():
+    torch.manual_seed(0)
+    latent = torch.randn(400, 4, 16, 16) * 3.0  # latent std 3: noise std up to 0.5 * 3 = 1.5
+    plain = AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam)
+    assert plain.noised_latent(latent) is latent
+
+    noisy = AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, decoder_latent_noise=0.5)
+    per_image_std = (noisy.noised_latent(latent) - latent).flatten(1).std(dim=1)  # (400,)
+    assert per_image_std.max() < 1.5 * 1.05
+    # uniform in [0, 1.5]: mean 0.75, and both ends of the range are reached
+    assert per_image_std.mean().item() == pytest.approx(0.75, abs=0.06)
+    assert per_image_std.min() < 0.1 and per_image_std.max() > 1.35
+
+
+def test_trainable_and_noise_options_are_checked():
+    with pytest.raises(ValueError, match="trainable"):
+        AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, trainable="encoder")
+    with pytest.raises(ValueError, match="decoder_latent_noise"):
+        AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, decoder_latent_noise=-0.1)
