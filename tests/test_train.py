@@ -87,3 +87,24 @@ def test_first_stage_run_exports_the_autoencoder_with_its_scaling_factor(tmp_pat
     with safe_open(str(tmp_path / "run" / "autoencoder.safetensors"), "pt") as exported:
         assert float(exported.metadata()["scaling_factor"]) > 0
         assert "encoder.conv_in.weight" in exported.keys()
+
+
+def test_decoder_fine_tuning_run_keeps_the_shipped_encoder_and_scaling_factor(tmp_path, toy_data_dir):
+    from safetensors import safe_open
+
+    from ldm.checkpoints import load_state_dict_file
+
+    cfg = compose_config("train", [
+        "experiment=toy_vae_decoder", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
+        "data.image_size=32", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "callbacks.export.scaling_batches=1",
+    ])  # fmt: skip
+    cfg.paths.output_dir, cfg.paths.data_dir = str(tmp_path / "run"), str(toy_data_dir)
+    cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32  # the session's toy data, as train_config has it
+    train(cfg)
+    exported_path = str(tmp_path / "run" / "autoencoder.safetensors")
+    shipped, exported = load_state_dict_file(cfg.model.autoencoder.path), load_state_dict_file(exported_path)
+    for name, value in exported.items():
+        assert torch.equal(value, shipped[name]) == name.startswith(("encoder.", "quant_conv.")), name
+    with safe_open(exported_path, "pt") as opened:
+        assert float(opened.metadata()["scaling_factor"]) == pytest.approx(cfg.model.autoencoder.module.scaling_factor)
