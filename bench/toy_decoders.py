@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from PIL import Image
 
 from ldm.checkpoints import load_state_dict_file
 from ldm.data.toy import all_prompts
+from ldm.data.transforms import to_model_range
 from ldm.diffusion.samplers import sample_dpmpp_2m
-from ldm.evaluation.toy_accuracy import score
-from ldm.pipeline import pipeline_from_checkpoint
+from ldm.evaluation.toy_accuracy import iter_shard_samples, score
+from ldm.pipeline import pipeline_from_checkpoint, to_uint8
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGES_PER_PROMPT = 4
@@ -45,9 +43,9 @@ def toy_vae(weights: str) -> torch.nn.Module:
     return autoencoder
 
 
-def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
-    """(B, 3, H, W) in ~[-1, 1] -> B (H, W, 3) uint8 arrays."""
-    return list(((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+def as_pixels(images: torch.Tensor) -> list[np.ndarray]:
+    """Decoder output (B, 3, H, W) in ~[-1, 1] -> B (H, W, 3) uint8 arrays."""
+    return list(to_uint8((images + 1) / 2).numpy())
 
 
 def sampled_latents(checkpoint: str) -> tuple[torch.Tensor, list[str]]:
@@ -58,16 +56,11 @@ def sampled_latents(checkpoint: str) -> tuple[torch.Tensor, list[str]]:
 
 
 def validation_images(data_dir: str) -> tuple[torch.Tensor, list[str]]:
-    images, captions = [], []
-    for path in sorted(glob.glob(f"{data_dir}/val-*.tar")):
-        with tarfile.open(path) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-        for name in sorted(n for n in members if n.endswith(".png")):
-            images.append(np.asarray(Image.open(io.BytesIO(members[name])).convert("RGB")))
-            captions.append(members[name[: -len(".png")] + ".txt"].decode())
-    if not images:
+    pairs = list(iter_shard_samples(sorted(glob.glob(f"{data_dir}/val-*.tar"))))
+    if not pairs:
         raise SystemExit(f"no toy validation shards in {data_dir} (run python train.py once, or make_toy_shards)")
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, captions
+    pixels = np.stack([np.asarray(image.convert("RGB")) for image, _ in pairs])  # (N, H, W, 3) uint8
+    return to_model_range(torch.from_numpy(pixels).permute(0, 3, 1, 2)), [text for _, text in pairs]
 
 
 def line(name: str, what: str, result: dict, extra: str = "") -> str:
@@ -89,7 +82,7 @@ def main() -> None:
         vae, name = toy_vae(weights), Path(weights).name
         print(name)
         for run, (latents, prompts) in samples.items():
-            print(line(name, f"samples of {run}", score(to_uint8(vae.decode_from_latent(latents)), prompts)))
+            print(line(name, f"samples of {run}", score(as_pixels(vae.decode_from_latent(latents)), prompts)))
         mean = vae.encode(images).mode()
         generator = torch.Generator().manual_seed(0)  # the same noise for every VAE
         for level in LATENT_NOISE:
@@ -97,7 +90,7 @@ def main() -> None:
             reconstruction = vae.decode(mean + level * mean.std() * noise)
             mse = ((reconstruction.clamp(-1, 1) - images) / 2).square().mean(dim=(1, 2, 3))
             psnr = f"  PSNR {(10 * torch.log10(1 / mse)).mean():.1f} dB"
-            print(line(name, f"val recon., noise {level}", score(to_uint8(reconstruction), captions), psnr))
+            print(line(name, f"val recon., noise {level}", score(as_pixels(reconstruction), captions), psnr))
 
 
 if __name__ == "__main__":

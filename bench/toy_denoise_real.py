@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ldm.data.toy import SHAPES, caption, render, sample_spec
+from ldm.data.transforms import to_model_range
 from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser
 from ldm.diffusion.samplers import sample_dpmpp_2m
 from ldm.diffusion.timesteps import sampling_timesteps
@@ -32,7 +33,7 @@ def toy_images(shape: str, count: int, seed: int) -> tuple[torch.Tensor, list[st
     rng = np.random.default_rng(seed)
     specs = [replace(sample_spec(rng), shape=shape) for _ in range(count)]
     pixels = np.stack([np.array(render(spec)) for spec in specs])  # (N, 64, 64, 3) uint8
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, [caption(s) for s in specs]
+    return to_model_range(torch.from_numpy(pixels).permute(0, 3, 1, 2)), [caption(s) for s in specs]
 
 
 def percent(images: torch.Tensor, prompts: list[str]) -> str:
