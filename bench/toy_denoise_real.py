@@ -21,7 +21,7 @@ import torch
 
 from ldm.data.toy import SHAPES, caption, render, sample_spec
 from ldm.data.transforms import to_model_range
-from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser
+from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser, sampling_network
 from ldm.diffusion.samplers import sample_dpmpp_2m
 from ldm.diffusion.timesteps import sampling_timesteps
 from ldm.evaluation.toy_accuracy import score
@@ -61,12 +61,13 @@ def main() -> None:
     schedule, grid = pipeline.schedule, sampling_timesteps(pipeline.schedule.num_timesteps, 20, "trailing")
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(args.seed))
     for guidance in args.guidance:
-        if guidance == 1.0:
-            model_fn = Conditioned(pipeline.unet, context)
-        else:
-            model_fn = ClassifierFreeGuidance(pipeline.unet, context, uncond, guidance)
-        denoise = Denoiser(model_fn, schedule, pipeline.prediction_type)
         for start in args.starts:
+            network = sampling_network(pipeline.unet, schedule, pipeline.prediction_type)  # fresh per run
+            if guidance == 1.0:
+                model_fn = Conditioned(network, context)
+            else:
+                model_fn = ClassifierFreeGuidance(network, context, uncond, guidance)
+            denoise = Denoiser(model_fn, schedule, pipeline.prediction_type)
             steps = grid[grid <= start] if start >= int(grid[-1]) else torch.tensor([start])
             abar = schedule.alphas_cumprod[int(steps[0])]
             x = abar.sqrt() * latents + (1 - abar).sqrt() * noise

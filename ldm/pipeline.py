@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser
+from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser, sampling_network
 from ldm.diffusion.parameterization import PredictionType
 from ldm.diffusion.samplers import PerSampleNoise
 from ldm.diffusion.schedules import NoiseSchedule
@@ -92,11 +92,12 @@ class TextToImage:
         x = noise(torch.empty(len(prompts), *self.latent_shape, device=device))  # (B, C, h, w)
         with self._autocast():
             context = self.conditioner(list(prompts))  # (B, L, D)
+            network = sampling_network(self.unet, self.schedule, self.prediction_type)
             if guidance_scale == 1.0:
-                model_fn = Conditioned(self.unet, context)
+                model_fn = Conditioned(network, context)
             else:
                 uncond = self.conditioner([negative_prompt] * len(prompts))  # (B, L, D)
-                model_fn = ClassifierFreeGuidance(self.unet, context, uncond, guidance_scale, guidance_rescale)
+                model_fn = ClassifierFreeGuidance(network, context, uncond, guidance_scale, guidance_rescale)
             denoise = Denoiser(_float32_output(model_fn), self.schedule, self.prediction_type)
             timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing, self.schedule)
             return sampler(denoise, x, timesteps, self.schedule, noise_sampler=noise)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_testing import compose_config
+from ldm_testing import compose_config, train_tiny_checkpoint
 from ldm.errors import UserError
+from ldm.pipeline import pipeline_from_checkpoint
 from sample import sample
 
 
@@ -43,6 +44,18 @@ def test_same_seed_same_images_whatever_the_batch(tiny_checkpoint, tmp_path):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched matmuls may differ in the last bit
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000000.png")),
                               np.asarray(Image.open(tmp_path / "a" / "000001.png")))
+
+
+def test_a_self_conditioned_checkpoint_samples_the_same_images_whatever_the_batch(tmp_path, toy_data_dir):
+    checkpoint = train_tiny_checkpoint(tmp_path / "run", toy_data_dir, steps=2, overrides=["model.unet.self_conditioning=true"])
+    assert pipeline_from_checkpoint(str(checkpoint))[0].unet.self_conditioning  # rebuilt from the checkpoint alone
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle in the top left\na blue square in the center\n")
+    for out, batch in (("a", 4), ("b", 1)):  # each batch is its own sampling run, with its own estimates
+        sample(_sample_config(checkpoint, tmp_path / out, f"prompts_file={prompts}", f"batch_size={batch}"))
+    for name in ("000000.png", "000001.png", "000002.png", "000003.png"):
+        a = np.asarray(Image.open(tmp_path / "a" / name)).astype(int)
+        assert np.abs(a - np.asarray(Image.open(tmp_path / "b" / name)).astype(int)).max() <= 1
 
 
 def test_missing_checkpoint_is_a_user_error(tmp_path):

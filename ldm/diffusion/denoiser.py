@@ -26,6 +26,39 @@ class ModelFn(Protocol):
     def __call__(self, x: Tensor, t: int) -> Tensor: ...
 
 
+class SelfConditioned:
+    """A self-conditioning network fed its own x_0 estimate from the previous call (Chen et al. 2023,
+    "Analog Bits", Algorithm 2): zeros at the first call of a sampling run, then the x_0 implied by the
+    last output. A guided batch (uncond + cond) keeps one estimate per row, so each branch sees its own.
+    Stateful: make a new one for every sampling run (``sampling_network``).
+    """
+
+    def __init__(self, network: Network, schedule: NoiseSchedule, prediction_type: PredictionType):
+        self.network = network
+        self.schedule = schedule
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.previous_x0: Tensor | None = None
+
+    def __call__(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        if self.previous_x0 is not None and self.previous_x0.shape != x.shape:
+            raise ValueError(
+                f"self-conditioned network called with a batch {tuple(x.shape)} after {tuple(self.previous_x0.shape)}: "
+                "use a new SelfConditioned for every sampling run"
+            )
+        output = self.network(x, timesteps, context, x0_estimate=self.previous_x0)
+        alpha = self.schedule.alpha(timesteps, x.ndim, like=x)
+        sigma = self.schedule.sigma(timesteps, x.ndim, like=x)
+        self.previous_x0 = predict_x0(self.prediction_type, output.to(x.dtype), x, alpha, sigma)
+        return output
+
+
+def sampling_network(network: Network, schedule: NoiseSchedule, prediction_type: PredictionType) -> Network:
+    """The network as samplers call it: wrapped in a fresh ``SelfConditioned`` if it self-conditions."""
+    if getattr(network, "self_conditioning", False):
+        return SelfConditioned(network, schedule, prediction_type)
+    return network
+
+
 class Conditioned:
     """The network with its conditioning bound: f(x_t, t) = network(x_t, t, context)."""
 

@@ -114,6 +114,9 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
     if bundle.unet_config.get("context_pooling"):
         raise UserError("this U-Net pools its text context into the time embedding (context_pooling), which "
                         "diffusers' UNet2DConditionModel has no weights for: export it with --to sd instead")  # fmt: skip
+    if bundle.unet_config.get("self_conditioning"):
+        raise UserError("this U-Net reads its own previous x0 estimate (self_conditioning), which diffusers' "
+                        "pipelines never pass: export it with --to sd instead")  # fmt: skip
     if (patch_size := int(bundle.unet_config.get("patch_size", 1))) != 1:
         raise UserError(f"this U-Net works on {patch_size}x{patch_size} latent patches (patch_size), which "
                         "diffusers' UNet2DConditionModel cannot: export it with --to sd instead")  # fmt: skip

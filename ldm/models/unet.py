@@ -188,6 +188,9 @@ class UNetModel(nn.Module):
     convolution and unfolds the output likewise (space-to-depth, as in simple diffusion, Hoogeboom
     et al. 2023): every level runs at 1/p of the latent resolution, so factor 1 in
     `attention_resolutions` means H/p. The SD presets use p = 1.
+    `self_conditioning` doubles the input: x_t is concatenated with an x_0 estimate (the network's own
+    from an earlier pass, or zeros; Chen et al. 2023, "Analog Bits", Sec. 3.1). Training
+    (`LatentDiffusion`) and sampling (`SelfConditioned`) supply it. Off in the SD presets.
     """
 
     def __init__(
@@ -208,6 +211,7 @@ class UNetModel(nn.Module):
         gradient_checkpointing: bool = False,
         context_pooling: bool = False,
         patch_size: int = 1,
+        self_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if patch_size < 1:
@@ -221,6 +225,7 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.model_channels = model_channels
         self.patch_size = patch_size
+        self.self_conditioning = self_conditioning
         time_embed_dim = 4 * model_channels
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
@@ -243,7 +248,8 @@ class UNetModel(nn.Module):
         self.context_pool = ContextPooling(context_dim, pooling_heads, time_embed_dim) if context_pooling else None
 
         # Encoder. `skip_channels` records each input block's output width for the decoder's concatenations.
-        conv_in = nn.Conv2d(in_channels * patch_size**2, model_channels, 3, padding=1)
+        input_channels = in_channels * (2 if self_conditioning else 1)  # x_t, then the x_0 estimate
+        conv_in = nn.Conv2d(input_channels * patch_size**2, model_channels, 3, padding=1)
         self.input_blocks = nn.ModuleList([UNetBlock(conv_in)])
         skip_channels = [model_channels]
         ch, factor = model_channels, 1
@@ -283,11 +289,22 @@ class UNetModel(nn.Module):
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, H, W) latents; timesteps: (B,) int or float; context: (B, L, context_dim).
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        x0_estimate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, in_channels, H, W) latents; timesteps: (B,) int or float; context: (B, L, context_dim);
+        x0_estimate: (B, in_channels, H, W) or None (zeros) when `self_conditioning`, else None.
 
         Returns (B, out_channels, H, W). H and W should be divisible by patch_size * 2^(levels - 1).
         """
+        if self.self_conditioning:
+            x = torch.cat([x, torch.zeros_like(x) if x0_estimate is None else x0_estimate.to(x.dtype)], dim=1)
+        elif x0_estimate is not None:
+            raise ValueError("UNetModel: an x0_estimate was given to a U-Net built without self_conditioning")
         t_emb = timestep_embedding(timesteps, self.model_channels)  # (B, model_channels)
         # Match the weights' dtype so a model cast wholesale to bf16/fp16 runs without autocast.
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # (B, 4 * model_channels)

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from ldm.data.transforms import to_model_range
 from ldm.diffusion.losses import DiffusionObjective, sample_noise
+from ldm.diffusion.parameterization import predict_x0
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.pipeline import TextToImage
 from ldm.training.ema import build_ema
@@ -98,11 +99,14 @@ class LatentDiffusion(pl.LightningModule):
         channels_last: bool = False,
         context_cache_size: int = 0,
         compile_unet: bool | dict = False,
+        self_conditioning_rate: float = 0.5,
         run_config: dict | None = None,
     ):
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if not 0.0 <= self_conditioning_rate <= 1.0:
+            raise ValueError(f"self_conditioning_rate must be in [0, 1], got {self_conditioning_rate}")
         self.unet = unet
         self.autoencoder = freeze(autoencoder)
         self.conditioner = freeze(conditioner)
@@ -120,6 +124,7 @@ class LatentDiffusion(pl.LightningModule):
             for module in (self.unet, self.autoencoder) + ((self.ema,) if self.ema is not None else ()):
                 module.to(memory_format=torch.channels_last)
         self.context_cache = ContextCache(context_cache_size)
+        self.self_conditioning_rate = self_conditioning_rate
         if compile_unet:
             # in place (state-dict keys unchanged), after the EMA deep copy, which stays eager
             self.unet.compile(**(compile_unet if isinstance(compile_unet, dict) else {}))
@@ -164,8 +169,30 @@ class LatentDiffusion(pl.LightningModule):
         t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device)
         noise = sample_noise(latents, self.objective.offset_noise)
         x_t, target = self.objective.noised_inputs(self.schedule, latents, t, noise)
-        prediction = self.unet(x_t.contiguous(memory_format=self.memory_format), t, context)  # (B, C, h, w)
+        x_t = x_t.contiguous(memory_format=self.memory_format)
+        if getattr(self.unet, "self_conditioning", False):
+            prediction = self.unet(x_t, t, context, x0_estimate=self.self_conditioning_estimate(x_t, t, context))
+        else:
+            prediction = self.unet(x_t, t, context)  # (B, C, h, w)
         return self.objective.loss(prediction, target, self.objective.weights(self.schedule, t))
+
+    @torch.no_grad()
+    def self_conditioning_estimate(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """The x_0 estimates a self-conditioning U-Net trains with (Chen et al. 2023, Algorithm 1).
+
+        A ``self_conditioning_rate`` share of the batch gets the network's own x_0 estimate from a first
+        pass without gradients (fed zeros); the rest gets zeros, as at a sampler's first step. The first
+        pass runs on the chosen rows only, so it costs that share of a forward pass.
+        """
+        estimate = torch.zeros_like(x_t)
+        chosen = (torch.rand(x_t.shape[0]) < self.self_conditioning_rate).nonzero().squeeze(1).to(x_t.device)
+        if len(chosen):
+            x_chosen, t_chosen = x_t[chosen], t[chosen]
+            output = self.unet(x_chosen, t_chosen, context[chosen])
+            alpha = self.schedule.alpha(t_chosen, x_t.ndim, like=x_t)
+            sigma = self.schedule.sigma(t_chosen, x_t.ndim, like=x_t)
+            estimate[chosen] = predict_x0(self.objective.prediction_type, output.to(x_t.dtype), x_chosen, alpha, sigma)
+        return estimate
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents, context = self.encode_batch(batch, drop_captions=True)

@@ -1,5 +1,7 @@
 """Tiny random models in the SD 1.x and SD 2.x structures, as bundles (shared by the format tests)."""
 
+from typing import Any
+
 import torch
 
 from ldm.formats.bundle import ModelBundle, bundle_from_modules, sd_schedule
@@ -26,11 +28,12 @@ def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
-def make_bundle(flavour: str, seed: int = 0, context_pooling: bool = False, patch_size: int = 1) -> ModelBundle:
+def make_bundle(flavour: str, seed: int = 0, **custom_unet_options: Any) -> ModelBundle:
+    """An SD-shaped bundle; U-Net options beyond SD's (context_pooling, patch_size, ...) make it a custom model."""
     unet_config, text_config = (UNET_SD1, TEXT_SD1) if flavour == "sd1" else (UNET_SD2, TEXT_SD2)
-    custom = context_pooling or patch_size != 1  # not an SD layout: a custom model that our metadata describes
+    custom = bool(custom_unet_options)  # not an SD layout: a custom model that our metadata describes
     if custom:
-        unet_config = dict(unet_config, context_pooling=context_pooling, patch_size=patch_size)
+        unet_config = dict(unet_config, **custom_unet_options)
     unet = randomise(UNetModel(**unet_config), seed)
     vae = randomise(AutoencoderKL(**VAE), seed + 1)
     text = randomise(OpenCLIPTextEncoder(**text_config), seed + 2)

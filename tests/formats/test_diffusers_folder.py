@@ -87,6 +87,12 @@ def test_refuses_a_patched_unet(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_refuses_a_self_conditioning_unet(tmp_path):
+    with pytest.raises(UserError, match="self_conditioning"):
+        export_diffusers(make_bundle("sd2", self_conditioning=True), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_a_shifted_schedule(tmp_path):
     bundle = make_bundle("sd2")
     bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))

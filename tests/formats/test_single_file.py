@@ -118,6 +118,14 @@ def test_a_patched_unet_round_trips(tmp_path):
     assert back.build()[0].patch_size == 2  # strict load: conv_in takes 4 x 2 x 2 channels
 
 
+def test_a_self_conditioning_unet_round_trips(tmp_path):
+    bundle = make_bundle("sd2", self_conditioning=True)
+    back = import_single_file(export_single_file(bundle, tmp_path / "m.safetensors"))
+    assert back.family == "custom" and back.unet_config["self_conditioning"]
+    assert_same_tensors(back.unet, bundle.unet)
+    assert back.build()[0].input_blocks[0][0].in_channels == 8  # strict load: x_t's and the estimate's channels
+
+
 def test_a_shifted_schedule_round_trips(tmp_path):
     bundle = make_bundle("sd2", context_pooling=True)  # a custom model: its metadata travels
     bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))

@@ -196,3 +196,32 @@ def test_patched_unet_is_the_plain_unet_on_folded_latents() -> None:
 def test_patch_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="patch_size"):
         UNetModel(patch_size=0, **TINY)
+
+
+def test_self_conditioning_reads_the_estimate_through_the_second_half_of_conv_in() -> None:
+    torch.manual_seed(0)
+    plain, self_conditioned = UNetModel(**TINY).eval(), UNetModel(**TINY, self_conditioning=True).eval()
+    _randomise(plain)
+    assert self_conditioned.input_blocks[0][0].in_channels == 8 and self_conditioned.in_channels == 4
+    state = plain.state_dict()
+    conv_in = state["input_blocks.0.0.weight"]  # (C, 4, 3, 3)
+    estimate_weight = torch.randn_like(conv_in) / 6
+    self_conditioned.load_state_dict({**state, "input_blocks.0.0.weight": torch.cat([conv_in, estimate_weight], 1)})
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 7, 64)
+    estimate = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(self_conditioned(x, t, context), self_conditioned(x, t, context, torch.zeros_like(x)))
+        torch.testing.assert_close(self_conditioned(x, t, context), plain(x, t, context))  # zeros: the plain U-Net
+        # conv_in is linear: the estimate's half adds its own convolution to the first activations
+        with_estimate = self_conditioned.input_blocks[0][0](torch.cat([x, estimate], 1))
+        torch.testing.assert_close(
+            with_estimate, plain.input_blocks[0][0](x) + torch.nn.functional.conv2d(estimate, estimate_weight, padding=1)
+        )
+        assert not torch.allclose(self_conditioned(x, t, context, estimate), plain(x, t, context))
+
+
+def test_an_estimate_for_a_unet_without_self_conditioning_is_an_error() -> None:
+    model = UNetModel(**TINY)
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 7, 64)
+    with pytest.raises(ValueError, match="self_conditioning"):
+        model(x, t, context, x0_estimate=x)

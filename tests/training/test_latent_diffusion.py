@@ -2,7 +2,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm.diffusion.parameterization import add_noise, training_target
+from ldm.diffusion.parameterization import add_noise, predict_x0, training_target
 from ldm.training.ema import EMADecay, build_ema
 from ldm.training.latent_diffusion import ContextCache, LatentDiffusion, fingerprint
 
@@ -59,6 +59,54 @@ def test_diffusion_loss_uses_the_forward_process(task, monkeypatch):
     loss = task.diffusion_loss(latents, torch.zeros(2, 77, 32))
     assert loss.item() < 1e-8
     assert seen["t"].dtype == torch.long and 0 <= seen["t"].min() and seen["t"].max() < 1000
+
+
+def _self_conditioning_task(train_config, rate):
+    cfg = train_config("model.unet.self_conditioning=true", "model.prediction_type=v")
+    task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={}, self_conditioning_rate=rate)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in task.unet.parameters():  # the zero-initialised output conv included
+            p.normal_(0.0, p[0].numel() ** -0.5 if p.ndim > 1 else 0.1)
+    return task.train()
+
+
+def _noised(task, n=8):
+    x_t = torch.randn(n, *task.latent_shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 10, 300, 999] * (n // 4))
+    return x_t, t, torch.randn(n, 77, task.conditioner.context_dim)
+
+
+def test_self_conditioning_estimate_is_the_networks_own_x0_on_the_chosen_rows(train_config):
+    task = _self_conditioning_task(train_config, rate=0.5)
+    x_t, t, context = _noised(task)
+    torch.manual_seed(3)
+    chosen = torch.rand(len(t)) < 0.5  # the draw the task is about to make
+    torch.manual_seed(3)
+    estimate = task.self_conditioning_estimate(x_t, t, context)
+    assert 0 < chosen.sum() < len(t)
+    with torch.no_grad():
+        output = task.unet(x_t, t, context)  # fed zeros, as the first pass is
+    alpha, sigma = task.schedule.alpha(t, 4, like=x_t), task.schedule.sigma(t, 4, like=x_t)
+    own_x0 = predict_x0("v", output, x_t, alpha, sigma)
+    torch.testing.assert_close(estimate[chosen], own_x0[chosen], rtol=1e-4, atol=1e-5)  # batch of the rows alone
+    assert not estimate[~chosen].any()
+    assert not estimate.requires_grad
+    assert not _self_conditioning_task(train_config, rate=0.0).self_conditioning_estimate(x_t, t, context).any()
+
+
+def test_self_conditioned_loss_trains_the_weights_that_read_the_estimate(train_config):
+    task = _self_conditioning_task(train_config, rate=1.0)
+    x_t, _, context = _noised(task)
+    task.diffusion_loss(x_t, context).backward()
+    conv_in = task.unet.input_blocks[0][0].weight.grad  # (C, 2 x 4 x p^2, 3, 3): x_t's channels, then the estimate's
+    assert conv_in[:, conv_in.shape[1] // 2 :].abs().sum() > 0
+
+
+def test_self_conditioning_rate_is_checked(train_config):
+    cfg = train_config()
+    with pytest.raises(ValueError, match="self_conditioning_rate"):
+        instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={}, self_conditioning_rate=1.5)
 
 
 def test_caption_dropout_rate():
