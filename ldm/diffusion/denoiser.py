@@ -26,6 +26,15 @@ class ModelFn(Protocol):
     def __call__(self, x: Tensor, t: int) -> Tensor: ...
 
 
+def implied_x0(
+    schedule: NoiseSchedule, prediction_type: PredictionType, output: Tensor, x_t: Tensor, t: int | Tensor
+) -> Tensor:
+    """The x_0 estimate a network's raw output at timestep(s) t implies, in x_t's dtype."""
+    alpha = schedule.alpha(t, x_t.ndim, like=x_t)
+    sigma = schedule.sigma(t, x_t.ndim, like=x_t)
+    return predict_x0(prediction_type, output.to(x_t.dtype), x_t, alpha, sigma)
+
+
 class SelfConditioned:
     """A self-conditioning network fed its own x_0 estimate from the previous call (Chen et al. 2023,
     "Analog Bits", Algorithm 2): zeros at the first call of a sampling run, then the x_0 implied by the
@@ -46,9 +55,7 @@ class SelfConditioned:
                 "use a new SelfConditioned for every sampling run"
             )
         output = self.network(x, timesteps, context, x0_estimate=self.previous_x0)
-        alpha = self.schedule.alpha(timesteps, x.ndim, like=x)
-        sigma = self.schedule.sigma(timesteps, x.ndim, like=x)
-        self.previous_x0 = predict_x0(self.prediction_type, output.to(x.dtype), x, alpha, sigma)
+        self.previous_x0 = implied_x0(self.schedule, self.prediction_type, output, x, timesteps)
         return output
 
 
@@ -116,7 +123,4 @@ class Denoiser:
         self.prediction_type = check_prediction_type(prediction_type)
 
     def __call__(self, x: Tensor, t: int) -> Tensor:
-        output = self.model_fn(x, t).to(x.dtype)
-        alpha = self.schedule.alpha(t, x.ndim, like=x)
-        sigma = self.schedule.sigma(t, x.ndim, like=x)
-        return predict_x0(self.prediction_type, output, x, alpha, sigma)
+        return implied_x0(self.schedule, self.prediction_type, self.model_fn(x, t), x, t)

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from ldm.data.transforms import to_model_range
 from ldm.diffusion.losses import DiffusionObjective, sample_noise
-from ldm.diffusion.parameterization import predict_x0
+from ldm.diffusion.denoiser import implied_x0
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.pipeline import TextToImage
 from ldm.training.ema import build_ema
@@ -189,9 +189,7 @@ class LatentDiffusion(pl.LightningModule):
         if len(chosen):
             x_chosen, t_chosen = x_t[chosen], t[chosen]
             output = self.unet(x_chosen, t_chosen, context[chosen])
-            alpha = self.schedule.alpha(t_chosen, x_t.ndim, like=x_t)
-            sigma = self.schedule.sigma(t_chosen, x_t.ndim, like=x_t)
-            estimate[chosen] = predict_x0(self.objective.prediction_type, output.to(x_t.dtype), x_chosen, alpha, sigma)
+            estimate[chosen] = implied_x0(self.schedule, self.objective.prediction_type, output, x_chosen, t_chosen)
         return estimate
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
