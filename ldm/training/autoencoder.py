@@ -15,12 +15,17 @@ Decoder fine-tuning (``trainable="decoder"``): the encoder stays frozen, so ever
 factor and any diffusion model trained on them stay valid, and only the decoder learns (as SD's
 ft-MSE VAE was made). With ``decoder_latent_noise`` the decoder also learns to turn latents with
 Gaussian noise into the clean image (the noise augmentation of cascaded models, Ho et al. 2021): it
-forgives a diffusion model's small errors instead of drawing them.
+forgives a diffusion model's small errors instead of drawing them. With ``decoder_latent_blur`` half
+the latents are also blurred first (a Gaussian of per-image std up to that many latent pixels): an
+under-trained diffusion model's errors are mostly over-smoothing, regression to the mean, and the
+decoder learns to draw the sharp image such a latent came from (the blur augmentation of cascaded
+super-resolution models, as in Imagen's and SR3's conditioning augmentation).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -62,6 +67,7 @@ class AutoencoderTraining(pl.LightningModule):
         equivariance_weight: float = 0.0,  # weight of the 2x-downsampled reconstruction term (0: off)
         trainable: str = "all",  # "decoder": fine-tune post_quant_conv + decoder; the encoder stays as it is
         decoder_latent_noise: float = 0.0,  # > 0: decode z + s * N(0, I), s ~ U(0, this x the latents' std)
+        decoder_latent_blur: float = 0.0,  # > 0: half the latents blurred first, std ~ U(0, this) latent pixels
         sample_every_n_steps: int = 0,
         num_samples: int = 8,  # images per reconstruction grid
         run_config: dict | None = None,  # the resolved run config, stored in checkpoints
@@ -84,11 +90,14 @@ class AutoencoderTraining(pl.LightningModule):
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         if decoder_latent_noise < 0:
             raise ValueError(f"decoder_latent_noise must be >= 0, got {decoder_latent_noise}")
+        if decoder_latent_blur < 0:
+            raise ValueError(f"decoder_latent_blur must be >= 0, got {decoder_latent_blur}")
         self.trainable = trainable
         if trainable == "decoder":
             for frozen in (autoencoder.encoder, autoencoder.quant_conv):
                 frozen.requires_grad_(False)
         self.decoder_latent_noise = decoder_latent_noise
+        self.decoder_latent_blur = decoder_latent_blur
         self.sample_every_n_steps = sample_every_n_steps
         self.num_samples = num_samples
 
@@ -116,8 +125,23 @@ class AutoencoderTraining(pl.LightningModule):
         small_images = F.avg_pool2d(images, 2)
         return self.reconstruction_loss(self.autoencoder.decode(F.avg_pool2d(latent, 2)), small_images).mean()
 
+    def degraded_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The decoder's input in training: the latent, blurred (``blurred_latent``), then noised
+        (``noised_latent``); the latent itself when both options are 0."""
+        return self.noised_latent(self.blurred_latent(latent))
+
+    def blurred_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """Each latent, with probability 1/2, blurred by a Gaussian of std drawn uniformly in
+        [0, decoder_latent_blur] latent pixels; the others (and all when that is 0) unchanged."""
+        if not self.decoder_latent_blur:
+            return latent
+        batch = latent.shape[0]
+        stds = torch.rand(batch, device=latent.device) * self.decoder_latent_blur
+        stds = stds * (torch.rand(batch, device=latent.device) < 0.5)
+        return gaussian_blur(latent, stds, radius=max(1, math.ceil(2 * self.decoder_latent_blur)))
+
     def noised_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """The decoder's input: the latent plus Gaussian noise of a per-image std drawn uniformly in
+        """The latent plus Gaussian noise of a per-image std drawn uniformly in
         [0, decoder_latent_noise x the batch's latent std] (the latent itself when that is 0)."""
         if not self.decoder_latent_noise:
             return latent
@@ -128,7 +152,7 @@ class AutoencoderTraining(pl.LightningModule):
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = to_model_range(batch["image"])  # (B, 3, H, W) in [-1, 1]
         posterior = self.autoencoder.encode(images)
-        reconstruction = self.autoencoder.decode(self.noised_latent(posterior.sample()))
+        reconstruction = self.autoencoder.decode(self.degraded_latent(posterior.sample()))
         rec_loss = self.reconstruction_loss(reconstruction, images).mean()
         kl = posterior.kl().mean()  # nats per image
         loss = rec_loss + self.kl_weight * kl / images[0].numel()
@@ -185,6 +209,19 @@ class AutoencoderTraining(pl.LightningModule):
 
 
 @torch.no_grad()
+def gaussian_blur(images: torch.Tensor, stds: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each image (B, C, H, W) blurred by a separable Gaussian of its own std (B,) in pixels, truncated
+    at `radius`, with reflected borders; std 0 leaves an image unchanged."""
+    batch, channels, height, width = images.shape
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    exponent = -offsets.square() / (2 * stds.to(images.dtype).clamp(min=1e-6).square()[:, None])  # (B, 2r+1)
+    kernels = torch.softmax(exponent, dim=1).repeat_interleave(channels, 0)  # (B C, 2r+1), each sums to 1
+    flat = F.pad(images.reshape(1, batch * channels, height, width), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernels[:, None, None, :], groups=batch * channels)  # along x
+    flat = F.conv2d(flat, kernels[:, None, :, None], groups=batch * channels)  # along y
+    return flat.reshape(batch, channels, height, width)
+
+
 def estimate_scaling_factor(
     autoencoder: AutoencoderKL,
     images: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.training.autoencoder import AutoencoderTraining, estimate_scaling_factor
+from ldm.training.autoencoder import AutoencoderTraining, estimate_scaling_factor, gaussian_blur
 
 
 def _tiny_autoencoder() -> AutoencoderKL:
@@ -220,3 +220,33 @@ def test_trainable_and_noise_options_are_checked():
         AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, trainable="encoder")
     with pytest.raises(ValueError, match="decoder_latent_noise"):
         AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, decoder_latent_noise=-0.1)
+    with pytest.raises(ValueError, match="decoder_latent_blur"):
+        AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, decoder_latent_blur=-1.0)
+
+
+def test_gaussian_blur_is_torchvisions_per_image_and_zero_std_is_the_identity():
+    from torchvision.transforms.functional import gaussian_blur as torchvision_blur
+
+    images = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(images, torch.tensor([0.0, 0.7, 1.5]), radius=3)
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)
+    for i, std in ((1, 0.7), (2, 1.5)):  # same Gaussian, 7 taps, reflected borders
+        torch.testing.assert_close(blurred[i], torchvision_blur(images[i], [7, 7], [std, std]), atol=1e-5, rtol=1e-5)
+    constant = torch.full((2, 1, 8, 8), 0.3)
+    torch.testing.assert_close(gaussian_blur(constant, torch.tensor([1.0, 2.0]), radius=2), constant)
+
+
+def test_decoder_latent_blur_blurs_half_the_latents_by_at_most_its_bound():
+    torch.manual_seed(0)
+    impulse = torch.zeros(400, 1, 15, 15)
+    impulse[:, :, 7, 7] = 1.0
+    plain = AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam)
+    assert plain.degraded_latent(impulse) is impulse
+
+    blurring = AutoencoderTraining(_tiny_autoencoder(), optimizer=torch.optim.Adam, decoder_latent_blur=1.0)
+    spread = blurring.blurred_latent(impulse)  # each image: the blur's own kernel
+    offsets = torch.arange(15.0) - 7
+    variance_x = (spread.sum(dim=(1, 2)) * offsets.square()).sum(dim=1)  # (400,): the kernel's std^2 along x
+    unchanged = torch.isclose(spread, impulse, atol=1e-6).flatten(1).all(dim=1)
+    assert 0.4 < unchanged.float().mean() < 0.6  # half untouched, half blurred
+    assert variance_x.max() <= 1.0 + 1e-4 and variance_x[~unchanged].mean() > 0.2
