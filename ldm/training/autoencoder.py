@@ -208,7 +208,6 @@ class AutoencoderTraining(pl.LightningModule):
         save_image(grid, os.path.join(directory, f"step_{self.global_step:07d}.png"), nrow=n)
 
 
-@torch.no_grad()
 def gaussian_blur(images: torch.Tensor, stds: torch.Tensor, radius: int) -> torch.Tensor:
     """Each image (B, C, H, W) blurred by a separable Gaussian of its own std (B,) in pixels, truncated
     at `radius`, with reflected borders; std 0 leaves an image unchanged."""
@@ -222,6 +221,7 @@ def gaussian_blur(images: torch.Tensor, stds: torch.Tensor, radius: int) -> torc
     return flat.reshape(batch, channels, height, width)
 
 
+@torch.no_grad()
 def estimate_scaling_factor(
     autoencoder: AutoencoderKL,
     images: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ldm.data.transforms import to_model_range
-from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.denoiser import implied_x0
+from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.pipeline import TextToImage
 from ldm.training.ema import build_ema

@@ -234,6 +234,10 @@ def test_gaussian_blur_is_torchvisions_per_image_and_zero_std_is_the_identity():
         torch.testing.assert_close(blurred[i], torchvision_blur(images[i], [7, 7], [std, std]), atol=1e-5, rtol=1e-5)
     constant = torch.full((2, 1, 8, 8), 0.3)
     torch.testing.assert_close(gaussian_blur(constant, torch.tensor([1.0, 2.0]), radius=2), constant)
+    images.requires_grad_()  # a fully trained VAE (trainable=all) learns its encoder through the blur too
+    gaussian_blur(images, torch.tensor([0.0, 0.7, 1.5]), radius=3).sum().backward()
+    interior = images.grad[..., 4:-4, 4:-4]  # beyond the reach of the reflected borders each kernel sums to 1
+    torch.testing.assert_close(interior, torch.ones_like(interior))
 
 
 def test_decoder_latent_blur_blurs_half_the_latents_by_at_most_its_bound():
