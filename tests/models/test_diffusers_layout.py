@@ -79,7 +79,8 @@ def _architecture(cls: type, config: dict[str, Any], drop: tuple[str, ...]) -> d
 
 
 def _unet_architecture(config: dict[str, Any]) -> dict[str, Any]:
-    return _architecture(UNetModel, config, drop=("gradient_checkpointing", "context_pooling", "patch_size"))  # not in diffusers
+    not_in_diffusers = ("gradient_checkpointing", "context_pooling", "patch_size", "self_conditioning")
+    return _architecture(UNetModel, config, drop=not_in_diffusers)
 
 
 def _vae_architecture(config: dict[str, Any]) -> dict[str, Any]:
