@@ -13,7 +13,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import DeviceStatsMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import newest_checkpoint, one_line_errors
@@ -66,6 +66,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]  # Lightning refuses both
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if not logger:  # it only reports to a logger, and Lightning refuses it without one (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, DeviceStatsMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:

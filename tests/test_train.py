@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from ldm_testing import compose_config, run_script
 from ldm.checkpoints import load_training_checkpoint
@@ -39,6 +40,14 @@ def test_checkpoints_keep_the_newest_and_every_milestone(train_config):
     names = sorted(p.name for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir())
     assert names == ["last.ckpt", "milestone_0000003.ckpt", "milestone_0000006.ckpt",
                      "step_0000005.ckpt", "step_0000006.ckpt"]  # fmt: skip
+
+
+def test_trains_without_a_logger(train_config):
+    # logger=none: callbacks that only report to a logger (DeviceStatsMonitor) must not stop the run
+    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=2")
+    with open_dict(cfg):
+        cfg.logger = None  # what logger=none composes to
+    assert train(cfg)["trainer"].global_step == 2
 
 
 def test_missing_shards_fail_with_one_line(train_config, tmp_path, capsys):
