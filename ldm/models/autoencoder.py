@@ -355,7 +355,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Image (B, 3, H, W) in [-1, 1] -> posterior over latents (B, embed_dim, H/f, W/f)."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self.encode_moments(x))
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> the posterior's mean and log-variance, (B, 2 embed_dim, H/f, W/f)."""
+        return self.quant_conv(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latent (B, embed_dim, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
@@ -371,7 +375,11 @@ class AutoencoderKL(nn.Module):
 
     def encode_to_latent(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> scaling_factor * z, z ~ q(z|x): the diffusion model's z_0."""
-        return self.scaling_factor * self.encode(x).sample(generator)
+        return self.latent_from_moments(self.encode_moments(x), generator)
+
+    def latent_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`encode_moments`' output -> scaling_factor * z, z ~ q(z|x) (what `encode_to_latent` gives)."""
+        return self.scaling_factor * DiagonalGaussian(moments).sample(generator)
 
     def decode_from_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, embed_dim, h, w), as sampled by the diffusion model -> image (B, 3, h*f, w*f)."""

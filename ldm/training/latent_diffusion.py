@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
@@ -16,40 +15,11 @@ from ldm.diffusion.denoiser import implied_x0
 from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.pipeline import TextToImage
+from ldm.training.caches import ContextCache, PosteriorCache
 from ldm.training.ema import build_ema
 from ldm.training.rng import rng_state, set_rng_state
 
 FROZEN = ("autoencoder", "conditioner")
-
-
-class ContextCache:
-    """Text contexts of recently seen captions, so a frozen text encoder runs once per caption.
-
-    Exact (the encoder is frozen and deterministic); worth it where captions repeat, as in the toy's
-    106 captions, and a waste of memory where they rarely do (web data): off unless ``max_entries``.
-    """
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self.entries: OrderedDict[str, Tensor] = OrderedDict()
-
-    def __call__(self, encoder: nn.Module, captions: list[str]) -> Tensor:
-        if self.max_entries <= 0:
-            return encoder(captions)
-        for caption in dict.fromkeys(c for c in captions if c not in self.entries):
-            # one caption at a time: a batched matmul's last bits depend on the batch it is in, and a
-            # cached context must not depend on which batch first met its caption (exact resume)
-            self.entries[caption] = encoder([caption])[0]
-        contexts = []
-        for caption in captions:
-            self.entries.move_to_end(caption)
-            contexts.append(self.entries[caption])
-        while len(self.entries) > self.max_entries:
-            self.entries.popitem(last=False)
-        return torch.stack(contexts)
-
-    def clear(self) -> None:
-        self.entries.clear()
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -73,7 +43,9 @@ class LatentDiffusion(pl.LightningModule):
     (so the same network learns the unconditional model for classifier-free guidance); context =
     text encoder(captions); t, eps ~ U{0..T-1}, N(0, I); loss = objective(U-Net(z_t, t, context)).
     Batches are {"image": (B,3,H,W) in [-1,1], "caption": list[str]} or, from precomputed shards,
-    {"latent": (B,C,h,w) already scaled, "context": (B,L,D)}.
+    {"latent": (B,C,h,w) already scaled, "context": (B,L,D)}. Where images and captions repeat (the
+    toy), ``posterior_cache_size`` and ``context_cache_size`` keep the frozen encoders' outputs of
+    recent ones (``ldm/training/caches.py``): the same numbers, less time.
 
     Checkpoints keep the U-Net, its EMA copy, optimiser and schedule state. A frozen part is kept
     too when it is small (<= ``frozen_in_checkpoint_mb``, like the toy's), so the checkpoint stands
@@ -98,6 +70,7 @@ class LatentDiffusion(pl.LightningModule):
         frozen_in_checkpoint_mb: float = 64.0,
         channels_last: bool = False,
         context_cache_size: int = 0,
+        posterior_cache_size: int = 0,
         compile_unet: bool | dict = False,
         self_conditioning_rate: float = 0.5,
         run_config: dict | None = None,
@@ -124,6 +97,7 @@ class LatentDiffusion(pl.LightningModule):
             for module in (self.unet, self.autoencoder) + ((self.ema,) if self.ema is not None else ()):
                 module.to(memory_format=torch.channels_last)
         self.context_cache = ContextCache(context_cache_size)
+        self.posterior_cache = PosteriorCache(posterior_cache_size)
         self.self_conditioning_rate = self_conditioning_rate
         if compile_unet:
             # in place (state-dict keys unchanged), after the EMA deep copy, which stays eager
@@ -160,10 +134,14 @@ class LatentDiffusion(pl.LightningModule):
             return batch["latent"], batch["context"]
         with torch.autocast(self.device.type, enabled=False):
             # the VAE stays in float32: half-precision VAEs overflow into NaNs and black images
-            images = to_model_range(batch["image"]).float().contiguous(memory_format=self.memory_format)
-            latents = self.autoencoder.encode_to_latent(images)
+            images = to_model_range(batch["image"]).float()
+            moments = self.posterior_cache(self._encode_moments, images)
+            latents = self.autoencoder.latent_from_moments(moments)
         captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
         return latents, self.context_cache(self.conditioner, captions)
+
+    def _encode_moments(self, images: Tensor) -> Tensor:
+        return self.autoencoder.encode_moments(images.contiguous(memory_format=self.memory_format))
 
     def diffusion_loss(self, latents: Tensor, context: Tensor) -> Tensor:
         t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device)
@@ -255,7 +233,8 @@ class LatentDiffusion(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.context_cache.clear()  # the text encoder may be about to change
+        self.context_cache.clear()  # the frozen encoders may be about to change
+        self.posterior_cache.clear()
         stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
         for name in stored:
             expected, actual = stored[name], fingerprint(getattr(self, name))

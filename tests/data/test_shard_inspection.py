@@ -4,8 +4,6 @@ truncated shards, the contact sheet, and the CLI."""
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ldm_testing import run_script
 from ldm.data.shard_inspection import SheetLayout, format_report, inspect_shards, save_contact_sheet, wrap_text
 from ldm.data.shard_writing import folder_items, write_shards
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -145,21 +143,21 @@ def test_wrap_text_fits_and_cuts() -> None:
     assert all(font.getlength(line) <= 60 for line in wrap_text("y" * 50, font, 60, 10))
 
 
-def test_cli(tmp_path: Path) -> None:
+def test_cli(tmp_path: Path, capsys) -> None:
     images = tmp_path / "images"
     images.mkdir()
     for index in range(6):
         (images / f"{index}.png").write_bytes(image_bytes(20 + index, 16, seed=index))
         (images / f"{index}.txt").write_text(f"caption {index}")
     write_shards(folder_items(images), tmp_path / "shards", samples_per_shard=4, progress=False)
-    command = [
-        sys.executable, "data_scripts/inspect_shards.py", str(tmp_path / "shards" / "shard-{000000..000001}.tar"),
+    status = run_script(
+        "data_scripts/inspect_shards.py", str(tmp_path / "shards" / "shard-{000000..000001}.tar"),
         "--json", str(tmp_path / "report.json"), "--contact-sheet", str(tmp_path / "sheet.png"),
         "--samples", "5", "--thumb", "32", "--no-progress",
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "shards   2   samples 6" in result.stdout and "bad samples     0 of 6" in result.stdout
+    )
+    result = capsys.readouterr()
+    assert status == 0, result.err
+    assert "shards   2   samples 6" in result.out and "bad samples     0 of 6" in result.out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["num_samples"] == 6 and len(report["sheet"]) == 5
     with Image.open(tmp_path / "sheet.png") as sheet:

@@ -3,8 +3,6 @@
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,10 +11,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ldm_testing import run_script
 from ldm.data.shard_writing import encode_image, folder_items, table_items, write_shards
 from ldm.errors import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -211,15 +209,15 @@ def test_existing_shards_need_overwrite(corpus: Path, tmp_path: Path) -> None:
     assert (out / "val-000000.tar").exists()
 
 
-def test_cli(corpus: Path, tmp_path: Path) -> None:
-    command = [
-        sys.executable, "data_scripts/images_to_shards.py", str(corpus), "--out", str(tmp_path / "out"),
+def test_cli(corpus: Path, tmp_path: Path, capsys) -> None:
+    status = run_script(
+        "data_scripts/images_to_shards.py", str(corpus), "--out", str(tmp_path / "out"),
         "--samples-per-shard", "10", "--prefix", "train", "--max-side", "16", "--workers", "2", "--no-progress",
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "wrote 24 samples in 3 shard(s)" in result.stdout
-    assert "skipped 2 of 26 inputs: 1 missing caption, 1 unreadable image" in result.stdout
-    assert "corrupt.jpg: unreadable image" in result.stderr
+    )
+    result = capsys.readouterr()
+    assert status == 0, result.err
+    assert "wrote 24 samples in 3 shard(s)" in result.out
+    assert "skipped 2 of 26 inputs: 1 missing caption, 1 unreadable image" in result.out
+    assert "corrupt.jpg: unreadable image" in result.err
     samples = read_shards(tmp_path / "out", "train")
     assert len(samples) == 24 and max(max(s.get("jpg", s.get("png", s.get("webp"))).size) for s in samples) == 16

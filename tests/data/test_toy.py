@@ -4,8 +4,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_testing import run_script
 from ldm.data import toy
 from ldm.data.toy import (
     COLOURS,
@@ -27,7 +26,6 @@ from ldm.data.toy import (
     write_toy_shards,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CAPTION_RE = re.compile(
     r"^a (red|green|blue|yellow|purple|orange|white) (circle|square|triangle) "
     r"in the (top left|top right|bottom left|bottom right|center)$"
@@ -193,13 +191,11 @@ def test_ensure_is_idempotent_and_regenerates(
 
 
 def test_cli_writes_shards(tmp_path: Path) -> None:
-    python_path = os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": python_path}
-    command = [
-        sys.executable, "data_scripts/make_toy_shards.py", "--out", str(tmp_path / "toy"),
+    status = run_script(
+        "data_scripts/make_toy_shards.py", "--out", str(tmp_path / "toy"),
         "--train", "5", "--val", "2", "--seed", "7", "--samples-per-shard", "3", "--no-progress",
-    ]
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=120)
+    )
+    assert status == 0
     manifest = json.loads((tmp_path / "toy" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
     assert (manifest["num_val"], manifest["seed"], manifest["samples_per_shard"]) == (2, 7, 3)

@@ -4,13 +4,7 @@ from hydra.utils import instantiate
 
 from ldm.diffusion.parameterization import add_noise, predict_x0, training_target
 from ldm.training.ema import EMADecay, build_ema
-from ldm.training.latent_diffusion import ContextCache, LatentDiffusion, fingerprint
-
-
-@pytest.fixture
-def task(train_config) -> LatentDiffusion:
-    cfg = train_config()
-    return instantiate(cfg.task, _partial_=True, _convert_="all")(run_config={"seed": 0})
+from ldm.training.latent_diffusion import LatentDiffusion, fingerprint
 
 
 def _batch(size=32, n=3):
@@ -186,37 +180,6 @@ def test_noising_matches_closed_form(task):
     assert torch.equal(x_t, add_noise(x0, eps, abar.sqrt(), (1 - abar).sqrt())) or torch.allclose(
         x_t, add_noise(x0, eps, abar.sqrt(), (1 - abar).sqrt()), atol=1e-6
     )
-
-
-class CountingEncoder(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.encoded: list[str] = []
-
-    def forward(self, captions):
-        self.encoded += captions
-        return torch.stack([torch.full((3, 2), float(len(c))) for c in captions])
-
-
-def test_context_cache_encodes_each_caption_once_and_evicts_the_oldest():
-    encoder, cache = CountingEncoder(), ContextCache(max_entries=2)
-    first = cache(encoder, ["ab", "abc", "ab"])
-    assert encoder.encoded == ["ab", "abc"]
-    assert torch.equal(first, encoder(["ab", "abc", "ab"]))
-    encoder.encoded.clear()
-    cache(encoder, ["abc", "abcd"])  # "ab" is the least recently used: evicted
-    assert encoder.encoded == ["abcd"] and list(cache.entries) == ["abc", "abcd"]
-
-
-def test_context_cache_gives_the_encoders_contexts(task):
-    captions = ["a red circle in the top left", "", "a red circle in the top left"]
-    with torch.no_grad():
-        batched = task.conditioner(captions)
-        one_by_one = torch.cat([task.conditioner([c]) for c in captions])
-        cached = ContextCache(8)(task.conditioner, captions)
-        assert torch.equal(cached, one_by_one)  # whatever batch first met a caption: exact resume
-        torch.testing.assert_close(cached, batched)
-        assert torch.equal(ContextCache(0)(task.conditioner, captions), batched)
 
 
 def test_compile_unet_compiles_the_trained_unet_in_place(train_config, monkeypatch):
