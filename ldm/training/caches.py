@@ -74,15 +74,16 @@ class PosteriorCache(_LRU):
     encoded in a batch of even size (the last one twice if need be), because on CPUs oneDNN gives an
     image the same bits in every even-sized batch but not in odd ones (channels_last, or a batch of
     one), and cached moments must not depend on the batch that first met the image (exact resume).
-    On a GPU each image is copied to the host to be hashed; the cache is meant for CPUs, where the
-    encoder is a large share of a step. ~8 KB an image for the toy's 4x16x16 latents.
+    On a GPU each batch is copied to the host to be hashed and the moments stay on the GPU; the cache
+    is meant for CPUs, where the encoder is a large share of a step. ~8 KB an image for the toy's
+    4x16x16 latents.
     """
 
     def __call__(self, encode_moments: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
         """(B, 2C, h, w) posterior moments of `images` (B, 3, H, W); only unseen images are encoded."""
         if self.max_entries <= 0:
             return encode_moments(images)
-        keys = [image_digest(image) for image in images]
+        keys = [image_digest(image) for image in images.detach().cpu()]  # one copy to the host, not B
         unseen: dict[bytes, int] = {}  # key -> its first row in the batch
         for row, key in enumerate(keys):
             if key not in self.entries:
