@@ -66,8 +66,8 @@ def main() -> None:
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     images = toy_batch(cfg.data.image_size, args.batch, device)
     latents, context = task.encode_batch(images, drop_captions=False)
-    warm_cache = PosteriorCache(args.batch)
-    warm_cache(task._encode_moments, images["image"].float())
+    warm_cache = task.posterior_cache = PosteriorCache(args.batch)
+    task.encode_batch(images, drop_captions=False)  # fills it through the training path
     paths = {  # name -> (batch, posterior cache)
         "online": (images, PosteriorCache(0)),
         "cached": (images, warm_cache),
