@@ -14,9 +14,11 @@ from ldm.data.transforms import to_model_range
 from ldm.diffusion.denoiser import implied_x0
 from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
+from ldm.errors import UserError
 from ldm.pipeline import TextToImage
 from ldm.training.caches import ContextCache, PosteriorCache
 from ldm.training.ema import build_ema
+from ldm.training.optimizers import MuonAdamW
 from ldm.training.rng import rng_state, set_rng_state
 
 FROZEN = ("autoencoder", "conditioner")
@@ -197,6 +199,9 @@ class LatentDiffusion(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.unet.parameters())
+        if isinstance(optimizer, MuonAdamW) and self._trainer is not None and _shards_parameters(self.trainer.strategy):
+            raise UserError(f"optim=muon_cosine needs each weight matrix whole on every rank, and strategy "
+                            f"{type(self.trainer.strategy).__name__} shards them: use optim=adamw_cosine")  # fmt: skip
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -271,3 +276,8 @@ def _gather_rng_states() -> list[dict[str, Any]]:
     states: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
     return states
+
+
+def _shards_parameters(strategy: pl.strategies.Strategy) -> bool:
+    """FSDP and DeepSpeed (ZeRO) hand the optimiser flat shards instead of whole weight matrices."""
+    return isinstance(strategy, (pl.strategies.FSDPStrategy, pl.strategies.DeepSpeedStrategy))

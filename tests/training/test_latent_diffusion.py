@@ -24,6 +24,20 @@ def test_frozen_parts_are_frozen_and_stay_in_eval(task):
     assert optimised == {id(p) for p in task.unet.parameters()}
 
 
+def test_muon_is_refused_where_the_strategy_shards_weight_matrices(task):
+    from types import SimpleNamespace
+
+    import pytorch_lightning as pl
+
+    from ldm.errors import UserError
+    from ldm.training.optimizers import MuonAdamW
+
+    assert isinstance(task.configure_optimizers()["optimizer"], MuonAdamW)  # the toy's optimiser
+    task._trainer = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())
+    with pytest.raises(UserError, match="FSDPStrategy shards them: use optim=adamw_cosine"):
+        task.configure_optimizers()
+
+
 def test_training_step_gives_finite_loss_and_unet_gradients(task):
     task.train()
     latents, context = task.encode_batch(_batch(), drop_captions=False)
