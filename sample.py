@@ -48,8 +48,22 @@ def sampler_settings(cfg: DictConfig) -> dict[str, Any]:
     return {
         "sampler": name, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
         "negative_prompt": cfg.negative_prompt, "spacing": cfg.spacing, "guidance_rescale": cfg.guidance_rescale,
+        "guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
         "checkpoint": str(cfg.checkpoint), "use_ema": cfg.use_ema, "precision": str(cfg.precision),
     }  # fmt: skip
+
+
+def guidance_interval(value: Any) -> tuple[int, int] | None:
+    """``guidance_interval=[t_min,t_max]`` as a pair of timesteps, or a one-line error."""
+    if value is None:
+        return None
+    try:
+        low, high = (int(t) for t in value)
+    except (TypeError, ValueError):
+        raise UserError(f"guidance_interval must be [t_min, t_max] (timesteps), got {value}") from None
+    if not 0 <= low <= high:
+        raise UserError(f"guidance_interval must have 0 <= t_min <= t_max, got [{low}, {high}]")
+    return low, high
 
 
 def sample(cfg: DictConfig) -> list[dict[str, Any]]:
@@ -58,6 +72,7 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
         raise UserError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision}")
     if cfg.output not in ("folder", "shards"):
         raise UserError(f"output must be 'folder' or 'shards', got {cfg.output!r}")
+    interval = guidance_interval(cfg.guidance_interval)
     records = read_prompt_records(cfg.prompt, cfg.prompts_file, cfg.get("prompts_shards"))
     items = job_items(records, cfg.num_images_per_prompt, cfg.seed)
     ranks = Ranks.from_environment()
@@ -74,7 +89,7 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return pipeline(prompts, seeds, sampler, cfg.steps, cfg.guidance_scale, cfg.negative_prompt,
-                        cfg.spacing, cfg.guidance_rescale)  # fmt: skip
+                        cfg.spacing, cfg.guidance_rescale, interval)  # fmt: skip
 
     out_dir = Path(cfg.out_dir)
     if cfg.output == "shards":

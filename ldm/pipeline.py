@@ -65,12 +65,14 @@ class TextToImage:
         negative_prompt: str = "",
         spacing: str = "trailing",
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[int, int] | None = None,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1], float32, one per (prompt, seed) pair."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         latents = self.sample_latents(
-            prompts, seeds, sampler, num_steps, guidance_scale, negative_prompt, spacing, guidance_rescale
+            prompts, seeds, sampler, num_steps, guidance_scale, negative_prompt, spacing, guidance_rescale,
+            guidance_interval,
         )
         return self.decode(latents)
 
@@ -85,6 +87,7 @@ class TextToImage:
         negative_prompt: str = "",
         spacing: str = "trailing",
         guidance_rescale: float = 0.0,
+        guidance_interval: tuple[int, int] | None = None,
     ) -> Tensor:
         """Scaled latents (B, C, h, w) from the sampler, before decoding."""
         device = self.device
@@ -97,7 +100,9 @@ class TextToImage:
                 model_fn = Conditioned(network, context)
             else:
                 uncond = self.conditioner([negative_prompt] * len(prompts))  # (B, L, D)
-                model_fn = ClassifierFreeGuidance(network, context, uncond, guidance_scale, guidance_rescale)
+                model_fn = ClassifierFreeGuidance(
+                    network, context, uncond, guidance_scale, guidance_rescale, guidance_interval
+                )
             denoise = Denoiser(_float32_output(model_fn), self.schedule, self.prediction_type)
             timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing, self.schedule)
             return sampler(denoise, x, timesteps, self.schedule, noise_sampler=noise)

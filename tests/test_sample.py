@@ -70,6 +70,24 @@ def test_wrong_file_is_a_user_error(tmp_path):
         sample(_sample_config(bogus, tmp_path, "prompt=x"))
 
 
+def test_guidance_interval_is_used_and_recorded(tiny_checkpoint, tmp_path):
+    prompt = "prompt='a red circle in the top left'"
+    full = sample(_sample_config(tiny_checkpoint, tmp_path / "full", prompt))
+    inside = sample(_sample_config(tiny_checkpoint, tmp_path / "inside", prompt, "guidance_interval=[0,999]"))
+    outside = sample(_sample_config(tiny_checkpoint, tmp_path / "outside", prompt, "guidance_interval=[0,0]"))
+    assert inside[0]["guidance_interval"] == [0, 999] and full[0]["guidance_interval"] is None
+
+    def pixels(name):
+        return np.asarray(Image.open(tmp_path / name / "000000.png"))
+
+    assert np.array_equal(pixels("full"), pixels("inside"))  # every step of the grid lies in [0, 999]
+    assert not np.array_equal(pixels("full"), pixels("outside"))  # no step of a 3-step grid is t = 0
+    with pytest.raises(UserError, match="t_min <= t_max"):
+        sample(_sample_config(tiny_checkpoint, tmp_path / "bad", prompt, "guidance_interval=[500,100]"))
+    with pytest.raises(UserError, match=r"\[t_min, t_max\]"):
+        sample(_sample_config(tiny_checkpoint, tmp_path / "bad", prompt, "guidance_interval=7"))
+
+
 def test_prompt_and_prompts_file_are_exclusive(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="exactly one of prompt"):
         sample(_sample_config(tiny_checkpoint, tmp_path))

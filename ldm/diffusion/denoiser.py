@@ -84,6 +84,10 @@ class ClassifierFreeGuidance:
     ``guidance_rescale`` (phi) rescales the guided output towards the standard deviation of the
     conditional one and mixes: phi * rescaled + (1 - phi) * guided (Lin et al. 2023, Sec. 3.4),
     which keeps zero-terminal-SNR models from over-exposing at high guidance.
+
+    ``interval`` = (t_min, t_max) guides only at timesteps t_min <= t <= t_max and returns the
+    conditional output (one pass of B) elsewhere (Kynkaanniemi et al. 2024: guidance at low noise
+    mostly sharpens what is already decided, and can distort it).
     """
 
     def __init__(
@@ -93,16 +97,23 @@ class ClassifierFreeGuidance:
         uncond_context: Tensor,
         scale: float,
         guidance_rescale: float = 0.0,
+        interval: tuple[int, int] | None = None,
     ):
         if uncond_context.shape != context.shape:
             raise ValueError(f"uncond_context {tuple(uncond_context.shape)} must match context {tuple(context.shape)}")
+        if interval is not None and not 0 <= interval[0] <= interval[1]:
+            raise ValueError(f"guidance interval must be (t_min, t_max) with 0 <= t_min <= t_max, got {interval}")
         self.network = network
         self.contexts = torch.cat([uncond_context, context])  # (2B, L, D)
         self.scale = scale
         self.guidance_rescale = guidance_rescale
+        self.interval = interval
+
+    def guides_at(self, t: int) -> bool:
+        return self.scale != 1.0 and (self.interval is None or self.interval[0] <= t <= self.interval[1])
 
     def __call__(self, x: Tensor, t: int) -> Tensor:
-        if self.scale == 1.0:
+        if not self.guides_at(t):
             half = self.contexts.shape[0] // 2
             return Conditioned(self.network, self.contexts[half:])(x, t)
         uncond, cond = Conditioned(self.network, self.contexts)(torch.cat([x, x]), t).chunk(2)

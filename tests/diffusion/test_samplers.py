@@ -221,6 +221,25 @@ def test_classifier_free_guidance_combines_outputs():
     assert torch.allclose(ClassifierFreeGuidance(network, cond, uncond, scale=1.0)(x, 10), torch.full_like(x, 2.0))
 
 
+def test_guidance_interval_guides_inside_it_and_runs_the_conditional_model_alone_outside():
+    batches = []
+
+    def network(x, t, context):
+        batches.append(len(x))
+        return x * 0 + context[:, :1, :1].unsqueeze(-1)
+
+    cond, uncond = torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0)
+    x = torch.zeros(2, 1, 2, 2)
+    guidance = ClassifierFreeGuidance(network, cond, uncond, scale=3.0, interval=(100, 500))
+    for t in (100, 500):
+        assert torch.allclose(guidance(x, t), torch.full_like(x, -1.0 + 3.0 * (2.0 + 1.0)))
+    for t in (99, 501):
+        assert torch.allclose(guidance(x, t), torch.full_like(x, 2.0))
+    assert batches == [4, 4, 2, 2]  # one pass of B outside: the unconditional half is not computed
+    with pytest.raises(ValueError, match="0 <= t_min <= t_max"):
+        ClassifierFreeGuidance(network, cond, uncond, scale=3.0, interval=(500, 100))
+
+
 def test_guidance_rescale_matches_conditional_std():
     def network(x, t, context):
         return x * context[:, :1, :1].unsqueeze(-1)
