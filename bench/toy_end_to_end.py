@@ -1,10 +1,12 @@
 """The toy's end-to-end figure: wall time of `python train.py` and prompt accuracy of its samples.
 
-    python bench/toy_end_to_end.py [--run-dir DIR] [--skip-train] [--images-per-prompt 4] [-- TRAIN_OVERRIDES...]
+    python bench/toy_end_to_end.py [--run-dir DIR] [--skip-train] [--images-per-prompt 4]
+                                   [--guidance-interval T_MIN T_MAX] [-- TRAIN_OVERRIDES...]
 
 Trains the toy (default config unless overrides are given), then samples every one of the 105 toy
-prompts with DPM-Solver++(2M), 20 steps, guidance 3, and scores colour, shape and position from the
-pixels (ldm/evaluation/toy_accuracy.py). Prints one table; writes DIR/bench.json.
+prompts with DPM-Solver++(2M), 20 steps, guidance 3 (at every step, or only at timesteps in
+``--guidance-interval``), and scores colour, shape and position from the pixels
+(ldm/evaluation/toy_accuracy.py). Prints one table; writes DIR/bench.json.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_MIN", "T_MAX"),
+                        help="guide only at these timesteps (sample.py guidance_interval); default: every step")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
     args = parser.parse_args()
 
@@ -45,17 +49,19 @@ def main() -> None:
         train_seconds = run([sys.executable, "train.py", f"hydra.run.dir={run_dir}", *args.overrides])
     prompts_file = run_dir / "toy_prompts.txt"
     prompts_file.write_text("\n".join(all_prompts()) + "\n")
-    samples = run_dir / f"eval_{args.sampler}_{args.steps}"
+    interval = args.guidance_interval
+    samples = run_dir / (f"eval_{args.sampler}_{args.steps}" + (f"_interval_{interval[0]}_{interval[1]}" if interval else ""))
     sample_seconds = run([
         sys.executable, "sample.py", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
         f"prompts_file={prompts_file}", f"num_images_per_prompt={args.images_per_prompt}",
         f"sampler={args.sampler}", f"steps={args.steps}", f"guidance_scale={args.guidance_scale}",
         "seed=1000", f"out_dir={samples}", "batch_size=105",
+        *([f"guidance_interval=[{interval[0]},{interval[1]}]"] if interval else []),
     ])
     scores = score_folder(samples)
     result = {
         "train_seconds": train_seconds, "sample_seconds": sample_seconds, "sampler": args.sampler,
-        "steps": args.steps, "guidance_scale": args.guidance_scale, **scores,
+        "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_interval": interval, **scores,
     }
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'train wall time':<22}{'-' if train_seconds is None else f'{train_seconds:.0f} s'}")
