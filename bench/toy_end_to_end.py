@@ -50,7 +50,8 @@ def main() -> None:
     prompts_file = run_dir / "toy_prompts.txt"
     prompts_file.write_text("\n".join(all_prompts()) + "\n")
     interval = args.guidance_interval
-    samples = run_dir / (f"eval_{args.sampler}_{args.steps}" + (f"_interval_{interval[0]}_{interval[1]}" if interval else ""))
+    suffix = f"_interval_{interval[0]}_{interval[1]}" if interval else ""
+    samples = run_dir / f"eval_{args.sampler}_{args.steps}{suffix}"
     sample_seconds = run([
         sys.executable, "sample.py", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
         f"prompts_file={prompts_file}", f"num_images_per_prompt={args.images_per_prompt}",

@@ -56,13 +56,15 @@ class MuonAdamW(Optimizer):
         matrices = [p for p in params if p.ndim >= 2]
         others = [p for p in params if p.ndim < 2]
         if others and not matrices:
-            raise ValueError("MuonAdamW got no parameter of two or more dimensions (flat shards of FSDP or DeepSpeed?): "
-                             "Muon needs whole matrices; use optim=adamw_cosine with sharded strategies")  # fmt: skip
+            raise ValueError("MuonAdamW got no parameter of two or more dimensions (flat shards of FSDP or "
+                             "DeepSpeed?): Muon needs whole matrices; use optim=adamw_cosine with sharded strategies")  # fmt: skip
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         groups = [{"params": matrices, "muon": True}] if matrices else []
         groups += [{"params": others, "muon": False}] if others else []
         super().__init__(groups, defaults)
-        self._adamw = AdamW(others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused) if others else None
+        self._adamw = None
+        if others:
+            self._adamw = AdamW(others, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
 
     @torch.no_grad()
     def step(self, closure=None):
