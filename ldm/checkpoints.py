@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -108,12 +109,13 @@ def with_weights(module: nn.Module, path: str | None, prefix: str | None = None,
         return module
     state = load_state_dict_file(path)
     if prefix is None:
-        prefix = _find_prefix(state, next(iter(module.state_dict())), path)
+        prefix = find_prefix(state, next(iter(module.state_dict())), path)
     module.load_state_dict(submodule_state(state, prefix), strict=strict)
     return module
 
 
-def _find_prefix(state: dict[str, Tensor], first_key: str, path: str | Path) -> str:
+def find_prefix(state: dict[str, Tensor], first_key: str, path: str | Path) -> str:
+    """The prefix under which ``state`` holds a module whose first key is ``first_key``."""
     if first_key in state:
         return ""
     matches = [k[: -len(first_key)] for k in state if k.endswith("." + first_key)]
@@ -141,6 +143,23 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "ldm" not in checkpoint or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not an ldm training checkpoint (no 'ldm' and 'state_dict' entries)")
     return checkpoint
+
+
+def fingerprint_state(state: dict[str, Tensor]) -> str:
+    """A short content hash of weights (names, shapes, sums), to check a frozen part is the same.
+
+    Computed in float64 from the values, so an fp16 file and the float32 module loaded from it agree.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        t = tensor.detach().to("cpu", torch.float64)
+        digest.update(f"{name}{tuple(t.shape)}{t.sum().item():.9e}{t.abs().sum().item():.9e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(module: nn.Module) -> str:
+    """``fingerprint_state`` of a module's state dict."""
+    return fingerprint_state(module.state_dict())
 
 
 def submodule_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -46,7 +46,7 @@ from ldm.data.shards import expand_shards
 from ldm.data.skips import DataCounts, FilteredOut, SkipSample
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.errors import UserError
-from ldm.training.latent_diffusion import fingerprint
+from ldm.checkpoints import fingerprint
 
 FORMAT = "ldm.latents/1"
 STORE_MODES = ("distribution", "sample")

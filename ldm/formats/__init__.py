@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -10,6 +11,9 @@ from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.diffusers_folder import export_diffusers, import_diffusers, is_diffusers_folder
 from ldm.formats.single_file import export_single_file, import_single_file
+from ldm.formats.training import bundle_from_training_checkpoint
+
+MAX_SOURCE_DEPTH = 3  # a run fine-tuned from a run fine-tuned from ...: bounded, so no reference loops
 
 __all__ = ["ModelBundle", "detect_format", "load_bundle", "export_diffusers", "export_single_file"]
 
@@ -33,22 +37,32 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_bundle(
-    path: str | Path, use_ema: bool = True, prediction_type: str | None = None, image_size: int | None = None
+    path: str | Path,
+    use_ema: bool = True,
+    prediction_type: str | None = None,
+    image_size: int | None = None,
+    sources: dict[str, str] | None = None,
+    _depth: int = 0,
 ) -> ModelBundle:
-    """Read any supported model format; ``prediction_type``/``image_size`` override what it says."""
+    """Read any supported model format; ``prediction_type``/``image_size`` override what it says.
+
+    ``sources``: for a training checkpoint whose frozen parts are kept by reference, new paths of
+    those files (``{"autoencoder": PATH, "conditioner": PATH}``) when they have moved.
+    """
     kind = detect_format(path)
     if kind == "training":
-        from ldm.formats.training import bundle_from_training_checkpoint
-
-        bundle = bundle_from_training_checkpoint(path, use_ema)
+        if _depth >= MAX_SOURCE_DEPTH:
+            raise UserError(f"{path}: a chain of checkpoints naming each other's frozen parts, deeper than {MAX_SOURCE_DEPTH}")
+        load_source = functools.partial(load_bundle, use_ema=False, _depth=_depth + 1)
+        bundle = bundle_from_training_checkpoint(path, use_ema, sources, load_source)
     elif kind == "diffusers":
         bundle = import_diffusers(path)
     else:
         return import_single_file(path, prediction_type, image_size)
-    if prediction_type is not None:
-        bundle.prediction_type = prediction_type
-    if image_size is not None:
-        bundle.image_size = image_size
+    if prediction_type is not None or image_size is not None:
+        metadata = bundle.metadata()
+        metadata.update({k: v for k, v in (("prediction_type", prediction_type), ("image_size", image_size)) if v is not None})
+        bundle = ModelBundle.from_metadata(metadata, bundle.unet, bundle.vae, bundle.text)
     return bundle
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ldm.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, scaled_linear_betas
+from ldm.errors import UserError
+from ldm.formats.spec import NETWORKS, checked_model_fields, checked_network_config, checked_schedule
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
 from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
@@ -79,8 +81,13 @@ class ModelBundle:
     schedule: dict[str, Any] = field(default_factory=sd_schedule)
 
     def __post_init__(self) -> None:
+        # every importer ends here, so a model file's configs are checked once, whatever its format
         if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+            raise UserError(f"model family must be one of {FAMILIES}, got {self.family!r}")
+        for name in NETWORKS:
+            setattr(self, name, checked_network_config(name, getattr(self, name)))
+        self.schedule = checked_schedule(self.schedule)
+        checked_model_fields(self.prediction_type, self.image_size)
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-friendly data (stored in exported files)."""
@@ -90,7 +97,11 @@ class ModelBundle:
         return json.loads(json.dumps(data, default=list))
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any], unet, vae, text) -> ModelBundle:
+    def from_metadata(cls, metadata: Any, unet, vae, text) -> ModelBundle:
+        """A bundle from ``metadata()`` as stored in a file (checked: a file is untrusted)."""
+        fields = ("unet_config", "vae_config", "text_config", "family", "prediction_type", "image_size", "schedule")
+        if not isinstance(metadata, dict) or set(metadata) - set(fields):
+            raise UserError(f"model spec: expected a mapping with keys among {', '.join(fields)}")
         return cls(**metadata, unet=unet, vae=vae, text=text)
 
     def build(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, ...]:
@@ -102,8 +113,10 @@ class ModelBundle:
         with torch.device("meta"):
             unet = UNetModel(**self.unet_config)
             autoencoder = AutoencoderKL(**self.vae_config)
-        unet.load_state_dict(self.unet, strict=True, assign=True)
-        autoencoder.load_state_dict(self.vae, strict=True, assign=True)
+        # assign keeps the file's dtype: published files are mostly fp16, and the networks compute in
+        # float32 unless ``dtype`` says otherwise (the VAE always: in half precision it overflows)
+        unet.load_state_dict(_float32(self.unet), strict=True, assign=True)
+        autoencoder.load_state_dict(_float32(self.vae), strict=True, assign=True)
         conditioner = OpenCLIPTextEncoder(**self.text_config)
         conditioner.load_weights(self.text)
         modules = (unet, autoencoder, conditioner)
@@ -113,6 +126,10 @@ class ModelBundle:
             unet.to(dtype)
             conditioner.to(dtype)  # the VAE stays float32: half-precision VAEs overflow into NaNs
         return modules
+
+
+def _float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def sd_bundle_configs(family: str) -> dict[str, Any]:

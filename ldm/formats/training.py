@@ -1,64 +1,188 @@
-"""Our training checkpoints (Lightning ``.ckpt`` written by ``train.py``) as ``ModelBundle``s."""
+"""Our training checkpoints (Lightning ``.ckpt`` written by ``train.py``) as ``ModelBundle``s.
+
+A checkpoint's ``ldm`` entry holds the typed model spec (``ModelBundle.metadata()``: constructor
+arguments of our three networks, schedule, prediction type, image size) and, for each frozen part
+too big to embed, a ``FrozenSource`` (the local file it came from and its fingerprint). Loading
+builds our own classes from the checked spec; nothing stored in a checkpoint is instantiated.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ldm.checkpoints import load_training_checkpoint, submodule_state
+import torch
+from torch import Tensor
+
+from ldm.checkpoints import (
+    find_prefix,
+    fingerprint_state,
+    load_state_dict_file,
+    load_training_checkpoint,
+    resolve_path,
+    submodule_state,
+)
+from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
+from ldm.formats.spec import FrozenSource, stored_path
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.conditioners import OpenCLIPTextEncoder
 
+FROZEN = ("autoencoder", "conditioner")
+BUNDLE_PART = {"autoencoder": "vae", "conditioner": "text"}
+CLASS_TARGETS = {
+    "unet": "ldm.models.unet.UNetModel",
+    "autoencoder": "ldm.models.autoencoder.AutoencoderKL",
+    "conditioner": "ldm.models.conditioners.OpenCLIPTextEncoder",
+}
+WITH_WEIGHTS = "ldm.checkpoints.with_weights"
+BETA_TARGETS = {f"ldm.diffusion.schedules.{kind}_betas": kind for kind in ("scaled_linear", "linear", "cosine")}
 _NOT_KWARGS = ("_target_", "_partial_", "_convert_", "_recursive_")
 
 
-def _kwargs(node: dict[str, Any]) -> dict[str, Any]:
-    """Constructor kwargs of a Hydra node (``with_weights`` wrappers unwrapped)."""
-    if node.get("_target_") == "ldm.checkpoints.with_weights":
-        node = node["module"]
+# ------------------------------------------------------------------ the spec, from a run's config
+def _network_node(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The constructor node of ``model.<name>`` (a ``with_weights`` wrapper unwrapped), checked to
+    build our own class."""
+    node = config["model"][name]
+    if isinstance(node, dict) and node.get("_target_") == WITH_WEIGHTS:
+        node = node.get("module")
+    if not isinstance(node, dict) or node.get("_target_") != CLASS_TARGETS[name]:
+        found = node.get("_target_") if isinstance(node, dict) else type(node).__name__
+        raise UserError(f"model.{name} must build {CLASS_TARGETS[name]} to be saved in a checkpoint, found {found!r}")
     return {k: v for k, v in node.items() if k not in _NOT_KWARGS}
 
 
-def _rebuilt_frozen(checkpoint: dict[str, Any], name: str) -> dict[str, Any]:
-    """A frozen part left out of the checkpoint, rebuilt from its config and checked by fingerprint."""
-    from hydra.utils import instantiate
+def _schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
+    betas = node.get("betas") if isinstance(node, dict) else None
+    if not isinstance(betas, dict) or betas.get("_target_") not in BETA_TARGETS:
+        found = betas.get("_target_") if isinstance(betas, dict) else None
+        raise UserError(f"schedule.betas must be one of {sorted(BETA_TARGETS)}, found {found!r}")
+    return dict(
+        kind=BETA_TARGETS[betas["_target_"]],
+        **{k: v for k, v in betas.items() if k not in _NOT_KWARGS},
+        zero_terminal_snr=bool(node.get("zero_terminal_snr", False)),
+        snr_shift=float(node.get("snr_shift", 1.0)),
+    )
 
-    from ldm.errors import UserError
-    from ldm.training.latent_diffusion import fingerprint
 
-    module = instantiate(checkpoint["ldm"]["config"]["model"][name])
-    expected = checkpoint["ldm"].get("frozen_fingerprints", {}).get(name)
-    if expected is not None and fingerprint(module) != expected:
-        raise UserError(f"the configured {name} weights differ from those this checkpoint was trained with")
-    return module.state_dict()
+def model_spec(config: dict[str, Any]) -> dict[str, Any]:
+    """``ModelBundle.metadata()`` of the model a run's resolved config builds (checked, plain data)."""
+    try:
+        text_config = _network_node(config, "conditioner")
+        text_config.pop("pretrained", None)  # the weights travel in the checkpoint or by FrozenSource
+        bundle = ModelBundle(
+            unet_config=_network_node(config, "unet"),
+            vae_config=_network_node(config, "autoencoder"),
+            text_config=text_config,
+            unet={}, vae={}, text={},
+            family=config["model"].get("family", "custom"),
+            prediction_type=config["objective"]["prediction_type"],
+            image_size=int(config["task"]["image_size"]),
+            schedule=_schedule_spec(config["schedule"]),
+        )  # fmt: skip
+    except (KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"the run's config does not describe a text-to-image model ({type(error).__name__}: {error})")
+    return bundle.metadata()
 
 
-def bundle_from_training_checkpoint(path: str | Path, use_ema: bool = True) -> ModelBundle:
-    """The model of a training checkpoint (EMA U-Net by default) with the configs it was built from."""
+def frozen_source_paths(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Where a run's frozen parts come from: ``{name: {kind, path, prefix}}`` (no fingerprint yet).
+
+    ``model.pretrained`` (a model file) gives both; otherwise the VAE's ``with_weights`` path and the
+    text encoder's ``pretrained`` file. A seeded random text tower is ``seeded``; a VAE with random
+    weights has no source (it is then always embedded in the checkpoint).
+    """
+    model = config["model"]
+    sources: dict[str, dict[str, Any]] = {}
+    if model.get("pretrained"):
+        return {name: dict(kind="model", path=stored_path(model["pretrained"])) for name in FROZEN}
+    vae = model.get("autoencoder") or {}
+    if vae.get("_target_") == WITH_WEIGHTS and vae.get("path"):
+        sources["autoencoder"] = dict(kind="weights", path=stored_path(vae["path"]), prefix=vae.get("prefix"))
+    text_weights = (model.get("conditioner") or {}).get("pretrained")
+    if text_weights and resolve_path(text_weights).exists():
+        sources["conditioner"] = dict(kind="weights", path=stored_path(text_weights))
+    elif not text_weights:
+        sources["conditioner"] = dict(kind="seeded")
+    return sources
+
+
+# ------------------------------------------------------------------ reading a checkpoint back
+ModelLoader = Callable[[str], ModelBundle]
+
+
+def bundle_from_training_checkpoint(
+    path: str | Path, use_ema: bool = True, sources: dict[str, str] | None = None, load_model: ModelLoader | None = None
+) -> ModelBundle:
+    """The model of a training checkpoint (EMA U-Net by default), built from its stored spec.
+
+    ``sources`` maps a frozen part (``autoencoder``/``conditioner``) to a new path for the file it was
+    loaded from, when that file has moved; the fingerprint must still match. ``load_model`` reads a
+    source of kind ``model`` (any model format: ``ldm.formats.load_bundle``).
+    """
     checkpoint = load_training_checkpoint(path)
-    config = checkpoint["ldm"]["config"]
+    record = checkpoint["ldm"]
     state = checkpoint["state_dict"]
+    spec = record.get("spec") if isinstance(record, dict) else None
+    if spec is None:  # written before checkpoints carried a spec: parse the config, instantiate nothing
+        spec = model_spec(record.get("config") or {}) if isinstance(record, dict) else None
     prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "unet."
     frozen = {}
-    for name in ("autoencoder", "conditioner"):
-        frozen[name] = submodule_state(state, f"{name}.") or _rebuilt_frozen(checkpoint, name)
-    text_config = _kwargs(config["model"]["conditioner"])
-    text_config.pop("pretrained", None)  # the weights travel in the bundle
-    schedule_node = config["schedule"]
-    kind = schedule_node["betas"]["_target_"].rsplit(".", 1)[1].removesuffix("_betas")
-    return ModelBundle(
-        unet_config=_kwargs(config["model"]["unet"]),
-        vae_config=_kwargs(config["model"]["autoencoder"]),
-        text_config=text_config,
-        unet=submodule_state(state, prefix),
-        vae=frozen["autoencoder"],
-        text=submodule_state(frozen["conditioner"], "model."),
-        family=config["model"].get("family", "custom"),
-        prediction_type=config["objective"]["prediction_type"],
-        image_size=int(config["task"]["image_size"]),
-        schedule=dict(
-            kind=kind,
-            **{k: v for k, v in schedule_node["betas"].items() if k not in _NOT_KWARGS},
-            zero_terminal_snr=bool(schedule_node.get("zero_terminal_snr", False)),
-            snr_shift=float(schedule_node.get("snr_shift", 1.0)),
-        ),
-    )
+    for name in FROZEN:
+        embedded = submodule_state(state, f"{name}.")
+        if name == "conditioner":
+            embedded = submodule_state(embedded, "model.")
+        frozen[name] = embedded or _from_source(path, record, name, spec, (sources or {}).get(name), load_model)
+    return ModelBundle.from_metadata(spec, submodule_state(state, prefix), frozen["autoencoder"], frozen["conditioner"])
+
+
+def _from_source(
+    checkpoint_path: str | Path,
+    record: dict[str, Any],
+    name: str,
+    spec: dict[str, Any],
+    moved: str | None,
+    load_model: ModelLoader | None,
+) -> dict[str, Tensor]:
+    """A frozen part left out of a checkpoint, read from the file it names and checked by fingerprint."""
+    stored = (record.get("frozen_sources") or {}).get(name)
+    if stored is None:
+        raise UserError(f"{checkpoint_path}: its {name} is not in the file and it names no source for it "
+                        f"(a checkpoint from before sources were recorded): resume that run once with the "
+                        f"same config to save a new checkpoint")  # fmt: skip
+    source = FrozenSource.from_dict(stored)
+    path = moved or source.path
+    if source.kind != "seeded" and not (resolve_path(path).exists()):
+        raise UserError(f"{checkpoint_path}: its {name} weights are kept in {path}, which is missing: put the "
+                        f"file back, or name its new place (sample.py/convert: sources.{name}=PATH)")  # fmt: skip
+    weights = _read_source(source, path, name, spec, load_model)
+    if name == "conditioner":
+        actual = fingerprint_state({f"model.{k}": v for k, v in weights.items()})
+    else:
+        actual = fingerprint_state(weights)
+    if actual != source.fingerprint:
+        raise UserError(f"{checkpoint_path}: the {name} weights in {path or 'its seeded init'} differ from those "
+                        f"the run trained with (fingerprint {actual}, expected {source.fingerprint}): "
+                        f"restore the original file")  # fmt: skip
+    return weights
+
+
+def _read_source(
+    source: FrozenSource, path: str | None, name: str, spec: dict[str, Any], load_model: ModelLoader | None
+) -> dict[str, Tensor]:
+    if source.kind == "model":
+        if load_model is None:
+            raise UserError(f"the {name} comes from the model file {path}, and no reader was given for it")
+        return getattr(load_model(path), BUNDLE_PART[name])
+    if name == "autoencoder":  # a weights file of the VAE alone, or of a whole model under a prefix
+        with torch.device("meta"):
+            first_key = next(iter(AutoencoderKL(**spec["vae_config"]).state_dict()))
+        state = load_state_dict_file(path)
+        prefix = source.prefix if source.prefix is not None else find_prefix(state, first_key, path)
+        return submodule_state(state, prefix)
+    encoder = OpenCLIPTextEncoder(**spec["text_config"])  # seeded init; a local file only, never a hub tag
+    if source.kind == "weights":
+        encoder.load_weights(load_state_dict_file(path))
+    return dict(encoder.model.state_dict())
+

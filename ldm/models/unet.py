@@ -226,6 +226,8 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.patch_size = patch_size
         self.self_conditioning = self_conditioning
+        # latent sides must be multiples of this: the patch folding and each level's 2x downsampling
+        self.downsampling_factor = patch_size * 2 ** (len(channel_multipliers) - 1)
         time_embed_dim = 4 * model_channels
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
@@ -10,11 +9,13 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ldm.checkpoints import fingerprint
 from ldm.data.transforms import to_model_range
 from ldm.diffusion.denoiser import implied_x0
 from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.errors import UserError
+from ldm.formats.training import frozen_source_paths, model_spec
 from ldm.pipeline import TextToImage
 from ldm.training.caches import ContextCache, PosteriorCache
 from ldm.training.ema import build_ema
@@ -27,15 +28,6 @@ FROZEN = ("autoencoder", "conditioner")
 def freeze(module: nn.Module) -> nn.Module:
     """The one place frozen parts are frozen: eval mode, no gradients (and so no optimiser state)."""
     return module.requires_grad_(False).eval()
-
-
-def fingerprint(module: nn.Module) -> str:
-    """A short content hash of a module's weights, to check a checkpoint meets the same frozen parts."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu", torch.float64)
-        digest.update(f"{name}{tuple(t.shape)}{t.sum().item():.9e}{t.abs().sum().item():.9e}".encode())
-    return digest.hexdigest()[:16]
 
 
 class LatentDiffusion(pl.LightningModule):
@@ -105,6 +97,12 @@ class LatentDiffusion(pl.LightningModule):
             # in place (state-dict keys unchanged), after the EMA deep copy, which stays eager
             self.unet.compile(**(compile_unet if isinstance(compile_unet, dict) else {}))
         self.run_config = run_config or {}
+        check_image_size(image_size, autoencoder, unet)
+        check_prediction_at_zero_snr(schedule, objective.prediction_type)
+        # the typed model spec and where the frozen parts come from, decided now from the user's own
+        # config: a checkpoint stores these plain values, never a config to instantiate
+        self.model_spec = model_spec(self.run_config) if "model" in self.run_config else None
+        self.frozen_sources = frozen_source_paths(self.run_config) if "model" in self.run_config else {}
         self.flops_per_batch: float | None = None  # set by a FLOP count for MFU (ThroughputMonitor)
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -228,12 +226,19 @@ class LatentDiffusion(pl.LightningModule):
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        left_out = [name for name in FROZEN if _megabytes(getattr(self, name)) > self.frozen_in_checkpoint_mb]
+        # a frozen part is left out only where it can be found again: a file it was loaded from
+        left_out = [
+            name for name in FROZEN
+            if name in self.frozen_sources and _megabytes(getattr(self, name)) > self.frozen_in_checkpoint_mb
+        ]  # fmt: skip
         for key in [k for k in state if k.split(".", 1)[0] in left_out]:
             del state[key]
+        fingerprints = {name: fingerprint(getattr(self, name)) for name in left_out}
         checkpoint["ldm"] = {
-            "config": self.run_config,
-            "frozen_fingerprints": {name: fingerprint(getattr(self, name)) for name in left_out},
+            "spec": self.model_spec,  # what sample.py and ldm.convert build the model from
+            "frozen_sources": {name: dict(self.frozen_sources[name], fingerprint=fingerprints[name]) for name in left_out},
+            "frozen_fingerprints": fingerprints,
+            "config": self.run_config,  # for people; never read to build anything
             "rng": _gather_rng_states(),  # one entry per rank, for an exact resume
         }
 
@@ -262,6 +267,22 @@ class LatentDiffusion(pl.LightningModule):
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+
+
+def check_image_size(image_size: int, autoencoder: nn.Module, unet: nn.Module) -> None:
+    """Refuse an image size the VAE and U-Net cannot halve evenly (it would fail at the first step)."""
+    multiple = getattr(autoencoder, "downsampling_factor", 1) * getattr(unet, "downsampling_factor", 1)
+    if image_size % multiple:
+        raise UserError(f"data.image_size={image_size} must be a multiple of {multiple} (the VAE's and the U-Net's "
+                        f"downsampling): use {max(multiple, image_size // multiple * multiple)} or "
+                        f"{(image_size // multiple + 1) * multiple}")  # fmt: skip
+
+
+def check_prediction_at_zero_snr(schedule: NoiseSchedule, prediction_type: str) -> None:
+    """eps-prediction cannot express x_0 where the signal is gone (x_0 = (x_t - sigma eps) / alpha, alpha = 0)."""
+    if prediction_type == "eps" and schedule.zero_terminal_snr:
+        raise UserError("objective: eps-prediction cannot be trained with schedule.zero_terminal_snr=true (its "
+                        "last step implies x_0 / 0): use objective=v or objective=x0, or zero_terminal_snr=false")  # fmt: skip
 
 
 def _megabytes(module: nn.Module) -> float:
