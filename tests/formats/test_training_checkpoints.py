@@ -115,3 +115,36 @@ def test_bad_spec_values_are_one_line_errors(tiny_checkpoint, tmp_path):
 
     with pytest.raises(UserError, match="prediction_type must be one of"):
         load_bundle(_rewritten(tiny_checkpoint, tmp_path / "bad.ckpt", plant))
+
+
+def test_a_checkpoint_from_before_the_spec_still_loads(tiny_checkpoint, tmp_path):
+    def legacy(checkpoint):  # what train.py wrote before: the resolved config, frozen parts embedded
+        del checkpoint["ldm"]["spec"], checkpoint["ldm"]["frozen_sources"]
+
+    old = load_bundle(_rewritten(tiny_checkpoint, tmp_path / "old.ckpt", legacy))
+    new = load_bundle(tiny_checkpoint)
+    assert old.metadata() == new.metadata()
+    assert all(torch.equal(old.unet[k], new.unet[k]) for k in new.unet)
+
+
+def test_half_precision_model_files_build_in_float32(tiny_checkpoint):
+    bundle = load_bundle(tiny_checkpoint)
+    for part in ("unet", "vae", "text"):
+        setattr(bundle, part, {k: v.half() for k, v in getattr(bundle, part).items()})
+    unet, autoencoder, conditioner = bundle.build()
+    assert {p.dtype for m in (unet, autoencoder, conditioner) for p in m.parameters()} == {torch.float32}
+    image = autoencoder.decode_from_latent(torch.randn(1, 4, 8, 8))  # fp16 weights meeting fp32 input used to raise
+    assert image.dtype == torch.float32 and torch.isfinite(image).all()
+
+
+def test_convert_takes_the_new_place_of_a_moved_source(toy_data_dir, tmp_path, capsys):
+    from ldm.convert import main
+
+    checkpoint_path, weights, _ = _large_frozen_run(tmp_path / "run", toy_data_dir, tmp_path)
+    moved = tmp_path / "moved.safetensors"
+    shutil.move(weights, moved)
+    with pytest.raises(SystemExit):
+        main([str(checkpoint_path), str(tmp_path / "out.safetensors"), "--to", "sd"])
+    assert "which is missing" in capsys.readouterr().err
+    main([str(checkpoint_path), str(tmp_path / "out.safetensors"), "--to", "sd", "--source", f"autoencoder={moved}"])
+    assert (tmp_path / "out.safetensors").is_file()
