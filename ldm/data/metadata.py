@@ -23,7 +23,8 @@ SIZE_KEYS = (("original_width", "original_height"), ("width", "height"))
 
 class SampleMembers:
     """Read access to one raw sample's members: ``text(ext)`` decodes UTF-8, ``json(ext)`` parses
-    (once) and raises ``SkipSample("corrupt_metadata")`` when the member is not valid JSON."""
+    (once) and raises ``SkipSample("corrupt_metadata")`` when the member is not valid JSON or is
+    nested too deeply to parse (``[[[[...`` a hundred thousand deep raises ``RecursionError``)."""
 
     def __init__(self, sample: Mapping[str, Any]):
         self.sample = sample
@@ -42,6 +43,8 @@ class SampleMembers:
                 self._parsed[ext] = json.loads(text) if text is not None and text.strip() else None
             except ValueError as error:
                 raise SkipSample(CORRUPT_METADATA, f".{ext}: {error}") from None
+            except RecursionError:
+                raise SkipSample(CORRUPT_METADATA, f".{ext}: nested too deeply to parse") from None
         return self._parsed[ext]
 
 

@@ -7,21 +7,28 @@ its iteration ends, so the caller goes on with the next shard.
 
 URLs: a local path (or ``file:``), ``pipe:COMMAND`` (the command writes the tar to stdout, e.g.
 ``pipe:aws s3 cp s3://bucket/00001.tar -``), ``s3://`` (read with ``aws s3 cp URL -``), ``gs://``
-(``gsutil cat URL``), ``http(s)://`` (``curl``). Commands get ``read_timeout`` seconds per read
-before the shard is abandoned, so a hung download never hangs a loader worker.
+(``gsutil cat URL``), ``http(s)://`` (``curl``). Every read (commands and local files alike) gets
+``read_timeout`` seconds before the shard is abandoned (``ShardStalled``), so neither a hung download
+nor a hung network file system hangs a loader worker.
+
+Shards are untrusted: a member whose tar header declares more than ``max_member_bytes`` (a GNU
+sparse member can declare a gigabyte in a 10 KB shard) is never read; its sample is skipped and
+counted as ``oversized_member``.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import select
 import subprocess
 import tarfile
 import tempfile
-from typing import Any, Iterator
+import threading
+from typing import Any, Callable, Iterator
 
-from ldm.data.skips import STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
+from ldm.data.skips import OVERSIZED_MEMBER, STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
 
 TAR_BLOCK = 512
 # a tar ends with two zero blocks; without them the file was cut (at a member boundary, or inside
@@ -29,11 +36,15 @@ TAR_BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * TAR_BLOCK)
 # bytes read past the end-of-archive marker to see the padding and the command's exit status
 MAX_DRAIN = 1 << 20
-LOCAL_BUFFER = 1 << 20
+# local files are read in chunks of this size by a helper thread (one hand-over per MiB: negligible)
+LOCAL_CHUNK = 1 << 20
+# the largest member read by default: well above any training image (a 50-megapixel JPEG is
+# 10-25 MB, a 4096x4096 RGB PNG at most 50 MB) yet far below what a loader worker can hold
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 
 
 class ShardStalled(OSError):
-    """A command sent no data for ``read_timeout`` seconds."""
+    """A shard (a command, or a local file on a hung file system) sent no data for ``read_timeout`` seconds."""
 
 
 class _TrackedStream:
@@ -69,17 +80,64 @@ class _TrackedStream:
 
 
 class LocalStream(_TrackedStream):
-    """A local file."""
+    """A local file. With a ``timeout``, the file is opened and read (``LOCAL_CHUNK`` at a time) by a
+    helper thread, and waiting longer than ``timeout`` for it raises ``ShardStalled``: a read from a
+    hung network file system (or a FIFO nobody writes) blocks in the kernel, where nothing else can
+    interrupt it. The stuck thread is a daemon and is abandoned (with its file) if it never returns."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, timeout: float | None = None):
         super().__init__()
-        self.file = open(path, "rb", buffering=LOCAL_BUFFER)  # noqa: SIM115 - closed by close()
+        self.path = path
+        self.timeout = timeout
+        self.buffer, self.offset = b"", 0
+        self.file: Any = None
+        if timeout is None:
+            self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+            return
+        self.requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=f"read {path}", daemon=True).start()
+        self._reply()  # the open itself may hang (a FIFO, a dead NFS server)
+
+    def _serve(self) -> None:
+        """The helper thread: open the file, then answer each requested size with a read."""
+        try:
+            with open(self.path, "rb", buffering=0) as file:
+                self.replies.put(b"")
+                while (size := self.requests.get()) is not None:
+                    self.replies.put(file.read(size))
+        except BaseException as error:  # noqa: BLE001 - handed to the reading thread
+            self.replies.put(error)
+
+    def _reply(self) -> bytes:
+        try:
+            reply = self.replies.get(timeout=self.timeout)
+        except queue.Empty:
+            raise ShardStalled(f"no data for {self.timeout:g} s from {self.path}") from None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _chunk(self) -> bytes:
+        if self.file is not None:
+            return self.file.read(LOCAL_CHUNK)
+        self.requests.put(LOCAL_CHUNK)
+        return self._reply()
 
     def _raw_read(self, size: int) -> bytes:
-        return self.file.read(size)
+        if self.offset >= len(self.buffer):
+            self.buffer, self.offset = self._chunk(), 0
+        if size is None or size < 0:
+            size = len(self.buffer) - self.offset  # (a short read is allowed; tarfile asks again)
+        data = self.buffer[self.offset : self.offset + size]
+        self.offset += len(data)
+        return data
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+        else:
+            self.requests.put(None)  # the helper closes the file and ends (unless it is stuck)
 
 
 class CommandStream(_TrackedStream):
@@ -140,7 +198,7 @@ def open_shard(url: str, read_timeout: float | None = 300.0) -> _TrackedStream:
         return CommandStream(command, read_timeout)
     if url.startswith("file:"):
         url = re.sub(r"^file:(//)?", "", url)
-    return LocalStream(url)
+    return LocalStream(url, read_timeout)
 
 
 def split_name(name: str) -> tuple[str | None, str | None]:
@@ -157,22 +215,33 @@ def _is_meta(name: str) -> bool:
     return base.startswith("__") and base.endswith("__")
 
 
-def read_shard(url: str, counts: DataCounts, read_timeout: float | None = 300.0) -> Iterator[dict[str, Any]]:
+def read_shard(
+    url: str,
+    counts: DataCounts,
+    read_timeout: float | None = 300.0,
+    max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
+) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of one shard; count and stop at the first problem.
 
     A shard that cannot be opened or yields no member counts as ``unreadable_shard``; one that
     breaks after some members as ``truncated_shard`` (its complete samples are yielded; the sample
     being read when it broke is dropped, since it may lack members: a sample is known to be complete
-    only once the next key begins or the archive ends properly); a command that stops sending
-    data as ``stalled_shard``.
+    only once the next key begins or the archive ends properly); a read that waits ``read_timeout``
+    seconds as ``stalled_shard``. A sample with a member whose header declares more than
+    ``max_member_bytes`` (None: no cap) is dropped without that member being read, counted once as
+    ``oversized_member``.
     """
     try:
         stream = open_shard(url, read_timeout)
+    except ShardStalled as error:
+        counts.skip(STALLED_SHARD, url, str(error))
+        return
     except Exception as error:  # noqa: BLE001 - any failure to open is an unreadable shard
         counts.skip(UNREADABLE_SHARD, url, _describe(error))
         return
     members = 0
     current: dict[str, Any] | None = None
+    oversized = False  # the current sample has an oversized member: counted, never yielded
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")  # type: ignore[call-overload]
         for info in tar:
@@ -183,11 +252,17 @@ def read_shard(url: str, counts: DataCounts, read_timeout: float | None = 300.0)
             if key is None:
                 continue
             if current is None or key != current["__key__"]:
-                if current is not None:
+                if current is not None and not oversized:
                     yield current  # a new key began: the previous sample is complete
-                current = {"__key__": key, "__url__": url}
-            current[ext] = tar.extractfile(info).read()
+                current, oversized = {"__key__": key, "__url__": url}, False
             members += 1
+            if max_member_bytes is not None and info.size > max_member_bytes:
+                if not oversized:
+                    counts.skip(OVERSIZED_MEMBER, f"{url}:{info.name}", f"{info.size} > {max_member_bytes} bytes")
+                oversized = True  # (tarfile skips the member's stored bytes without keeping them)
+                continue
+            if not oversized:
+                current[ext] = tar.extractfile(info).read()
         compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
         if members and not compressed and not stream.ended_cleanly():
             raise tarfile.ReadError("no end-of-archive marker")
@@ -199,7 +274,7 @@ def read_shard(url: str, counts: DataCounts, read_timeout: float | None = 300.0)
         return
     finally:
         stream.close()
-    if current is not None:  # (a valid tar with no member is not an error)
+    if current is not None and not oversized:  # (a valid tar with no member is not an error)
         yield current
 
 

@@ -1,7 +1,8 @@
 """Why samples and shards are skipped, and the per-worker counts that travel with each batch.
 
 Every sample the pipeline drops is counted under one key: ``skipped/<reason>`` (bad data) or
-``filtered/<filter>`` (a metadata threshold, see ``ldm.data.metadata``). Sample-level reasons count
+``filtered/<filter>`` (a metadata threshold, see ``ldm.data.metadata``). A sample that is kept but
+cut to a limit is counted under ``truncated/<what>`` (``truncated/caption``: over max_caption_chars). Sample-level reasons count
 samples; shard-level reasons count shards (the samples of a shard that could not be read are not
 known, so they are not counted). Each loader worker keeps its own ``DataCounts`` and hands what
 accrued since the previous batch to the batch it builds (``batch["skipped"]``); the training side
@@ -17,7 +18,8 @@ from typing import Mapping
 
 log = logging.getLogger("ldm.data")
 
-# The batch key that carries the counts: {"skipped/<reason>" | "filtered/<filter>": n since the last batch}
+# The batch key that carries the counts: {"skipped/<reason>" | "filtered/<filter>" | "truncated/<what>": n
+# since the last batch}
 COUNTS_KEY = "skipped"
 
 # sample-level reasons (count samples)
@@ -28,14 +30,20 @@ TOO_MANY_PIXELS = "too_many_pixels"    # header width x height over max_pixels (
 TOO_SMALL = "too_small"                # short side under image_size with small_images=skip
 EMPTY_CAPTION = "empty_caption"        # no non-empty caption under any caption key, empty_captions=drop
 CORRUPT_METADATA = "corrupt_metadata"  # a .json member that is needed (filters, captions) but unparsable
+                                       # (invalid, or nested too deeply to parse)
+OVERSIZED_MEMBER = "oversized_member"  # a member whose tar header declares over max_member_bytes (never read)
+QUARANTINED = "quarantined"            # its key is in the quarantine list (a worker died on it; ldm.data.quarantine)
 ERROR = "error"                        # any other exception while turning a sample into tensors
 # shard-level reasons (count shards)
 UNREADABLE_SHARD = "unreadable_shard"  # could not be opened, or not a tar at all (nothing read)
 TRUNCATED_SHARD = "truncated_shard"    # ended early; its complete samples are kept, the last is dropped
-STALLED_SHARD = "stalled_shard"        # a pipe/remote read sent no byte for read_timeout seconds
+STALLED_SHARD = "stalled_shard"        # a read (pipe, remote or local file) sent no byte for read_timeout seconds
+# kept but cut (count samples, under truncated/<what>)
+CAPTION = "caption"                    # a caption longer than max_caption_chars, cut to it
 
 SAMPLE_REASONS = (
-    NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_METADATA, ERROR,
+    NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_METADATA,
+    OVERSIZED_MEMBER, QUARANTINED, ERROR,
 )
 SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, STALLED_SHARD)
 
@@ -81,6 +89,10 @@ class DataCounts:
     def filtered(self, name: str) -> None:
         """Count one sample rejected by the metadata filter ``name``."""
         self._pending[f"filtered/{name}"] += 1
+
+    def truncated(self, what: str) -> None:
+        """Count one sample kept with ``what`` (e.g. its caption) cut to a limit."""
+        self._pending[f"truncated/{what}"] += 1
 
     def take(self) -> dict[str, int]:
         """The counts since the previous ``take()``, then reset."""

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ldm.errors import UserError
+
 SPEC_VERSION = 1
 IMAGE_SIZE = 64
 BACKGROUND_RANGE = (20, 50)
@@ -212,11 +214,26 @@ def _looks_like_toy_dataset(directory: Path) -> bool:
     return MANIFEST in names or all(SHARD_NAME.fullmatch(name) for name in names)
 
 
-def _publish(tmp_dir: Path, out_dir: Path) -> None:
-    """Move the finished `tmp_dir` to `out_dir`, replacing an older toy dataset that is there."""
+class NotAToyDataset(UserError, FileExistsError):
+    """The output folder holds something other than a toy dataset, which writing would destroy."""
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an `out_dir` that is a file, or a folder holding more than a toy dataset."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotAToyDataset(f"{out_dir} is a file, not a folder; choose a new or empty folder for --out")
+    if out_dir.is_dir() and not overwrite and not _looks_like_toy_dataset(out_dir):
+        raise NotAToyDataset(
+            f"{out_dir} is not empty and holds more than toy shards; choose a new or empty folder, "
+            "or pass --overwrite to replace it"
+        )
+
+
+def _publish(tmp_dir: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Move the finished `tmp_dir` to `out_dir`, replacing an older toy dataset that is there
+    (anything, with `overwrite`)."""
     if out_dir.exists():
-        if not _looks_like_toy_dataset(out_dir):
-            raise FileExistsError(f"{out_dir} holds more than toy shards; refusing to replace it")
+        _check_out_dir(out_dir, overwrite)  # (again: it may have changed while the shards were written)
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
         os.replace(tmp_dir, out_dir)
@@ -232,17 +249,21 @@ def write_toy_shards(
     seed: int = 0,
     samples_per_shard: int = 1000,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> None:
     """Write `out_dir/{train,val}-%06d.tar` and `out_dir/manifest.json`, atomically.
 
     Shards are built in a temporary sibling directory that is renamed into place only after the
     manifest is written, so an interrupted run never leaves a dataset that looks complete. An
-    existing toy dataset at `out_dir` (a manifest, or nothing but shards) is replaced.
+    existing toy dataset at `out_dir` (a manifest, or nothing but shards) is replaced; a folder
+    holding anything else raises `NotAToyDataset` (a `UserError`) before any shard is written,
+    unless `overwrite`.
     Train and val draw from independent streams `default_rng([seed, 0])` and `[seed, 1]`.
     """
     if num_train < 0 or num_val < 0 or samples_per_shard < 1:
         raise ValueError("need num_train >= 0, num_val >= 0 and samples_per_shard >= 1")
     out_dir = Path(out_dir).absolute()
+    _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     tmp_dir.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
@@ -256,7 +277,7 @@ def write_toy_shards(
         manifest = {**_params(num_train, num_val, seed), "samples_per_shard": samples_per_shard}
         manifest["splits"] = splits
         (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _publish(tmp_dir, out_dir)
+        _publish(tmp_dir, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # no-op once published
 

@@ -1,20 +1,26 @@
 """Bad samples and bad shards are skipped and counted by reason; the pipeline goes on."""
 
 import itertools
+import json
+import multiprocessing
+import os
 import random
+import signal
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
 
-from ldm.data.captions import CaptionPicker
-from ldm.data.metadata import MetadataFilter
+from ldm.data.captions import DEFAULT_MAX_CAPTION_CHARS, CaptionPicker
+from ldm.data.metadata import MetadataFilter, SampleMembers
+from ldm.data.quarantine import Quarantine
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import Source
 from ldm.data.streams import ImageCaptionStream, NoReadableShard
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
-from shard_corpus import bad_corpus, write_good_shard
+from shard_corpus import bad_corpus, good_sample, image_bytes, write_good_shard, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +94,80 @@ def test_unexpected_errors_are_counted_but_a_systematic_one_is_raised(tmp_path):
 
     with pytest.raises(RuntimeError, match="every sample"):
         list(ImageCaptionStream([Source([shard])], always_broken, 8, train=False))
+
+
+def test_deeply_nested_json_is_corrupt_metadata_and_never_ends_the_stream(tmp_path):
+    nested = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError
+    members = [m for i in range(120) for m in (
+        (f"n{i:03d}.png", image_bytes()), (f"n{i:03d}.txt", b"a caption"), (f"n{i:03d}.json", nested))]
+    shard = write_tar(tmp_path / "nested.tar", members + good_sample("z000", meta={"punsafe": 0.1}))
+    keys, counts = _drain(_validation([shard]))  # (the max_unsafe filter parses every .json)
+    assert keys == ["z000"] and dict(counts) == {"skipped/corrupt_metadata": 120}
+
+
+def test_a_huge_caption_is_cut_to_the_cap_and_counted(tmp_path):
+    huge = ("word " * 800_000).encode()  # 4 MB
+    shard = write_tar(tmp_path / "long.tar", [("h0.png", image_bytes()), ("h0.txt", huge), *good_sample("h1")])
+    stream = _validation([shard])
+    batches = list(stream)
+    captions = [c for batch in batches for c in batch["caption"]]
+    assert len(captions[0]) <= DEFAULT_MAX_CAPTION_CHARS and captions[0].startswith("word word")
+    assert captions[1] == "caption h1"
+    assert sum((Counter(batch["skipped"]) for batch in batches), Counter()) == {"truncated/caption": 1}
+    picker = CaptionPicker(["txt"], max_chars=13)
+    assert picker.pick(SampleMembers({"txt": b"  short \n caption  "}), random.Random(0)) == ("short caption", False)
+    assert picker.pick(SampleMembers({"txt": b"one two three four"}), random.Random(0)) == ("one two three", True)
+    assert CaptionPicker(["txt"], max_chars=None)(SampleMembers({"txt": huge}), random.Random(0)) == huge.decode().strip()
+
+
+class _DiesOn:
+    """An image transform that kills its process on images of one size, as a decoder segfault would."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.inner, self.poison = ImageTransform(8), size
+        self.size = self.inner.size
+
+    def __call__(self, image, rng=None):
+        if image.size == self.poison:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(image, rng)
+
+
+def _attempt(shard: str, quarantine: Path, out: Path) -> None:
+    to_sample = ToTrainingSample(_DiesOn((13, 11)), CaptionPicker(["txt"]), quarantine=Quarantine(quarantine))
+    keys, counts = _drain(ImageCaptionStream([Source([shard])], to_sample, 2, train=False))
+    out.write_text(json.dumps({"keys": keys, "counts": counts}))
+
+
+def test_a_sample_that_kills_its_worker_is_quarantined_by_the_next_attempts(tmp_path):
+    keys = [f"q{i:03d}" for i in range(8)]
+    members = [m for key in keys for m in good_sample(key)]
+    members[6:8] = [("q003.png", image_bytes((13, 11))), ("q003.txt", b"the poison sample")]
+    shard, directory, out = write_tar(tmp_path / "q.tar", members), tmp_path / "quarantine", tmp_path / "out.json"
+    fork = multiprocessing.get_context("fork")
+
+    def attempt() -> int:
+        process = fork.Process(target=_attempt, args=(shard, directory, out))
+        process.start()
+        process.join(60)
+        return process.exitcode
+
+    assert attempt() == -signal.SIGKILL  # dies on q003
+    assert attempt() == -signal.SIGKILL  # one death might have been a preemption: q003 is not skipped yet
+    crashes = [json.loads(line) for line in (directory / "crashes.jsonl").read_text().splitlines()]
+    assert [(c["url"], c["key"]) for c in crashes] == [(shard, "q003")]
+    assert attempt() == 0  # two deaths on q003: it is quarantined
+    result = json.loads(out.read_text())
+    assert result["keys"] == [k for k in keys if k != "q003"] and result["counts"] == {"skipped/quarantined": 1}
+    assert [json.loads(line) for line in (directory / "quarantine.jsonl").read_text().splitlines()] == [
+        {"url": shard, "key": "q003"}]
+    assert attempt() == 0 and len((directory / "crashes.jsonl").read_text().splitlines()) == 2  # a clean run logs none
+
+
+def test_a_quarantine_list_written_by_hand_skips_keys_in_any_shard(tmp_path):
+    shard = write_good_shard(tmp_path / "s.tar", ["k0", "k1", "k2"])
+    (tmp_path / "quarantine").mkdir()
+    (tmp_path / "quarantine" / "quarantine.jsonl").write_text('{"key": "k1"}\n{"url": "elsewhere.tar", "key": "k2"}\n')
+    to_sample = ToTrainingSample(ImageTransform(8), quarantine=Quarantine(tmp_path / "quarantine"))
+    keys, counts = _drain(ImageCaptionStream([Source([shard])], to_sample, 2, train=False))
+    assert keys == ["k0", "k2"] and dict(counts) == {"skipped/quarantined": 1}

@@ -1,8 +1,11 @@
 """Reading one shard: local files, commands and object-storage URLs, compressed tars, odd endings."""
 
 import gzip
+import io
 import os
 import stat
+import tarfile
+import tracemalloc
 
 import pytest
 
@@ -65,3 +68,60 @@ def test_member_names_split_like_webdataset():
     assert split_name("dir/000123.jpg") == ("dir/000123", "jpg")
     assert split_name("000123.seg.PNG") == ("000123", "seg.png")
     assert split_name("noextension") == (None, None)
+
+
+def _sparse_member(name: str, declared: int) -> tarfile.TarInfo:
+    """A GNU sparse member (PAX 0.1) storing 10 bytes but declaring ``declared`` bytes of content."""
+    info = tarfile.TarInfo(name)
+    info.size = 10
+    info.pax_headers = {"GNU.sparse.map": "0,10", "GNU.sparse.size": str(declared)}
+    return info
+
+
+def test_a_member_declaring_more_than_the_cap_is_never_read(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in good_sample("g0"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        tar.addfile(_sparse_member("bomb.png", 256 << 20), io.BytesIO(b"x" * 10))  # 256 MiB from 10 bytes
+        tar.addfile(tarfile.TarInfo("bomb.txt"), io.BytesIO(b""))
+        for name, data in good_sample("g1"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard = tmp_path / "sparse.tar"
+    shard.write_bytes(buffer.getvalue())
+    assert shard.stat().st_size < 20_000
+
+    tracemalloc.start()
+    try:
+        keys, counts = _read(str(shard))  # the default cap (64 MiB)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert keys == ["g0", "g1"] and counts == {"skipped/oversized_member": 1}
+    assert peak < 8 << 20  # the 256 MiB member was never expanded
+    assert _read(str(shard), max_member_bytes=20)[1] == {"skipped/oversized_member": 3}  # every png is over 20 B
+    assert len(_read(str(shard), max_member_bytes=None)[0]) == 3  # no cap: read (as before)
+
+
+def test_a_local_read_that_never_returns_is_a_stalled_shard(tmp_path):
+    fifo = tmp_path / "hung.tar"
+    os.mkfifo(fifo)  # opening it blocks until a writer comes, as a read on a dead NFS server would
+    counts = DataCounts()
+    try:
+        assert list(read_shard(str(fifo), counts, read_timeout=0.3)) == []
+        assert counts.take() == {"skipped/stalled_shard": 1}
+        reason, where, detail = counts.last_skip
+        assert where == str(fifo) and "no data for 0.3 s from" in detail and str(fifo) in detail
+    finally:  # let the abandoned reader thread finish
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_local_reads_with_a_timeout_give_the_same_samples(tmp_path):
+    keys = [f"s{i:03d}" for i in range(40)]
+    shard = write_good_shard(tmp_path / "s.tar", keys)
+    assert _read(shard, read_timeout=5.0) == (keys, {})
+    assert _read(shard, read_timeout=None) == (keys, {})

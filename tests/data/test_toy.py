@@ -199,3 +199,18 @@ def test_cli_writes_shards(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "toy" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shards"] == ["train-000000.tar", "train-000001.tar"]
     assert (manifest["num_val"], manifest["seed"], manifest["samples_per_shard"]) == (2, 7, 3)
+
+
+def test_cli_into_a_foreign_folder_is_one_line_naming_it_and_the_fix(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    args = ("data_scripts/make_toy_shards.py", "--out", str(out), "--train", "2", "--val", "1", "--no-progress")
+    assert run_script(*args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out} is not empty") and "--overwrite" in err
+    assert [path.name for path in out.iterdir()] == ["holiday.jpg"]
+    assert list(tmp_path.iterdir()) == [out]  # nothing was generated first
+
+    assert run_script(*args, "--overwrite") == 0
+    assert (out / "manifest.json").exists() and not (out / "holiday.jpg").exists()
