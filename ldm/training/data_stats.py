@@ -106,7 +106,11 @@ def format_report(stages: Mapping[str, tuple[Counter, int]], world_size: int, no
     for stage, (counts, delivered) in stages.items():
         if not delivered and not counts:
             continue
-        sample_counts = {k: v for k, v in counts.items() if k.split("/", 1)[1] not in SHARD_REASONS}
+        # truncated/* samples were delivered (only cut), so they are not part of what was read besides
+        sample_counts = {
+            k: v for k, v in counts.items()
+            if k.split("/", 1)[1] not in SHARD_REASONS and not k.startswith("truncated/")
+        }  # fmt: skip
         read = delivered + sum(sample_counts.values())
         skipped = sum(v for k, v in sample_counts.items() if k.startswith("skipped/"))
         filtered = sum(v for k, v in sample_counts.items() if k.startswith("filtered/"))

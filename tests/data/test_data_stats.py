@@ -51,3 +51,9 @@ def test_callback_logs_and_reports_the_counts_of_a_run(tmp_path):
     assert float(val_row["data/val/skipped/truncated_shard"]) == 3
     assert report.report.startswith("data report, 1 rank:")
     assert f"validation: {len(good)} samples delivered, 8 skipped (32.00%), 1 filtered (4.00%)" in report.report
+
+
+def test_truncated_samples_are_delivered_not_dropped():
+    counts = Counter({"truncated/caption": 10, "skipped/corrupt_image": 10})
+    report = format_report({"training": (counts, 90)}, world_size=1)
+    assert "10 skipped (10.00%)" in report  # 10 of 100 read, the 10 cut captions among the 90 delivered
