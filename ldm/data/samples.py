@@ -8,7 +8,7 @@ sample's key is recorded as in flight while it is decoded (``ldm.data.quarantine
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -55,16 +55,7 @@ class ToTrainingSample:
             self.quarantine.start(split, rank, worker)
 
     def __call__(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        url, key = str(sample.get("__url__", "")), str(sample["__key__"])
-        if self.quarantine is None:
-            return self._convert(sample, rng)
-        if self.quarantine.holds(url, key):
-            raise SkipSample(QUARANTINED)
-        self.quarantine.begin(url, key)
-        try:
-            return self._convert(sample, rng)
-        finally:
-            self.quarantine.end()
+        return quarantined_call(self.quarantine, self._convert, sample, rng)
 
     def _convert(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
@@ -83,6 +74,25 @@ class ToTrainingSample:
             self.counts.truncated(CAPTION)
         image = decode_image(sample[image_ext], self.max_pixels, self.transform.size, self.small_images)
         return {"image": self.transform(image, rng), "caption": caption, "key": sample["__key__"]}
+
+
+def quarantined_call(
+    quarantine: Quarantine | None,
+    convert: Callable[[dict[str, Any], random.Random], dict[str, Any]],
+    sample: dict[str, Any],
+    rng: random.Random,
+) -> dict[str, Any]:
+    """``convert(sample, rng)``, skipping a quarantined key and recording the key while it runs."""
+    if quarantine is None:
+        return convert(sample, rng)
+    url, key = str(sample.get("__url__", "")), str(sample["__key__"])
+    if quarantine.holds(url, key):
+        raise SkipSample(QUARANTINED)
+    quarantine.begin(url, key)
+    try:
+        return convert(sample, rng)
+    finally:
+        quarantine.end()
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

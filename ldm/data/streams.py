@@ -30,7 +30,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.samples import collate
-from ldm.data.shard_reader import read_shard
+from ldm.data.shard_reader import DEFAULT_MAX_MEMBER_BYTES, read_shard
 from ldm.data.shards import Source
 from ldm.data.skips import COUNTS_KEY, ERROR, DataCounts, FilteredOut, SkipSample
 from ldm.errors import UserError
@@ -99,6 +99,7 @@ class ImageCaptionStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         read_timeout: float | None = 300.0,
+        max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__()
         if not sources or any(not source.urls for source in sources):
@@ -121,10 +122,13 @@ class ImageCaptionStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.read_timeout = read_timeout
+        self.max_member_bytes = max_member_bytes
         self.counts = DataCounts()  # one per process: each loader worker has its own copy
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, num_workers = worker_position(self.rank, self.world_size)
+        if hasattr(self.to_sample, "bind"):  # its counts, and the quarantine's in-flight record (ldm.data.samples)
+            self.to_sample.bind("train" if self.train else "val", rank, worker, self.counts)
         skip = 0
         if self.train:
             seed = partial(stream_seed, self.seed, rank, worker, self.epoch)
@@ -164,7 +168,7 @@ class ImageCaptionStream(IterableDataset):
         failures, ever_read = 0, False
         for shard in shards:
             read = False
-            for sample in read_shard(shard["url"], self.counts, self.read_timeout):
+            for sample in read_shard(shard["url"], self.counts, self.read_timeout, self.max_member_bytes):
                 read = True
                 yield sample
             if read:
@@ -187,7 +191,7 @@ class ImageCaptionStream(IterableDataset):
         split_samples = len(urls) < world_size  # too few shards to give every rank one
         rank_urls = urls if split_samples else urls[rank::world_size]
         for url in rank_urls[worker::num_workers]:
-            samples = read_shard(url, self.counts, self.read_timeout)
+            samples = read_shard(url, self.counts, self.read_timeout, self.max_member_bytes)
             if split_samples:
                 samples = itertools.islice(samples, rank, None, world_size)
             yield from samples
@@ -215,26 +219,40 @@ class ImageCaptionStream(IterableDataset):
             yield decoded
 
     def _batches(self, samples: Iterator[dict[str, Any]], keep_partial: bool) -> Iterator[dict[str, Any]]:
-        ready: list[dict[str, Any]] | None = None  # a full batch, handed out when the next sample comes
-        current: list[dict[str, Any]] = []
-        for sample in samples:
-            if ready is not None:
-                yield self._collate(ready)
-                ready = None
-            current.append(sample)
-            if len(current) == self.batch_size:
-                ready, current = current, []
-        if keep_partial and current:
-            if ready is not None:
-                yield self._collate(ready)
-            ready = current
-        if ready is not None:
-            yield self._collate(ready)
+        return batches_by_shape(samples, self.batch_size, keep_partial, self._collate)
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collate(samples)
         batch[COUNTS_KEY] = self.counts.take()
         return batch
+
+
+def batches_by_shape(
+    samples: Iterable[dict[str, Any]],
+    batch_size: int,
+    keep_partial: bool,
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> Iterator[dict[str, Any]]:
+    """Batches of ``batch_size`` samples of one image shape (one aspect bucket; a single shape without
+    buckets), one pending batch per shape. A full batch is handed out only when the next sample
+    arrives (or the stream ends), so the skip counts gathered meanwhile travel with it;
+    ``keep_partial`` (validation) also hands out each shape's last partial batch, in the order the
+    shapes first appeared; training drops them (the stream is cut at a fixed batch count anyway)."""
+    ready: list[dict[str, Any]] | None = None  # a full batch, handed out when the next sample comes
+    pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for sample in samples:
+        if ready is not None:
+            yield collate_fn(ready)
+            ready = None
+        shape = tuple(sample["image"].shape)
+        current = pending.setdefault(shape, [])
+        current.append(sample)
+        if len(current) == batch_size:
+            ready = current
+            del pending[shape]
+    partial = [current for current in pending.values() if current] if keep_partial else []
+    for batch in ([ready] if ready is not None else []) + partial:
+        yield collate_fn(batch)
 
 
 def _mix(streams: list[Iterator[Any]], weights: Sequence[float], seed: int) -> Iterator[Any]:

@@ -40,46 +40,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageTransform:
-    """RGB PIL image -> (3, size, size) float tensor in [-1, 1] (or the uint8 pixels, ``uint8=True``):
-    short side resized to ``size``, a centre (or random) square crop, optional horizontal flip.
+    """RGB PIL image -> (3, height, width) float tensor in [-1, 1] (or the uint8 pixels, ``uint8=True``):
+    resized, keeping its aspect ratio, until it covers the target, then a centre (or random) crop to
+    the target and an optional horizontal flip.
 
-    The square is cropped first and then resized (the same geometry as resize-then-crop, with fewer
-    pixels to resample), bicubic with antialiasing on uint8 (torchvision's vectorised kernel, about
-    twice as fast as PIL's); an image that already has the target size is not resampled at all.
-    Smaller images are upscaled (the caller decides whether to skip them first, see
-    ``small_images``). ``random_flip`` must stay off when captions name left and right (as the
-    toy's do). ``rng`` draws the crop offset and the flip (default: a fresh unseeded generator).
+    size: ``S`` for an S x S square (the default training shape), or ``(width, height)`` for an
+        aspect-ratio bucket (``ldm.data.buckets``). ``self.size`` stays the side the decoder must keep
+        (the long side of the target), so that JPEGs decoded at reduced scale still cover it.
+
+    The largest window of the target's aspect ratio is cropped first and then resized (the same
+    geometry as resize-then-crop, with fewer pixels to resample), bicubic with antialiasing on uint8
+    (torchvision's vectorised kernel, about twice as fast as PIL's); an image that already has the
+    target size is not resampled at all. Smaller images are upscaled (the caller decides whether to
+    skip them first, see ``small_images``). ``random_flip`` must stay off when captions name left and
+    right (as the toy's do). ``rng`` draws the crop offset and the flip (default: a fresh unseeded
+    generator).
     """
 
-    def __init__(self, size: int, center_crop: bool = True, random_flip: bool = False, uint8: bool = False):
-        self.size = size
+    def __init__(
+        self, size: int | tuple[int, int], center_crop: bool = True, random_flip: bool = False, uint8: bool = False
+    ):
+        self.width, self.height = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.size = max(self.width, self.height)
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.uint8 = uint8  # (3, size, size) uint8 out; `to_model_range` maps it to [-1, 1] later
+        self.uint8 = uint8  # (3, height, width) uint8 out; `to_model_range` maps it to [-1, 1] later
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Tensor:
         rng = rng or random.Random()
         pixels = np.array(to_rgb(image))  # (H, W, 3) uint8, a writable copy
         height, width = pixels.shape[:2]
-        side = min(width, height)
+        crop_w, crop_h = crop_window(width, height, self.width, self.height)
         if self.center_crop:
-            left, top = (width - side) // 2, (height - side) // 2
+            left, top = (width - crop_w) // 2, (height - crop_h) // 2
         else:
-            left, top = rng.randint(0, width - side), rng.randint(0, height - side)
-        square = pixels[top : top + side, left : left + side].transpose(2, 0, 1)  # (3, side, side) view
-        if side != self.size:
-            resized = F.resize(torch.from_numpy(square), [self.size, self.size], interpolation=BICUBIC, antialias=True)
-            square = resized.numpy()  # (3, size, size) uint8
+            left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+        window = pixels[top : top + crop_h, left : left + crop_w].transpose(2, 0, 1)  # (3, crop_h, crop_w) view
+        if (crop_w, crop_h) != (self.width, self.height):
+            target = [self.height, self.width]
+            window = F.resize(torch.from_numpy(window), target, interpolation=BICUBIC, antialias=True).numpy()
         if self.random_flip and rng.random() < 0.5:
-            square = square[:, :, ::-1]
+            window = window[:, :, ::-1]
         if self.uint8:
-            return torch.from_numpy(np.ascontiguousarray(square))
+            return torch.from_numpy(np.ascontiguousarray(window))  # (3, height, width)
         # to [-1, 1] in NumPy, not torch: torch's intra-op threads make small element-wise ops up to
         # 100x slower in a busy process; x / 127.5 - 1 maps 0 and 255 exactly to -1 and 1
-        out = np.ascontiguousarray(square, dtype=np.float32)
+        out = np.ascontiguousarray(window, dtype=np.float32)
         out /= 127.5
         out -= 1.0
         return torch.from_numpy(out)
+
+
+def crop_window(width: int, height: int, target_w: int, target_h: int) -> tuple[int, int]:
+    """(w, h) of the largest window of a width x height image with the target's aspect ratio: the
+    whole short side for a square target, as in the classic centre crop."""
+    if width * target_h > height * target_w:  # wider than the target: keep the full height
+        return min(width, max(1, round(height * target_w / target_h))), height
+    return width, min(height, max(1, round(width * target_h / target_w)))
 
 
 def to_model_range(images: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 
 The pipeline (see docs/data.md): shard specs (``ldm.data.shards``) -> per rank and worker streams
 (``ldm.data.streams``) -> tar reading with failure counts (``ldm.data.shard_reader``) -> metadata
-filters, caption choice, image decoding and transforms (``ldm.data.samples``) -> batches
+filters, caption choice, image decoding and transforms (``ldm.data.samples``; with aspect-ratio
+buckets ``ldm.data.buckets``) -> batches of one image shape
 {"image": (B, 3, H, W) uint8, "caption": [B] str, "key": [B] str, "skipped": {key: count}}, whose
 images become float32 in [-1, 1] once on the device (``on_after_batch_transfer``).
 """
@@ -18,10 +19,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ldm.data.captions import CaptionPicker
+from ldm.data.buckets import Bucket, BucketedSample, resolve_buckets
+from ldm.data.captions import DEFAULT_MAX_CAPTION_CHARS, CaptionPicker
 from ldm.data.decode import IMAGE_EXTENSIONS, SMALL_IMAGES
 from ldm.data.metadata import MetadataFilter
+from ldm.data.quarantine import Quarantine
 from ldm.data.samples import ToTrainingSample
+from ldm.data.shard_reader import DEFAULT_MAX_MEMBER_BYTES
 from ldm.data.shards import ShardSpec, ShardSpecError, Source, expand_shards, resolve_sources
 from ldm.data.streams import TrainingLoader, ImageCaptionStream
 from ldm.data.transforms import ImageTransform, to_model_range
@@ -77,6 +81,13 @@ class ShardDataModule(pl.LightningDataModule):
         sources: Sequence[Mapping[str, Any]] | None = None,
         read_timeout: float | None = 300.0,
         prepare: Callable[[], Any] | None = None,
+        buckets: str | Sequence[Sequence[int]] | None = None,
+        bucket_step: int = 64,
+        bucket_max_ratio: float = 2.0,
+        bucket_no_upscale: bool = False,
+        max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
+        max_caption_chars: int | None = DEFAULT_MAX_CAPTION_CHARS,
+        quarantine: str | None = None,
     ):
         super().__init__()
         if small_images not in SMALL_IMAGES:
@@ -84,7 +95,7 @@ class ShardDataModule(pl.LightningDataModule):
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise UserError(f"data.samples_per_epoch must be positive or null, not {samples_per_epoch}")
         try:
-            captions = CaptionPicker(caption_keys, empty_captions)
+            captions = CaptionPicker(caption_keys, empty_captions, max_caption_chars)
             metadata_filter = MetadataFilter(**(filters or {}))
         except (ValueError, TypeError) as error:
             raise UserError(f"data: {error}") from None
@@ -98,19 +109,32 @@ class ShardDataModule(pl.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.read_timeout = read_timeout
+        self.max_member_bytes = max_member_bytes
+        self.quarantine = quarantine
         self.prepare = prepare
-        # workers ship uint8 pixels (4x less to move between processes than float32); they become
-        # [-1, 1] floats after the transfer to the device (on_after_batch_transfer)
-        self.train_sample = ToTrainingSample(
-            ImageTransform(image_size, center_crop=center_crop, random_flip=random_flip, uint8=True),
-            captions, metadata_filter or None, max_pixels, small_images,
-        )
-        self.val_sample = ToTrainingSample(
-            ImageTransform(image_size, center_crop=True, random_flip=False, uint8=True),
-            captions, metadata_filter or None, max_pixels, small_images,
-        )
+        self.image_size = image_size
+        self.buckets: list[Bucket] | None = resolve_buckets(buckets, image_size, bucket_step, bucket_max_ratio)
+        # with buckets, an image that does not cover its bucket is never enlarged when either says so
+        self.no_upscale = bucket_no_upscale or small_images == "skip"
+        self.train_sample = self._to_sample(captions, metadata_filter, max_pixels, small_images, center_crop, random_flip)
+        self.val_sample = self._to_sample(captions, metadata_filter, max_pixels, small_images, True, False)
         self.train_sources: list[Source] = []
         self.val_urls: list[str] = []
+
+    def _to_sample(
+        self, captions: CaptionPicker, metadata_filter: MetadataFilter, max_pixels: int | None, small_images: str,
+        center_crop: bool, random_flip: bool,
+    ) -> ToTrainingSample | BucketedSample:  # fmt: skip
+        """Raw sample -> training sample: square crops of image_size, or crops to each image's bucket.
+        Workers ship uint8 pixels (4x less to move between processes than float32); they become
+        [-1, 1] floats after the transfer to the device (on_after_batch_transfer)."""
+        # each converter its own quarantine: one holds one in-flight record, of one split
+        quarantine = Quarantine(self.quarantine) if self.quarantine else None
+        if self.buckets:
+            return BucketedSample(self.buckets, captions, metadata_filter or None, max_pixels, self.no_upscale,
+                                  center_crop, random_flip, uint8=True, quarantine=quarantine)  # fmt: skip
+        transform = ImageTransform(self.image_size, center_crop=center_crop, random_flip=random_flip, uint8=True)
+        return ToTrainingSample(transform, captions, metadata_filter or None, max_pixels, small_images, quarantine)
 
     def prepare_data(self) -> None:
         if self.prepare is not None:
@@ -170,7 +194,7 @@ class ShardDataModule(pl.LightningDataModule):
         stream = ImageCaptionStream(
             self.train_sources, self.train_sample, self.batch_size, train=True, seed=self.seed,
             shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch,
-            rank=rank, world_size=world_size, read_timeout=self.read_timeout,
+            rank=rank, world_size=world_size, read_timeout=self.read_timeout, max_member_bytes=self.max_member_bytes,
         )  # fmt: skip
         make_loader = partial(self._loader, num_workers=self.num_workers, persistent=False)
         return TrainingLoader(stream, make_loader, self.num_workers, self._position)
@@ -181,7 +205,7 @@ class ShardDataModule(pl.LightningDataModule):
         rank, world_size = self._place()
         stream = ImageCaptionStream(
             [Source(self.val_urls)], self.val_sample, self.val_batch_size, train=False, seed=self.seed,
-            rank=rank, world_size=world_size, read_timeout=self.read_timeout,
+            rank=rank, world_size=world_size, read_timeout=self.read_timeout, max_member_bytes=self.max_member_bytes,
         )
         # no more workers than this rank has shards: the extra ones would only start and stop
         world_size, rank = world_size or 1, rank or 0
