@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ldm.checkpoints import load_state_dict_file, save_safetensors
 from ldm.errors import UserError
-from ldm.formats.bundle import ModelBundle
+from ldm.formats.bundle import ModelBundle, sd1_text_config, sd2_text_config
 from ldm.models.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
 from ldm.models.diffusers_layout import (
     unet_config_from_diffusers,
@@ -39,7 +39,9 @@ from ldm.models.diffusers_layout import (
 DIFFUSERS_VERSION = "0.42.1"  # recorded in the configs; diffusers does not read it
 _SCHEDULE_KINDS = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
 EOT, SOT = "<|endoftext|>", "<|startoftext|>"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+# then the fp16 variant alone, as `from_pretrained(variant="fp16")` downloads it (SD 1.5's and 2.1's repos)
+WEIGHT_FILES = _WEIGHT_NAMES + tuple(name.replace(".", ".fp16.", 1) for name in _WEIGHT_NAMES)
 
 
 def is_diffusers_folder(path: str | Path) -> bool:
@@ -64,27 +66,77 @@ def import_diffusers(path: str | Path) -> ModelBundle:
     root = Path(path).expanduser()
     if not is_diffusers_folder(root):
         raise UserError(f"not a diffusers pipeline folder (no model_index.json): {root}")
-    unet_config = unet_config_from_diffusers(_read_json(root / "unet" / "config.json"))
-    vae_cfg = _read_json(root / "vae" / "config.json")
-    vae_config = vae_config_from_diffusers(vae_cfg)
-    hf_config = _read_json(root / "text_encoder" / "config.json")
-    scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
-    text_state = _read_weights(root / "text_encoder")
-    text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
-    text_cfg, quick_gelu = open_clip_text_cfg(hf_config)
-    pad = _pad_token_id(root / "tokenizer")
+    configs = {part: _read_json(root / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+    configs["scheduler"] = _read_json(root / "scheduler" / "scheduler_config.json")
+    weights = {part: _read_weights(root / part) for part in ("unet", "vae", "text_encoder")}
+    return bundle_from_diffusers(configs, weights, _pad_token_id(root / "tokenizer"))
+
+
+def bundle_from_diffusers(
+    configs: dict[str, dict[str, Any]], weights: dict[str, dict[str, Tensor]], pad_token_id: int
+) -> ModelBundle:
+    """A bundle of a diffusers pipeline's parts: ``configs`` of unet, vae, text_encoder and scheduler
+    (their JSON files), ``weights`` of the first three (as stored), the tokenizer's pad token id.
+
+    The family (``sd1``/``sd2``, else ``custom``) is recognised by structure, not size (see
+    ``text_family``), so small SD-shaped models export in their family's single-file layout too.
+    Tensors keep the file's dtype (fp16 for most published folders) and are renamed, never copied.
+    """
+    unet_config = unet_config_from_diffusers(configs["unet"])
+    vae_config = vae_config_from_diffusers(configs["vae"])
+    hf_config, scheduler = configs["text_encoder"], configs["scheduler"]
+    text_state = {k.removeprefix("text_model."): v for k, v in weights["text_encoder"].items()}
+    family = text_family(hf_config, pad_token_id, unet_config["context_dim"])
     return ModelBundle(
         unet_config=unet_config,
         vae_config=vae_config,
-        text_config=dict(model_name=None, text_cfg=text_cfg, quick_gelu=quick_gelu, layer="last", pad_token_id=pad),
-        unet=unet_from_diffusers(_read_weights(root / "unet"), unet_config),
-        vae=vae_from_diffusers(_read_weights(root / "vae"), vae_config),
+        text_config=_text_config(hf_config, pad_token_id, family),
+        unet=unet_from_diffusers(weights["unet"], unet_config),
+        vae=vae_from_diffusers(weights["vae"], vae_config),
         text=hf_to_open_clip(text_state),
-        family="custom",
+        family=family,
         prediction_type={"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[scheduler.get("prediction_type", "epsilon")],
-        image_size=int(vae_cfg.get("sample_size", 512)),
+        image_size=int(configs["vae"].get("sample_size", 512)),
         schedule=_schedule_spec(scheduler),
     )
+
+
+def text_family(hf_config: dict[str, Any], pad_token_id: int, context_dim: int) -> str:
+    """``sd1``, ``sd2`` or ``custom``: which SD family a diffusers text encoder belongs to, at any width.
+
+    SD 1.x's is OpenAI's CLIP text model (quick_gelu) padded with <|endoftext|> (49407); SD 2.x's is
+    OpenCLIP's (exact gelu) padded with "!" (0). Either way the U-Net attends to its tokens directly
+    (context width = text width). Anything else keeps our own layout (``custom``).
+    """
+    if int(hf_config["hidden_size"]) != int(context_dim):
+        return "custom"
+    activation = hf_config.get("hidden_act")
+    if activation == "quick_gelu" and pad_token_id == 49407:
+        return "sd1"
+    if activation == "gelu" and pad_token_id == 0:
+        return "sd2"
+    return "custom"
+
+
+def _text_config(hf_config: dict[str, Any], pad_token_id: int, family: str) -> dict[str, Any]:
+    """The ``OpenCLIPTextEncoder`` config of a diffusers text encoder.
+
+    diffusers stores SD 2.x's text encoder without its last block (SD 2.x reads the penultimate block's
+    output), so an ``sd2`` tower is one block taller than the file and runs ``layer="penultimate"``:
+    the same config an SD 2.x single file gives, and the block count its layout implies. Full-size
+    SD 1.x / 2.x towers get their named presets (ViT-L-14 / ViT-H-14), as single files do.
+    """
+    text_cfg, quick_gelu = open_clip_text_cfg(hf_config)
+    layer = "last"
+    if family == "sd2":
+        text_cfg["layers"] += 1
+        layer = "penultimate"
+    if family in ("sd1", "sd2"):
+        preset = (sd1_text_config if family == "sd1" else sd2_text_config)()
+        named = open_clip.get_model_config(preset["model_name"])["text_cfg"]
+        if all(text_cfg[k] == v for k, v in named.items()) and text_cfg["mlp_ratio"] == 4:
+            return preset
+    return dict(model_name=None, text_cfg=text_cfg, quick_gelu=quick_gelu, layer=layer, pad_token_id=pad_token_id)
 
 
 def _schedule_spec(scheduler: dict[str, Any]) -> dict[str, Any]:
@@ -97,11 +149,18 @@ def _schedule_spec(scheduler: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pad_token_id(tokenizer_dir: Path) -> int:
-    """SD 1.x tokenizers pad with <|endoftext|> (49407), SD 2.x's with "!" (0)."""
-    special = tokenizer_dir / "special_tokens_map.json"
-    if not special.is_file():
-        return 49407
-    pad = json.loads(special.read_text()).get("pad_token", EOT)
+    """SD 1.x tokenizers pad with <|endoftext|> (49407), SD 2.x's with "!" (0).
+
+    transformers 4.x wrote the pad token to ``special_tokens_map.json`` (published SD folders), 5.x
+    writes it to ``tokenizer_config.json`` only; a folder with neither pads as SD 1.x does.
+    """
+    pad: Any = EOT
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (tokenizer_dir / name).is_file():
+            found = json.loads((tokenizer_dir / name).read_text()).get("pad_token")
+            if found is not None:
+                pad = found
+                break
     pad = pad.get("content", EOT) if isinstance(pad, dict) else pad
     return 49407 if pad == EOT else open_clip.tokenizer.SimpleTokenizer().encoder.get(pad, 0)
 
@@ -148,16 +207,27 @@ def _downsampling(bundle: ModelBundle) -> int:
 
 
 def _text_layers_used(bundle: ModelBundle) -> int:
-    """Blocks the text encoder runs: diffusers keeps only those (23 of ViT-H's 24 for SD 2.x)."""
-    total = count_blocks(bundle.text)
+    """Blocks the text encoder runs: diffusers keeps only those (23 of ViT-H's 24 for SD 2.x).
+
+    Counted on the tower the config builds, not on the tensors: an SD 2.x model read from a
+    diffusers folder holds 23 blocks of its 24-block tower.
+    """
+    total = _tower_blocks(bundle.text_config)
     layer = bundle.text_config.get("layer", "last")
-    if layer == "penultimate":
-        return total - 1
-    return total if layer == "last" else int(layer)
+    used = total - 1 if layer == "penultimate" else total if layer == "last" else int(layer)
+    if count_blocks(bundle.text) < used:
+        raise UserError(f"the text encoder runs {used} blocks but its weights hold {count_blocks(bundle.text)}")
+    return used
+
+
+def _tower_blocks(text_config: dict[str, Any]) -> int:
+    """Blocks of the tower ``OpenCLIPTextEncoder(**text_config)`` builds (its explicit or named config)."""
+    text_cfg = text_config.get("text_cfg") or open_clip.get_model_config(text_config["model_name"])["text_cfg"]
+    return int(text_cfg["layers"])
 
 
 def _text_encoder_config(bundle: ModelBundle, num_layers: int, dtype: torch.dtype | None) -> dict[str, Any]:
-    heads = bundle.text_config.get("text_cfg", {}).get("heads") or _named_heads(bundle.text_config)
+    heads = (bundle.text_config.get("text_cfg") or {}).get("heads") or _named_heads(bundle.text_config)
     config = hf_text_config(bundle.text, heads, bool(bundle.text_config.get("quick_gelu")), num_layers)
     return {
         "architectures": ["CLIPTextModel"],

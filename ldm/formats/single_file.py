@@ -108,22 +108,37 @@ def import_single_file(
 def export_single_file(bundle: ModelBundle, path: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write ``bundle`` in the SD single-file layout as safetensors (atomically).
 
-    The text encoder goes in the HF layout for SD 1.x and in open_clip's otherwise (SD 2.x, custom).
     ``dtype`` (e.g. torch.float16) casts floating-point tensors; the default keeps them as they are.
+    Our configs travel in the metadata, so a model of any size reads back as it was.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"export writes .safetensors files, got {path.name}")
+    save_safetensors(single_file_state(bundle, dtype), path, metadata={METADATA_KEY: json.dumps(bundle.metadata())})
+    return path
+
+
+def single_file_state(bundle: ModelBundle, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The tensors of ``bundle`` under SD single-file names.
+
+    The text encoder goes in the HF layout for SD 1.x and in open_clip's otherwise (SD 2.x, custom),
+    as diffusers' ``convert_ldm_clip_checkpoint`` / ``convert_open_clip_checkpoint`` and the UIs expect.
+    """
     state: dict[str, Tensor] = {}
     state.update({UNET_PREFIX + k: v for k, v in bundle.unet.items()})
     state.update({VAE_PREFIX + k: v for k, v in bundle.vae.items()})
     if bundle.family == "sd1":
-        num_layers = count_blocks(bundle.text)
-        state.update({SD1_TEXT_PREFIX + k: v for k, v in open_clip_to_hf(bundle.text, num_layers).items()})
+        state.update({SD1_TEXT_PREFIX + k: v for k, v in sd1_text_state(bundle.text).items()})
     else:
         state.update({SD2_TEXT_PREFIX + k: v for k, v in bundle.text.items() if k != "attn_mask"})
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_safetensors(state, path, metadata={METADATA_KEY: json.dumps(bundle.metadata())})
-    return path
+    return state
 
+
+def sd1_text_state(text: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An open_clip text tower as SD 1.x files hold it: HF CLIPTextModel names, every block, and
+    the ``embeddings.position_ids`` buffer (int64 (1, L)) that SD 1.x checkpoints carry."""
+    hf = open_clip_to_hf(text, count_blocks(text))
+    length = text["positional_embedding"].shape[0]
+    return {**hf, "embeddings.position_ids": torch.arange(length, dtype=torch.int64)[None]}  # (1, L)

@@ -15,7 +15,7 @@ its ``save_pretrained`` files have no prefix):
 |----------------------------------------------------|-------------------------------------------|
 | embeddings.token_embedding.weight      (V, W)      | token_embedding.weight       (V, W)       |
 | embeddings.position_embedding.weight   (L, W)      | positional_embedding         (L, W)       |
-| embeddings.position_ids (a buffer; ignored)        | -                                         |
+| embeddings.position_ids (a buffer; ignored here)   | -                                         |
 | encoder.layers.i.self_attn.{q,k,v}_proj.*  (W, W)  | transformer.resblocks.i.attn.in_proj_* (3W, W) |
 | encoder.layers.i.self_attn.out_proj.*              | transformer.resblocks.i.attn.out_proj.*   |
 | encoder.layers.i.layer_norm1.* / layer_norm2.*     | transformer.resblocks.i.ln_1.* / ln_2.*   |
@@ -23,8 +23,10 @@ its ``save_pretrained`` files have no prefix):
 | final_layer_norm.*                                 | ln_final.*                                |
 | -                                                  | text_projection (W, D): pooled CLIP embedding |
 
-``text_projection`` maps the pooled EOT token to CLIP's joint embedding; per-token conditioning never
-uses it and HF's CLIPTextModel has no counterpart, so export drops it and import leaves it out.
+``embeddings.position_ids`` is ``arange(L)``; SD 1.x single files carry it, so their export adds it
+(``ldm.formats.single_file.sd1_text_state``). ``text_projection`` maps the pooled EOT token to CLIP's
+joint embedding; per-token conditioning never uses it and HF's CLIPTextModel has no counterpart, so
+export drops it and import leaves it out.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from bundles import assert_same_tensors, make_bundle
+from bundles import TEXT_CFG, assert_same_tensors, make_bundle
 from ldm.errors import UserError
-from ldm.formats.diffusers_folder import export_diffusers, import_diffusers
+from ldm.formats.bundle import sd1_text_config, sd2_text_config
+from ldm.formats.diffusers_folder import _text_config, export_diffusers, import_diffusers, text_family
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -26,6 +27,8 @@ def test_round_trip_is_bit_identical(bundle, tmp_path):
                         used if layers == 2 else {k: v for k, v in bundle.text.items() if k != "text_projection"})
     assert back.prediction_type == bundle.prediction_type and back.schedule == bundle.schedule
     assert back.image_size == bundle.image_size
+    # the family is recognised by structure at this small width, and SD 2.x's tower keeps its dropped block
+    assert back.family == bundle.family and back.text_config == dict(bundle.text_config, text_cfg=dict(TEXT_CFG, mlp_ratio=4.0))
     assert back.vae_config["scaling_factor"] == bundle.vae_config["scaling_factor"]
 
 
@@ -98,3 +101,28 @@ def test_refuses_a_shifted_schedule(tmp_path):
     bundle = dataclasses.replace(bundle, schedule=dict(bundle.schedule, snr_shift=0.25))
     with pytest.raises(UserError, match="snr_shift=0.25"):
         export_diffusers(bundle, tmp_path / "out")
+
+
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
+SD21_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                 hidden_act="gelu")  # stabilityai/stable-diffusion-2-1/text_encoder: 23 of ViT-H's 24 blocks
+
+
+def test_full_size_text_encoders_get_the_family_presets():
+    assert text_family(SD15_TEXT, 49407, 768) == "sd1"
+    assert _text_config(SD15_TEXT, 49407, "sd1") == sd1_text_config()
+    assert text_family(SD21_TEXT, 0, 1024) == "sd2"
+    assert _text_config(SD21_TEXT, 0, "sd2") == sd2_text_config()  # ViT-H-14, penultimate: 24 blocks, 23 run
+
+
+@pytest.mark.parametrize("config, pad, context", [
+    (SD15_TEXT, 0, 768),  # OpenAI CLIP padded with "!": neither family's tokenizer
+    (SD21_TEXT, 49407, 1024),  # OpenCLIP padded with EOT
+    (SD15_TEXT, 49407, 1024),  # the U-Net does not attend to this encoder's tokens directly
+])
+def test_text_encoders_of_neither_family_stay_custom(config, pad, context):
+    assert text_family(config, pad, context) == "custom"
+    text_config = _text_config(config, pad, "custom")
+    assert text_config["model_name"] is None and text_config["layer"] == "last"
+    assert text_config["text_cfg"]["layers"] == config["num_hidden_layers"] and text_config["pad_token_id"] == pad

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from bundles import assert_same_tensors, make_bundle
 from ldm.errors import UserError
 from ldm.formats.bundle import schedule_from_spec
-from ldm.formats.single_file import detect_family, export_single_file, import_single_file
+from ldm.formats.single_file import SD1_TEXT_PREFIX, detect_family, export_single_file, import_single_file
 
 
 def test_round_trip_is_bit_identical(bundle, tmp_path):
@@ -33,9 +33,22 @@ def test_keys_follow_the_sd_layout(bundle, tmp_path):
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in state
 
 
-def test_half_precision_export(bundle, tmp_path):
-    state = load_file(export_single_file(bundle, tmp_path / "half.safetensors", torch.float16))
-    assert {v.dtype for v in state.values()} == {torch.float16}
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_export(bundle, tmp_path, dtype):
+    state = load_file(export_single_file(bundle, tmp_path / "half.safetensors", dtype))
+    position_ids = state.pop(f"{SD1_TEXT_PREFIX}embeddings.position_ids", None)  # SD 1.x files: int64
+    assert {v.dtype for v in state.values()} == {dtype}
+    assert (position_ids is None) == (bundle.family != "sd1")
+    if position_ids is not None:
+        assert position_ids.dtype == torch.int64 and position_ids.tolist() == [list(range(77))]
+
+
+def test_half_precision_file_imports_as_is(bundle, tmp_path):
+    back = import_single_file(export_single_file(bundle, tmp_path / "half.safetensors", torch.float16))
+    for ours, theirs in ((back.unet, bundle.unet), (back.vae, bundle.vae), (back.text, bundle.text)):
+        assert {v.dtype for v in ours.values()} == {torch.float16}
+        assert all(torch.equal(v, theirs[k].half()) for k, v in ours.items())
+    assert back.metadata() == bundle.metadata()
 
 
 def test_file_without_our_metadata_uses_the_family_preset(tmp_path):
