@@ -189,6 +189,18 @@ class LatentDiffusion(pl.LightningModule):
         loss = self.objective.loss(network(x_t, t, context), target, self.objective.weights(self.schedule, t))
         self.log("val/loss", loss, prog_bar=True, batch_size=latents.shape[0], sync_dist=True)
 
+    # validation draws random numbers (VAE posterior samples, any callback's): it must leave the
+    # training's generators as it found them, or a run resumed from a checkpoint written just
+    # before a validation (which holds the generators of that moment) would diverge from the
+    # uninterrupted run
+    def on_validation_start(self) -> None:
+        self._rng_before_validation = rng_state()
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_rng_before_validation", None) is not None:
+            set_rng_state(self._rng_before_validation)
+            self._rng_before_validation = None
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # right after the update, before any callback's on_train_batch_end can write a checkpoint
