@@ -1,14 +1,15 @@
-"""Lightning callbacks: sample grids for fixed prompts during and after training."""
+"""Lightning callbacks: checkpoints, progress, sample grids for fixed prompts, the run summary."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
@@ -18,6 +19,50 @@ from ldm.pipeline import Sampler
 def batch_size(batch: dict[str, Any]) -> int:
     """Number of samples in a training batch (for Lightning's ThroughputMonitor)."""
     return len(batch["latent"]) if "latent" in batch else len(batch["image"])
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, except that state restored from a checkpoint cannot name
+    files outside this run's checkpoint directory.
+
+    Lightning restores ``best_k_models``, ``kth_best_model_path``, ``best_model_path`` and
+    ``last_model_path`` from the checkpoint it resumes, and later deletes those paths as it rotates
+    files; its own check does not resolve ``..``, so a foreign checkpoint naming
+    ``<dirpath>/../../victim`` would delete ``victim``. Here every restored path must resolve
+    inside ``dirpath``; otherwise the whole restored state is dropped (with one warning) and the
+    callback starts as on a fresh run: it only forgets which older files to rotate away.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key for ModelCheckpoint, so checkpoints written before this class still restore
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        outside = [p for p in restored_paths(state_dict) if not _inside(p, self.dirpath)]
+        if outside:
+            print(f"warning: ignoring the checkpoint callback state of the resumed checkpoint: it names "
+                  f"{outside[0]!r}, outside {self.dirpath} (nothing there will be deleted)", file=sys.stderr)  # fmt: skip
+            return
+        super().load_state_dict(state_dict)
+
+
+def restored_paths(state_dict: dict[str, Any]) -> list[str]:
+    """Every file path a ``ModelCheckpoint`` state names (the ones Lightning may later delete)."""
+    best_k = state_dict.get("best_k_models") or {}
+    named = [state_dict.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+    paths = [*(best_k.keys() if isinstance(best_k, dict) else [best_k]), *named]
+    return [str(p) for p in paths if p not in (None, "")]
+
+
+def _inside(path: str, directory: str | None) -> bool:
+    if directory is None:
+        return False
+    if "://" in path or "://" in str(directory):  # object storage: same prefix, no ".." segment
+        return path.startswith(str(directory).rstrip("/") + "/") and ".." not in path.split("/")
+    root = Path(directory).resolve()
+    resolved = Path(path).resolve()  # follows "..", and symlinks that point elsewhere
+    return root in resolved.parents
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from ldm_testing import ROOT
@@ -110,6 +111,8 @@ def test_guard_restores_previous_signal_handlers():
 
     class FakeTrainer:
         global_step = 0
+        world_size = 1
+        strategy = None  # no checkpoint IO: nothing refused
         saved = []
 
         def save_checkpoint(self, path):
@@ -120,3 +123,64 @@ def test_guard_restores_previous_signal_handlers():
     guard.on_train_end(FakeTrainer(), None)
     assert signal.getsignal(signal.SIGUSR1) == before
     assert [p.name for p in FakeTrainer.saved] == ["last.ckpt"]  # a finished run leaves its final state
+
+
+FAKE_SCONTROL = """#!/bin/sh
+# records what the guard asked for and whether last.ckpt was already written at that moment
+if [ -f "$CHECKPOINT" ]; then state=written; else state=missing; fi
+echo "$* last.ckpt=$state" >> "$RECORD"
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals and shell scripts")
+def test_preempted_slurm_job_saves_before_it_requeues(train_config, tmp_path, monkeypatch):
+    # requeueing ends the job: the checkpoint must be on disk before scontrol runs
+    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=100000", "trainer.val_check_interval=1000",
+                       "callbacks.checkpoint.every_n_train_steps=1000",  # no periodic last.ckpt to mislead
+                       "+callbacks.preemption._target_=ldm_testing.SignalAtStep", "+callbacks.preemption.step=2",
+                       "+callbacks.preemption.signal_name=SIGUSR1")  # fmt: skip
+    bin_dir, record = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("RECORD", str(record))
+    monkeypatch.setenv("CHECKPOINT", str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"))
+    stopped_at = train(cfg)["trainer"].global_step
+    assert record.read_text().splitlines() == ["requeue 4242 last.ckpt=written"]
+    assert load_training_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == stopped_at
+
+
+class NanGradientOnRank(pl.Callback):
+    """Makes one gradient NaN on one rank only, after DDP's all-reduce (as a rank's own shard would be
+    under FSDP/DeepSpeed), at optimiser step ``step``; runs first among the callbacks."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer.callbacks.remove(self)
+        trainer.callbacks.insert(0, self)  # before RunGuard's on_before_optimizer_step
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            next(p for p in pl_module.unet.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path, toy_data_dir):
+    from ldm_testing import TINY_MODEL, TINY_TRAINING
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "training"), str(ROOT / "tests")])}
+    result = subprocess.run(
+        [sys.executable, "train.py", *TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid",
+         "trainer.devices=2", "strategy=ddp", "trainer.max_steps=3", f"paths.data_dir={toy_data_dir}",
+         "data.prepare.num_train=256", "data.prepare.num_val=32", f"hydra.run.dir={run}",
+         "+callbacks.nan._target_=test_guards.NanGradientOnRank", "+callbacks.nan.rank=1", "+callbacks.nan.step=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "step 1: non-finite gradients, update skipped" in output  # rank 0 (its own gradients finite) skipped too
+    assert "U-Net weights identical on all ranks: yes" in output
