@@ -16,22 +16,19 @@ from hydra.utils import instantiate
 from pytorch_lightning.callbacks import DeviceStatsMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.cli import newest_checkpoint, one_line_errors
+from ldm.cli import one_line_errors
 from ldm.errors import UserError
 from ldm.formats import load_weights_into
+from ldm.training.resume import prepare_run_directory
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``resume=PATH``, or ``resume=auto`` for this run's newest."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        found = newest_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
-        return str(found) if found else None
-    path = Path(cfg.resume).expanduser()
-    if not path.is_file():
-        raise UserError(f"resume checkpoint not found: {path}")
-    return str(path)
+    """The checkpoint to resume from, decided before anything is built (``ldm.training.resume``):
+    ``resume=PATH`` checked to load, ``resume=auto`` the newest readable one of this run (or None,
+    said), ``resume=null`` None, refusing a run directory that holds checkpoints unless ``overwrite``."""
+    checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    found = prepare_run_directory(checkpoint_dir, cfg.resume, bool(cfg.get("overwrite", False)))
+    return str(found.path) if found else None
 
 
 def set_tf32(enabled: bool) -> None:
@@ -51,6 +48,7 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg``, fit, and return the run directory and final metrics."""
+    ckpt_path = resume_path(cfg)  # first: a refused run directory or a bad resume= costs no model build
     pl.seed_everything(cfg.seed, workers=True)
     set_tf32(cfg.get("tf32", True))
     run_config = resolved_config(cfg)
@@ -59,8 +57,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # nothing from OmegaConf ends up pickled in checkpoints (they load with weights_only=True)
     # (run_config is passed after instantiation: Hydra would build the _target_s inside it)
     task = instantiate(cfg.task, _partial_=True, _convert_="all")(run_config=run_config)
-    if cfg.model.get("pretrained") and cfg.resume is None:
-        # fine-tuning: start from a model file; the EMA copy starts from it at the first update
+    if cfg.model.get("pretrained"):
+        # fine-tuning: start from a model file; the EMA copy starts from it at the first update.
+        # Also when resuming (resume=auto relaunches the same command): the checkpoint then replaces
+        # the U-Net and EMA, and the frozen parts too big to store in it must come from this file
         load_weights_into(task.unet, task.autoencoder, task.conditioner, cfg.model.pretrained)
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):
@@ -75,7 +75,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(run_config, output_dir / "config.yaml")  # the resolved config of this run
     if logger:
         trainer.logger.log_hyperparams(run_config)
-    ckpt_path = resume_path(cfg)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
     _finish_wandb(logger)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
