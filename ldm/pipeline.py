@@ -13,6 +13,7 @@ from ldm.diffusion.parameterization import PredictionType
 from ldm.diffusion.samplers import PerSampleNoise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.timesteps import sampling_timesteps
+from ldm.errors import UserError
 
 # sample_x(denoise, x, timesteps, schedule, *, noise_sampler, callback) -> x0, options already bound
 Sampler = Callable[..., Tensor]
@@ -46,6 +47,23 @@ class TextToImage:
         self.autocast_dtype = autocast_dtype
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling times the U-Net's."""
+        return size_multiple(self.autoencoder, self.unet)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the model's square images in pixels (what ``size=None`` samples)."""
+        return self.latent_shape[1] * getattr(self.autoencoder, "downsampling_factor", 1)
+
+    def latent_shape_for(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H/f, W/f) for images of ``height`` x ``width`` pixels, or a one-line error."""
+        check_side("height", height, self.size_multiple)
+        check_side("width", width, self.size_multiple)
+        factor = getattr(self.autoencoder, "downsampling_factor", 1)
+        return (self.latent_shape[0], height // factor, width // factor)
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -66,13 +84,16 @@ class TextToImage:
         spacing: str = "trailing",
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[int, int] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1], float32, one per (prompt, seed) pair."""
+        """Images (B, 3, H, W) in [0, 1], float32, one per (prompt, seed) pair.
+
+        size: (H, W) in pixels, multiples of ``size_multiple``; None = the model's square."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         latents = self.sample_latents(
             prompts, seeds, sampler, num_steps, guidance_scale, negative_prompt, spacing, guidance_rescale,
-            guidance_interval,
+            guidance_interval, size,
         )
         return self.decode(latents)
 
@@ -88,11 +109,13 @@ class TextToImage:
         spacing: str = "trailing",
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[int, int] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Scaled latents (B, C, h, w) from the sampler, before decoding."""
+        """Scaled latents (B, C, h, w) from the sampler, before decoding (h, w = size / VAE factor)."""
         device = self.device
+        shape = self.latent_shape if size is None else self.latent_shape_for(*size)
         noise = PerSampleNoise(list(seeds), device=device)
-        x = noise(torch.empty(len(prompts), *self.latent_shape, device=device))  # (B, C, h, w)
+        x = noise(torch.empty(len(prompts), *shape, device=device))  # (B, C, h, w)
         with self._autocast():
             context = self.conditioner(list(prompts))  # (B, L, D)
             network = sampling_network(self.unet, self.schedule, self.prediction_type)
@@ -124,6 +147,22 @@ def _float32_output(model_fn):
     return wrapped
 
 
+def size_multiple(autoencoder: nn.Module, unet: nn.Module) -> int:
+    """The VAE halves the image (levels - 1) times, the U-Net its latent (levels - 1) times more:
+    a side that is not a multiple of both fails at a skip connection deep in the U-Net."""
+    return getattr(autoencoder, "downsampling_factor", 1) * getattr(unet, "downsampling_factor", 1)
+
+
+def check_side(name: str, value: int, multiple: int) -> None:
+    """Refuse an image side the networks cannot halve evenly, naming the nearest sizes that work."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{name} must be a positive number of pixels, got {value!r}")
+    if value % multiple:
+        below = max(multiple, value // multiple * multiple)
+        raise UserError(f"{name}={value} must be a multiple of {multiple} (the VAE's and the U-Net's downsampling): "
+                        f"use {below} or {below + multiple if below < value else 2 * multiple}")  # fmt: skip
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8 on the CPU."""
     return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -144,6 +183,7 @@ def pipeline_from_checkpoint(
 
     bundle = load_bundle(path, use_ema, prediction_type, image_size)
     unet, autoencoder, conditioner = bundle.build(device)
+    check_side("image_size", bundle.image_size, size_multiple(autoencoder, unet))
     latent_size = bundle.image_size // autoencoder.downsampling_factor
     pipeline = TextToImage(
         unet, autoencoder, conditioner, schedule_from_spec(bundle.schedule), bundle.prediction_type,

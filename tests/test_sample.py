@@ -129,3 +129,142 @@ def test_shard_output(tiny_checkpoint, tmp_path):
     assert names == ["samples-000000.tar", "samples-000001.tar"]
     with tarfile.open(tmp_path / "samples-000000.tar") as tar:
         assert tar.getnames() == ["000000.png", "000000.json", "000001.png", "000001.json"]
+
+
+# ---------------------------------------------------------------- issue 22: a rerun never mixes jobs
+PROMPT = "prompt='a red circle in the top left'"
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("change", ["prompt='a blue square in the center'", "seed=5", "steps=2", "sampler=ddim",
+                                    "guidance_scale=1.5", "num_images_per_prompt=1"])
+def test_a_rerun_with_other_inputs_refuses_the_folder_and_leaves_it_untouched(tiny_checkpoint, tmp_path, change):
+    out = tmp_path / "out"
+    sample(_sample_config(tiny_checkpoint, out, PROMPT, "sampler=ddpm"))
+    before = _files(out)
+    key = change.split("=")[0]
+    with pytest.raises(UserError, match=rf"holds samples of another job \(.*{key}.*\): use another out_dir, or overwrite=true"):
+        sample(_sample_config(tiny_checkpoint, out, PROMPT, "sampler=ddpm", change))
+    assert _files(out) == before  # nothing made, nothing rewritten (metadata.jsonl included)
+
+
+def test_overwrite_replaces_only_the_files_of_the_old_job(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    sample(_sample_config(tiny_checkpoint, out, PROMPT, "num_images_per_prompt=3"))
+    (out / "notes.txt").write_text("mine")
+    (out / "000001.png.bak").write_text("mine too")
+    rows = sample(_sample_config(tiny_checkpoint, out, PROMPT, "seed=7", "overwrite=true"))
+    assert [r["seed"] for r in rows] == [7, 8]
+    assert not (out / "000002.png").exists()  # the old job's third image is gone, not mixed in
+    assert (out / "notes.txt").read_text() == "mine" and (out / "000001.png.bak").is_file()
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in lines] == [7, 8]
+    assert json.loads((out / "job.json").read_text())["settings"]["seed"] == 7
+
+
+def test_a_changed_checkpoint_is_refused_and_a_copied_one_resumes(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    sample(_sample_config(tiny_checkpoint, out, PROMPT))
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(Path(tiny_checkpoint).read_bytes())
+    (out / "000001.png").unlink()
+    sample(_sample_config(copy, out, PROMPT))  # the same weights elsewhere: the same job, resumed
+    assert (out / "000001.png").is_file()
+    changed = bytearray(copy.read_bytes())
+    changed[-30] ^= 0xFF  # one byte of the zip's central directory (its CRC-32s of every tensor)
+    copy.write_bytes(bytes(changed))
+    with pytest.raises(UserError, match=r"another job \(checkpoint\)"):
+        sample(_sample_config(copy, out, PROMPT))
+
+
+def test_a_folder_of_samples_without_a_manifest_is_refused(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    sample(_sample_config(tiny_checkpoint, out, PROMPT))
+    (out / "job.json").unlink()  # e.g. written by an older version
+    with pytest.raises(UserError, match="holds samples of a job without job.json"):
+        sample(_sample_config(tiny_checkpoint, out, PROMPT))
+
+
+def test_carried_jsonl_fields_cannot_replace_generated_ones(tiny_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle in the top left", "seed": 99, "index": 42, "file": "x.png", "id": 3}\n')
+    out = tmp_path / "out"
+    rows = sample(_sample_config(tiny_checkpoint, out, f"prompts_file={prompts}"))
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert lines == rows
+    assert [(r["file"], r["index"], r["seed"]) for r in lines] == [("000000.png", 0, 0), ("000001.png", 1, 1)]
+    assert lines[0]["carried"] == {"seed": 99, "index": 42, "file": "x.png"} and lines[0]["id"] == 3
+
+
+def test_a_non_finite_image_fails_its_item_and_a_rerun_remakes_it(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from ldm.pipeline import TextToImage
+
+    call = TextToImage.__call__
+
+    def seed_one_overflows(self, prompts, seeds, *args, **kwargs):
+        images = call(self, prompts, seeds, *args, **kwargs)
+        images[[s == 1 for s in seeds]] = float("nan")
+        return images
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(TextToImage, "__call__", seed_one_overflows)
+    with pytest.raises(UserError, match=r"1 image\(s\) came out non-finite"):
+        sample(_sample_config(tiny_checkpoint, out, PROMPT))
+    assert "item 1 (seed 1" in capsys.readouterr().err
+    assert (out / "000000.png").is_file() and not (out / "000001.png").exists()  # not saved black
+    assert [json.loads(line)["index"] for line in (out / "metadata.jsonl").read_text().splitlines()] == [0]
+    monkeypatch.setattr(TextToImage, "__call__", call)
+    assert len(sample(_sample_config(tiny_checkpoint, out, PROMPT))) == 2
+    assert (out / "000001.png").is_file()
+
+
+# ---------------------------------------------------------------- one-line errors, image sizes
+@pytest.mark.parametrize("override, message", [
+    ("image_size=36", r"image_size=36 must be a multiple of 8 \(the VAE's and the U-Net's downsampling\): use 32 or 40"),
+    ("width=36", r"width=36 must be a multiple of 8"),
+    ("height=0", r"height must be a positive integer, got 0"),
+    ("steps=0", r"steps must be a positive integer, got 0"),
+    ("steps=-3", r"steps must be a positive integer, got -3"),
+    ("steps=5000", r"steps=5000 is more than the model's 1000 timesteps"),
+    ("batch_size=0", r"batch_size must be a positive integer"),
+    ("spacing=diagonal", r"spacing must be one of trailing"),
+])  # fmt: skip
+def test_bad_settings_are_one_line_errors(tiny_checkpoint, tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        sample(_sample_config(tiny_checkpoint, tmp_path / "out", PROMPT, override))
+
+
+def test_sample_py_prints_one_line_for_a_bad_image_size(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    from ldm_testing import ROOT
+
+    result = subprocess.run([sys.executable, "sample.py", f"checkpoint={tiny_checkpoint}", f"out_dir={tmp_path}", "prompt=x",
+                             "image_size=36"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: image_size=36 must be a multiple of 8 (the VAE's and the U-Net's downsampling): use 32 or 40"]
+
+
+def test_width_and_height_sample_non_square_images(tiny_checkpoint, tmp_path):
+    rows = sample(_sample_config(tiny_checkpoint, tmp_path, PROMPT, "width=48", "height=24"))
+    assert Image.open(tmp_path / "000000.png").size == (48, 24)
+    assert (rows[0]["width"], rows[0]["height"]) == (48, 24)
+    square = sample(_sample_config(tiny_checkpoint, tmp_path / "square", PROMPT))
+    assert (square[0]["width"], square[0]["height"]) == (32, 32)
+
+
+def test_pipeline_latents_follow_the_requested_size(tiny_checkpoint):
+    from ldm.diffusion.samplers import sample_ddim
+
+    pipeline, _ = pipeline_from_checkpoint(str(tiny_checkpoint))
+    latents = pipeline.sample_latents(["x"], [0], sample_ddim, num_steps=1, size=(24, 48))
+    factor = pipeline.autoencoder.downsampling_factor
+    assert latents.shape == (1, pipeline.latent_shape[0], 24 // factor, 48 // factor)
+    assert pipeline(["x"], [0], sample_ddim, num_steps=1, size=(24, 48)).shape == (1, 3, 24, 48)
+    with pytest.raises(UserError, match=r"height=28 must be a multiple of 8 .*: use 24 or 32"):
+        pipeline.latent_shape_for(28, 48)

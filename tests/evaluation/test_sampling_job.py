@@ -8,9 +8,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ldm_testing import ROOT, compose_config
+from ldm.errors import UserError
 from ldm.evaluation.sampling_job import JobItem, Ranks, job_items, read_prompt_records
 from sample import sample
 
@@ -104,3 +106,71 @@ def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
     mine = Ranks(0, 2, 0).mine(items)  # this rank: 0 and 2; rank 1 may be writing 000001 right now
     assert remove_stale_temporaries(tmp_path, FolderOutput(tmp_path).files_of(mine, items)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy.tmp", ".other.tmp", "000000.png"]
+
+
+def test_two_ranks_write_every_item_of_shard_output_exactly_once(tiny_checkpoint, tmp_path):
+    import tarfile
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")  # 12 items in shards of 5: 5 + 5 + 2
+    out = tmp_path / "out"
+    processes = _launch(tiny_checkpoint, out, prompts, extra=["output=shards", "samples_per_shard=5", "steps=1"])
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "12/12 images" in outputs[0]
+    indices = []
+    for shard in sorted(out.glob("samples-*.tar")):
+        with tarfile.open(shard) as tar:
+            pngs = [m.name for m in tar if m.name.endswith(".png")]
+            rows = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+        assert [r["index"] for r in rows] == [int(name[:-4]) for name in pngs]
+        indices.extend(r["index"] for r in rows)
+    assert sorted(indices) == list(range(12)) and len(indices) == 12  # each item exactly once
+
+
+def test_shards_are_owned_by_one_rank_each():
+    from ldm.evaluation.sampling_job import ShardOutput
+
+    items = job_items([{"prompt": p} for p in PROMPTS], 4, seed=0)  # 12 items
+    output = ShardOutput.__new__(ShardOutput)
+    output.samples_per_shard = 5
+    shares = [Ranks(r, 2, 0).mine(items, output.owner_key) for r in range(2)]
+    assert [i.index for i in shares[0]] == [0, 1, 2, 3, 4, 10, 11]
+    assert [i.index for i in shares[1]] == [5, 6, 7, 8, 9]
+
+
+def test_the_checkpoint_fingerprint_samples_large_files_and_ignores_the_path(tmp_path):
+    from ldm.evaluation.sampling_job import FINGERPRINT_WHOLE_BYTES, checkpoint_fingerprint
+
+    data = bytearray(np.random.default_rng(0).integers(0, 256, FINGERPRINT_WHOLE_BYTES + (8 << 20), dtype=np.uint8))
+    a, b = tmp_path / "a.safetensors", tmp_path / "elsewhere" / "b.safetensors"
+    b.parent.mkdir()
+    a.write_bytes(data)
+    b.write_bytes(data)
+    assert checkpoint_fingerprint(a) == checkpoint_fingerprint(b)  # content, not path or mtime
+    for offset in (10, len(data) - 10):  # the header, the tail
+        changed = bytearray(data)
+        changed[offset] ^= 1
+        b.write_bytes(changed)
+        assert checkpoint_fingerprint(b) != checkpoint_fingerprint(a)
+    b.write_bytes(data + b"x")
+    assert checkpoint_fingerprint(b) != checkpoint_fingerprint(a)  # the size
+
+
+def test_claim_out_dir_deletes_only_sampling_job_files(tmp_path):
+    from ldm.evaluation.sampling_job import claim_out_dir
+
+    manifest = {"checkpoint": "c", "prompts": "p", "num_prompts": 1, "settings": {"steps": 20}}
+    claim_out_dir(tmp_path, manifest)
+    keep = ["notes.txt", "000001.jpg", "12.png", "samples-000000.tar.gz", ".hidden"]
+    drop = ["000000.png", "000001.png", "samples-000003.tar", "metadata.jsonl", "grid.png", ".000002.png.x1y2.tmp"]
+    for name in keep + drop:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "000009.png").mkdir()  # a directory is never deleted
+    claim_out_dir(tmp_path, manifest)  # the same job: untouched
+    assert all((tmp_path / name).exists() for name in keep + drop)
+    other = {**manifest, "settings": {"steps": 3}}
+    with pytest.raises(UserError, match=r"another job \(steps 20 -> 3\)"):
+        claim_out_dir(tmp_path, other)
+    claim_out_dir(tmp_path, other, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "000009.png", "job.json"])
