@@ -311,3 +311,76 @@ def _ve_sigma(alpha: float, sigma: float) -> float:
 def _exp_neg(h: float) -> float:
     """e^{-h}, exact for h = inf."""
     return float(torch.exp(torch.tensor(-h, dtype=torch.float64)))
+
+
+# Adams-Bashforth weights on the newest-first eps history, by how many estimates there are
+# (PNDM, Liu et al. 2022, Eq. 12; the lower orders are its warm-up as CompVis/diffusers run it)
+_PLMS_WEIGHTS: dict[int, tuple[float, ...]] = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+@torch.no_grad()
+def sample_plms(
+    denoise: Denoise,
+    x: Tensor,
+    timesteps: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Pseudo linear multistep (PLMS; Liu et al. 2022, "PNDM", Eqs. 11-12): each step is the DDIM
+    transfer (Eq. 11, eta 0) from x_t driven by a linear combination of the last eps estimates,
+
+        eps' = (55 e_t - 59 e_{t-1} + 37 e_{t-2} - 9 e_{t-3}) / 24,
+        x_n  = a_n x0' + s_n eps',   x0' = (x_t - s_t eps') / a_t.
+
+    Warm-up as in CompVis' ``PLMSSampler`` and diffusers' ``PNDMScheduler(skip_prk_steps=True)``, which
+    this matches step for step (tested): the first step is a pseudo improved Euler step (a DDIM step to
+    n, eps there, then the step redone from x_t with the mean of both eps; the extra eps is discarded,
+    which is why diffusers repeats the second timestep), then Adams-Bashforth of order 2 and 3, then 4.
+    N steps cost N + 1 network calls. The paper's own warm-up, pseudo Runge-Kutta (PRK: three
+    4-stage steps at half-step midpoints, 12 calls; diffusers' default ``skip_prk_steps=False``), is
+    not run: SD ships PLMS with the improved-Euler start, and PRK needs timesteps between grid points.
+
+    The eps history is combined whatever the prediction type (diffusers' PNDM instead combines raw v
+    outputs for v-prediction, a different method). The weights assume equal steps, as in both references,
+    so the grid should be evenly spaced (``leading``, or ``trailing`` where steps divide T). Measured on
+    Gaussian data (tested): order 4 where the noise level s / a is linear in t, order 2 on SD's schedule,
+    where even steps in t are uneven in s / a, the variable the transfer integrates over (with a smaller
+    error than DPM-Solver++(2M) at 25-100 steps). The first step is plain DDIM where the corrector cannot
+    run: from zero terminal SNR (a_t = 0, x0' would divide by 0) and for a single step (no eps at the
+    clean end point).
+    Deterministic: ``noise_sampler`` is accepted for the shared signature and unused.
+    """
+    del noise_sampler
+    alphas, sigmas = _scales(schedule, timesteps)
+    steps = timesteps.tolist()
+    history: list[Tensor] = []  # eps estimates, newest first
+    for i, t in enumerate(steps):
+        a_t, s_t, a_n, s_n = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
+        x0 = denoise(x, t)
+        eps = eps_from_x0(x0, x, a_t, s_t)
+        history = [eps, *history[:3]]
+        if a_t == 0:  # zero terminal SNR: eps' = eps, the DDIM step in its finite form
+            x_next = a_n * x0 + s_n * eps
+        elif not history[1:] and i + 1 < len(steps):  # pseudo improved Euler (2nd order) warm-up
+            x_euler = _transfer(x, eps, a_t, s_t, a_n, s_n)
+            eps_euler = eps_from_x0(denoise(x_euler, steps[i + 1]), x_euler, a_n, s_n)
+            x_next = _transfer(x, 0.5 * (eps + eps_euler), a_t, s_t, a_n, s_n)
+        else:
+            combined = sum(w * e for w, e in zip(_PLMS_WEIGHTS[len(history)], history))
+            x_next = _transfer(x, combined, a_t, s_t, a_n, s_n)
+        x = x_next
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def _transfer(x: Tensor, eps: Tensor, a_t: float, s_t: float, a_n: float, s_n: float) -> Tensor:
+    """PNDM's transfer phi(x_t, eps, t, n) (Liu et al. 2022, Eq. 11): the DDIM (eta 0) step with a given eps."""
+    return a_n * (x - s_t * eps) / a_t + s_n * eps

@@ -20,6 +20,7 @@ from ldm.diffusion.samplers import (
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_plms,
 )
 from ldm.diffusion.schedules import NoiseSchedule, scaled_linear_betas
 from ldm.diffusion.timesteps import sampling_timesteps
@@ -33,7 +34,9 @@ STOCHASTIC = {
     "euler_ancestral": sample_euler_ancestral,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }
-DETERMINISTIC = {"ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m}
+DETERMINISTIC = {
+    "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "plms": sample_plms,
+}
 ALL = {**STOCHASTIC, **DETERMINISTIC}
 
 
@@ -62,7 +65,9 @@ def prior_sample(schedule, t, n, seed=0):
     return alpha * MU + (alpha**2 * S**2 + sigma**2) ** 0.5 * z
 
 
-MOMENT_CASES = [(name, "eps") for name in ALL] + [("ddim", "v"), ("ddim", "x0"), ("dpmpp_2m", "v"), ("ddpm", "x0")]
+MOMENT_CASES = [(name, "eps") for name in ALL] + [
+    ("ddim", "v"), ("ddim", "x0"), ("dpmpp_2m", "v"), ("ddpm", "x0"), ("plms", "v"), ("plms", "x0"),
+]
 
 
 @pytest.mark.parametrize("name, prediction_type", MOMENT_CASES)
@@ -95,14 +100,16 @@ def ode_error(sampler, steps):
     return (x0 - ode_then_denoise(x_T, timesteps[0])).abs().max().item()
 
 
-@pytest.mark.parametrize("name, tolerance", [("ddim", 0.01), ("euler", 0.01), ("heun", 0.002), ("dpmpp_2m", 0.002)])
+# PLMS takes its last step into the clean sample with the multistep eps (as diffusers and CompVis do),
+# not the denoising jump this reference ends with: that step alone leaves ~0.002 at 1000 steps.
+@pytest.mark.parametrize("name, tolerance", [("ddim", 0.01), ("euler", 0.01), ("heun", 0.002), ("dpmpp_2m", 0.002), ("plms", 0.003)])
 def test_deterministic_samplers_converge_to_ode_solution(name, tolerance):
     errors = [ode_error(DETERMINISTIC[name], steps) for steps in (25, 100, 1000)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < tolerance
 
 
-@pytest.mark.parametrize("second_order", [sample_dpmpp_2m, sample_heun])
+@pytest.mark.parametrize("second_order", [sample_dpmpp_2m, sample_heun, sample_plms])
 def test_second_order_samplers_beat_first_order(second_order):
     for steps in (25, 100, 1000):
         assert ode_error(second_order, steps) < ode_error(sample_ddim, steps)
@@ -123,7 +130,7 @@ def test_dpmpp_2m_sde_without_noise_is_deterministic_and_accurate():
     assert (x0 - ode_then_denoise(x_T, timesteps[0])).abs().max() < 0.02
 
 
-@pytest.mark.parametrize("name", [*STOCHASTIC, "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("name", [*STOCHASTIC, "ddim", "dpmpp_2m", "plms"])
 def test_zero_terminal_snr_with_v_prediction(name):
     # At zero terminal SNR x_T ~ N(0, I) is exactly the prior, and eps-to-x0 conversions would divide by 0.
     sampler = ALL[name]
@@ -256,3 +263,123 @@ def test_eps_from_exact_x0_is_consistent():
     x0 = gaussian_x0(SCHEDULE, x, 500)
     eps = (x - alpha * x0) / sigma
     assert torch.allclose(predict_eps("x0", x0, x, alpha, sigma), eps)
+
+
+def _exact_ode(schedule, x_T, t_start, t):
+    """The probability-flow ODE's solution at t from x_T at t_start: the standardised value is kept."""
+    alpha, sigma = schedule.alpha(t_start).item(), schedule.sigma(t_start).item()
+    z = (x_T - alpha * MU) / (alpha**2 * S**2 + sigma**2) ** 0.5
+    alpha, sigma = schedule.alpha(t).item(), schedule.sigma(t).item()
+    return alpha * MU + (alpha**2 * S**2 + sigma**2) ** 0.5 * z
+
+
+def _order(sampler, schedule, step_counts, t_end=199):
+    """Fitted slope of -log(error) against log(steps) on even grids from T-1 to t_end, the error taken
+    where the sampler lands on t_end (before the jump to the clean sample)."""
+    errors = []
+    for steps in step_counts:
+        timesteps = torch.arange(999, t_end - 1, -((999 - t_end) // steps))
+        assert len(timesteps) == steps + 1
+        x_T = prior_sample(schedule, timesteps[0], 256)
+        landed = {}
+        sampler(
+            Denoiser(GaussianNetwork(schedule, "eps"), schedule, "eps"), x_T, timesteps, schedule,
+            callback=lambda i, t, x, x0: landed.setdefault(i, x),
+        )
+        errors.append((landed[steps - 1] - _exact_ode(schedule, x_T, timesteps[0], t_end)).abs().max().item())
+    log_n, log_e = torch.tensor(step_counts, dtype=torch.float64).log(), torch.tensor(errors).log()
+    return -(((log_n - log_n.mean()) * (log_e - log_e.mean())).sum() / ((log_n - log_n.mean()) ** 2).sum()).item()
+
+
+def _linear_noise_level_schedule():
+    """A schedule whose noise level s / a = 0.02 + 0.005 t is linear in the timestep."""
+    abar = 1 / (1 + (0.02 + 0.005 * torch.arange(1000, dtype=torch.float64)) ** 2)
+    return NoiseSchedule(1 - abar / torch.cat([abar.new_ones(1), abar[:-1]]))
+
+
+def test_plms_is_fourth_order_where_the_grid_is_even_in_noise_level():
+    # The transfer is a DDIM step, i.e. Euler in s / a; the Adams-Bashforth weights assume steps even in
+    # the variable integrated over, which this schedule makes true: order 4 (DDIM: 1).
+    schedule = _linear_noise_level_schedule()
+    assert _order(sample_plms, schedule, [25, 50, 100, 200]) > 3.5
+    assert _order(sample_ddim, schedule, [25, 50, 100, 200]) == pytest.approx(1.0, abs=0.1)
+
+
+def test_plms_is_second_order_on_sd_schedule_and_beats_dpmpp_2m():
+    # On SD's schedule even steps in t are uneven in s / a, which caps the order at 2 (as for CompVis'
+    # PLMS and diffusers' PNDM, which this matches), with a smaller error than DPM-Solver++(2M).
+    assert _order(sample_plms, SCHEDULE, [50, 100, 200]) == pytest.approx(2.0, abs=0.25)
+    for steps in (25, 50, 100):
+        assert _order_free_error(sample_plms, steps) < _order_free_error(sample_dpmpp_2m, steps)
+
+
+def _order_free_error(sampler, steps):
+    timesteps = torch.arange(999, 198, -(800 // steps))
+    x_T = prior_sample(SCHEDULE, timesteps[0], 256)
+    landed = {}
+    sampler(Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps"), x_T, timesteps, SCHEDULE,
+            callback=lambda i, t, x, x0: landed.setdefault(i, x))
+    return (landed[steps - 1] - _exact_ode(SCHEDULE, x_T, timesteps[0], 199)).abs().max().item()
+
+
+class CountingDenoiser(Denoiser):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = []
+
+    def __call__(self, x, t):
+        self.calls.append(t)
+        return super().__call__(x, t)
+
+
+@pytest.mark.parametrize(
+    "spacing, steps", [("leading", 50), ("trailing", 20), ("trailing", 8), ("leading", 2), ("trailing", 1)]
+)
+def test_plms_matches_diffusers_pndm_without_prk(spacing, steps):
+    # diffusers' PNDM steps to t - T // steps, so the grids agree where steps divides T; its leading grid
+    # is ours with steps_offset 0, and set_alpha_to_one makes its last step land on the clean sample.
+    # eps-prediction only: for v, diffusers combines the raw v outputs of different steps and converts
+    # the mix to eps with the current step's alpha, where we combine eps (the quantity PNDM extrapolates).
+    prediction_type = "eps"
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.PNDMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+        skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=0,
+    )
+    reference.set_timesteps(steps)
+    network = GaussianNetwork(SCHEDULE, prediction_type)
+    timesteps = sampling_timesteps(1000, steps, spacing)
+    x = prior_sample(SCHEDULE, timesteps[0], 32).float().repeat(1, 2, 3, 3)
+    expected = x.clone()
+    for t in reference.timesteps:
+        expected = reference.step(network(expected, int(t)), t, expected).prev_sample
+    denoise = CountingDenoiser(network, SCHEDULE, prediction_type)
+    ours = sample_plms(denoise, x, timesteps, SCHEDULE)
+    assert denoise.calls == reference.timesteps.tolist()  # the same calls, the second timestep twice
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_plms_warm_up_orders():
+    # The first step is redone from x_T with the mean of the eps at x_T and at the predicted x_n (the
+    # eps at the prediction is then dropped); the second combines the eps of x_n and x_T as AB2.
+    timesteps = torch.tensor([900, 600])
+    seen = []
+
+    def denoise(x, t):
+        seen.append((t, x.clone()))
+        return 0.5 * x  # x0 estimate; eps follows from it
+
+    x = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    out = sample_plms(denoise, x, timesteps, SCHEDULE)
+    (a_t, a_n), (s_t, s_n) = SCHEDULE.alpha(timesteps).tolist(), SCHEDULE.sigma(timesteps).tolist()
+    eps_t = (x - a_t * 0.5 * x) / s_t
+    x_pred = a_n * 0.5 * x + s_n * eps_t
+    eps_pred = (x_pred - a_n * 0.5 * x_pred) / s_n
+    eps_mean = 0.5 * (eps_t + eps_pred)
+    x_n = a_n * (x - s_t * eps_mean) / a_t + s_n * eps_mean
+    assert [t for t, _ in seen] == [900, 600, 600]
+    torch.testing.assert_close(seen[1][1], x_pred)
+    torch.testing.assert_close(seen[2][1], x_n)
+    eps_n = (x_n - a_n * 0.5 * x_n) / s_n
+    combined = 1.5 * eps_n - 0.5 * eps_t  # second order Adams-Bashforth into the clean sample
+    torch.testing.assert_close(out, (x_n - s_n * combined) / a_n)
