@@ -193,7 +193,7 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
          unet_diffusers_config(bundle.unet_config, bundle.image_size // _downsampling(bundle)), "config.json")  # fmt: skip
     vae_config = dict(vae_diffusers_config(bundle.vae_config), sample_size=bundle.image_size)
     save("vae", "diffusion_pytorch_model.safetensors", vae_to_diffusers(bundle.vae, bundle.vae_config), vae_config, "config.json")
-    num_layers = _text_layers_used(bundle)
+    num_layers = text_layers_used(bundle)
     text = {f"text_model.{k}": v for k, v in open_clip_to_hf(bundle.text, num_layers).items()}
     save("text_encoder", "model.safetensors", text, _text_encoder_config(bundle, num_layers, dtype), "config.json")
     _write_tokenizer(root / "tokenizer", bundle)
@@ -206,7 +206,7 @@ def _downsampling(bundle: ModelBundle) -> int:
     return 2 ** (len(bundle.vae_config.get("channel_multipliers", (1, 2, 4, 4))) - 1)
 
 
-def _text_layers_used(bundle: ModelBundle) -> int:
+def text_layers_used(bundle: ModelBundle) -> int:
     """Blocks the text encoder runs: diffusers keeps only those (23 of ViT-H's 24 for SD 2.x).
 
     Counted on the tower the config builds, not on the tensors: an SD 2.x model read from a
