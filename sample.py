@@ -54,7 +54,24 @@ def sampler_settings(cfg: DictConfig) -> dict[str, Any]:
         "negative_prompt": cfg.negative_prompt, "spacing": cfg.spacing, "guidance_rescale": cfg.guidance_rescale,
         "guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
         "checkpoint": str(cfg.checkpoint), "use_ema": cfg.use_ema, "precision": str(cfg.precision),
+        "loras": [[path, scale] for path, scale in lora_list(cfg)],
     }  # fmt: skip
+
+
+def lora_list(cfg: DictConfig) -> list[tuple[str, float]]:
+    """``lora=[a,b] lora_scale=[0.8,0.5]`` (or one of each, or no scales: 1.0) as (file, scale) pairs."""
+    files, scales = cfg.get("lora") or [], cfg.get("lora_scale")
+    files = [files] if isinstance(files, str) else [str(f) for f in files]
+    scales = [] if scales is None else [scales] if isinstance(scales, (int, float)) else list(scales)
+    if scales and len(scales) != len(files):
+        raise UserError(f"{len(files)} lora file(s) but {len(scales)} lora_scale value(s): give one scale per file")
+    missing = [f for f in files if not Path(f).expanduser().is_file()]
+    if missing:
+        raise UserError(f"lora file not found: {missing[0]}")
+    try:
+        return [(f, float(s)) for f, s in zip(files, scales or [1.0] * len(files))]
+    except (TypeError, ValueError):
+        raise UserError(f"lora_scale must be numbers, got {scales}") from None
 
 
 def _sampler_name() -> str:
@@ -63,7 +80,7 @@ def _sampler_name() -> str:
 
 def job_settings(cfg: DictConfig) -> dict[str, Any]:
     """Every setting that changes a pixel or a metadata row, as given (job.json compares them)."""
-    settings = {k: v for k, v in sampler_settings(cfg).items() if k != "checkpoint"}  # compared by content
+    settings = {k: v for k, v in sampler_settings(cfg).items() if k not in ("checkpoint", "loras")}  # by content
     settings["sampler_options"] = OmegaConf.to_container(cfg.sampler, resolve=True)
     for key in ("prediction_type", "image_size", "width", "height", "seed", "num_images_per_prompt", "output"):
         settings[key] = cfg.get(key)
@@ -117,10 +134,11 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     device = pick_device(cfg.device, ranks)
     distributed = init_process_group(ranks, device)
     out_dir = Path(cfg.out_dir)
-    claim_out_dir_on_rank_zero(out_dir, lambda: job_manifest(cfg.checkpoint, records, job_settings(cfg)),
+    loras = lora_list(cfg)
+    claim_out_dir_on_rank_zero(out_dir, lambda: job_manifest(cfg.checkpoint, records, job_settings(cfg), loras),
                                bool(cfg.get("overwrite", False)), ranks, device)  # fmt: skip
     pipeline, _ = pipeline_from_checkpoint(
-        cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)], cfg.prediction_type, cfg.image_size
+        cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)], cfg.prediction_type, cfg.image_size, loras
     )
     if cfg.steps > pipeline.schedule.num_timesteps:
         raise UserError(f"steps={cfg.steps} is more than the model's {pipeline.schedule.num_timesteps} timesteps")

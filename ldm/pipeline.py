@@ -175,13 +175,18 @@ def pipeline_from_checkpoint(
     autocast_dtype: torch.dtype | None = None,
     prediction_type: str | None = None,
     image_size: int | None = None,
+    loras: Sequence[tuple[str, float]] = (),
 ) -> tuple[TextToImage, dict]:
     """A pipeline for any model file: a training checkpoint (rebuilt from the config stored in it),
-    an original SD single file, or a diffusers folder. Returns it and the model's metadata."""
+    an original SD single file, or a diffusers folder, with ``loras`` ((file, scale) pairs: kohya,
+    diffusers or LoRA-run checkpoints) merged into its weights. Returns it and the model's metadata."""
     from ldm.formats import load_bundle
     from ldm.formats.bundle import schedule_from_spec
+    from ldm.formats.lora import apply_loras, read_lora
 
     bundle = load_bundle(path, use_ema, prediction_type, image_size)
+    if loras:
+        bundle = apply_loras(bundle, [(read_lora(file, bundle), scale) for file, scale in loras])
     unet, autoencoder, conditioner = bundle.build(device)
     check_side("image_size", bundle.image_size, size_multiple(autoencoder, unet))
     latent_size = bundle.image_size // autoencoder.downsampling_factor

@@ -399,12 +399,19 @@ def _hash_file_sample(digest: Any, path: Path) -> None:
             digest.update(file.read(length))
 
 
-def job_manifest(checkpoint: str | Path, records: Sequence[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
-    """What decides the job's outputs: the model (by content), the prompts, and every setting that
-    changes pixels or metadata, as plain JSON (tuples become lists, as when read back from disk).
-    ``checkpoint_path`` is recorded for people, never compared."""
+def job_manifest(
+    checkpoint: str | Path, records: Sequence[dict[str, Any]], settings: dict[str, Any],
+    loras: Sequence[tuple[str | Path, float]] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """What decides the job's outputs: the model (by content), the LoRAs merged into it (by content,
+    with their scales, in order), the prompts, and every setting that changes pixels or metadata, as
+    plain JSON (tuples become lists, as when read back from disk). ``checkpoint_path`` and
+    ``lora_paths`` are recorded for people, never compared."""
     manifest = {"checkpoint": checkpoint_fingerprint(checkpoint), "prompts": prompts_digest(records),
                 "num_prompts": len(records), "settings": settings, "checkpoint_path": str(checkpoint)}  # fmt: skip
+    if loras:  # (absent without LoRAs: job.json files written before LoRAs existed still match)
+        manifest["loras"] = [[checkpoint_fingerprint(path), float(scale)] for path, scale in loras]
+        manifest["lora_paths"] = [str(path) for path, _ in loras]
     return json.loads(json.dumps(manifest, default=str))
 
 
@@ -488,7 +495,7 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Names of what differs, for the one-line refusal: "steps 20 -> 3", "checkpoint", "prompts"."""
-    names = [key for key in ("checkpoint", "prompts") if old.get(key) != new.get(key)]
+    names = [key for key in ("checkpoint", "loras", "prompts") if old.get(key) != new.get(key)]
     old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
     for key, value in new["settings"].items():
         if key not in old_settings:

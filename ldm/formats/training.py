@@ -29,7 +29,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
 
 FROZEN = ("autoencoder", "conditioner")
-BUNDLE_PART = {"autoencoder": "vae", "conditioner": "text"}
+BUNDLE_PART = {"unet": "unet", "autoencoder": "vae", "conditioner": "text"}
 CLASS_TARGETS = {
     "unet": "ldm.models.unet.UNetModel",
     "autoencoder": "ldm.models.autoencoder.AutoencoderKL",
@@ -89,14 +89,15 @@ def model_spec(config: dict[str, Any]) -> dict[str, Any]:
 def frozen_source_paths(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Where a run's frozen parts come from: ``{name: {kind, path, prefix}}`` (no fingerprint yet).
 
-    ``model.pretrained`` (a model file) gives both; otherwise the VAE's ``with_weights`` path and the
-    text encoder's ``pretrained`` file. A seeded random text tower is ``seeded``; a VAE with random
-    weights has no source (it is then always embedded in the checkpoint).
+    ``model.pretrained`` (a model file) gives both, and the U-Net, which a LoRA run keeps frozen;
+    otherwise the VAE's ``with_weights`` path and the text encoder's ``pretrained`` file. A seeded
+    random text tower is ``seeded``; a VAE with random weights has no source (it is then always
+    embedded in the checkpoint).
     """
     model = config["model"]
     sources: dict[str, dict[str, Any]] = {}
     if model.get("pretrained"):
-        return {name: dict(kind="model", path=stored_path(model["pretrained"])) for name in FROZEN}
+        return {name: dict(kind="model", path=stored_path(model["pretrained"])) for name in ("unet", *FROZEN)}
     vae = model.get("autoencoder") or {}
     if vae.get("_target_") == WITH_WEIGHTS and vae.get("path"):
         sources["autoencoder"] = dict(kind="weights", path=stored_path(vae["path"]), prefix=vae.get("prefix"))
@@ -109,7 +110,7 @@ def frozen_source_paths(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ reading a checkpoint back
-ModelLoader = Callable[[str], ModelBundle]
+ModelLoader = Callable[..., ModelBundle]  # (path, use_ema=False) -> the model in that file
 
 
 def bundle_from_training_checkpoint(
@@ -117,24 +118,44 @@ def bundle_from_training_checkpoint(
 ) -> ModelBundle:
     """The model of a training checkpoint (EMA U-Net by default), built from its stored spec.
 
-    ``sources`` maps a frozen part (``autoencoder``/``conditioner``) to a new path for the file it was
-    loaded from, when that file has moved; the fingerprint must still match. ``load_model`` reads a
-    source of kind ``model`` (any model format: ``ldm.formats.load_bundle``).
+    A LoRA run's checkpoint (``ldm.lora`` with rank > 0) gives its base model with the (EMA) adapters
+    merged into the weights: the model it samples.
+    ``sources`` maps a frozen part (``unet``/``autoencoder``/``conditioner``) to a new path for the file
+    it was loaded from, when that file has moved; the fingerprint must still match. ``load_model``
+    reads a source of kind ``model`` (any model format: ``ldm.formats.load_bundle``).
     """
+    from ldm.formats.lora import apply_loras, checked_weights, lora_from_checkpoint
+    from ldm.models.lora import LoRASpec
+
     checkpoint = load_training_checkpoint(path)
     record = checkpoint["ldm"]
     state = checkpoint["state_dict"]
-    spec = record.get("spec") if isinstance(record, dict) else None
-    if spec is None:  # written before checkpoints carried a spec: parse the config, instantiate nothing
-        spec = model_spec(record.get("config") or {}) if isinstance(record, dict) else None
-    prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "unet."
-    frozen = {}
-    for name in FROZEN:
+    spec = checkpoint_spec(record)
+    lora = LoRASpec.from_config(record.get("lora") if isinstance(record, dict) else None)
+    parts = {}
+    for name in ("unet", *FROZEN):
+        if name == "unet" and not lora.enabled:
+            prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "unet."
+            parts[name] = submodule_state(state, prefix)
+            continue
         embedded = submodule_state(state, f"{name}.")
         if name == "conditioner":
             embedded = submodule_state(embedded, "model.")
-        frozen[name] = embedded or _from_source(path, record, name, spec, (sources or {}).get(name), load_model)
-    return ModelBundle.from_metadata(spec, submodule_state(state, prefix), frozen["autoencoder"], frozen["conditioner"])
+        parts[name] = embedded or _from_source(path, record, name, spec, (sources or {}).get(name), load_model)
+    bundle = ModelBundle.from_metadata(spec, parts["unet"], parts["autoencoder"], parts["conditioner"])
+    if lora.enabled:
+        adapters = checked_weights(lora_from_checkpoint(checkpoint, use_ema, path), bundle, path)
+        bundle = apply_loras(bundle, [(adapters, 1.0)])
+    return bundle
+
+
+def checkpoint_spec(record: Any) -> dict[str, Any] | None:
+    """The typed model spec of a checkpoint's ``ldm`` record; for checkpoints written before it carried
+    one, parsed from its config as plain data (nothing is instantiated)."""
+    spec = record.get("spec") if isinstance(record, dict) else None
+    if spec is None and isinstance(record, dict):
+        spec = model_spec(record.get("config") or {})
+    return spec
 
 
 def _from_source(
@@ -174,6 +195,8 @@ def _read_source(
     if source.kind == "model":
         if load_model is None:
             raise UserError(f"the {name} comes from the model file {path}, and no reader was given for it")
+        if name == "unet":  # a LoRA run's base: train.py loads model.pretrained with its EMA weights
+            return load_model(path, use_ema=True).unet
         return getattr(load_model(path), BUNDLE_PART[name])
     if name == "autoencoder":  # a weights file of the VAE alone, or of a whole model under a prefix
         with torch.device("meta"):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -47,7 +48,7 @@ MAX_RANK = 4096
 
 def float32(value: float) -> float:
     """``value`` rounded to float32, as LoRA files store alpha: a round trip through one is exact."""
-    return float(torch.tensor(float(value), dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", float(value)))[0]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from ldm.diffusion.losses import DiffusionObjective, sample_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.errors import UserError
 from ldm.formats.training import frozen_source_paths, model_spec
+from ldm.models.lora import AdaptedTextEncoder, AdaptedUNet, LoRANetwork, LoRASpec
 from ldm.pipeline import TextToImage
 from ldm.training.caches import ContextCache, PosteriorCache
 from ldm.training.ema import build_ema
@@ -45,6 +46,12 @@ class LatentDiffusion(pl.LightningModule):
     too when it is small (<= ``frozen_in_checkpoint_mb``, like the toy's), so the checkpoint stands
     alone; a large one (SD's VAE, CLIP) is left out, rebuilt from the stored config on load and
     checked against a fingerprint recorded at save time.
+
+    ``lora`` (``task.lora``, a ``LoRASpec`` mapping; rank 0 = off) trains low-rank adapters instead
+    (``ldm/models/lora.py``): the U-Net is frozen like the VAE (and stored the same way, by reference
+    to ``model.pretrained`` when large), and only the adapters are in the optimiser, the EMA copy
+    and the checkpoint's trained weights. Batches with a ``prior`` mask (DreamBooth) weigh their
+    class-image samples by ``prior_loss_weight`` (Ruiz et al. 2023, Eq. 2).
     """
 
     def __init__(
@@ -67,6 +74,8 @@ class LatentDiffusion(pl.LightningModule):
         posterior_cache_size: int = 0,
         compile_unet: bool | dict = False,
         self_conditioning_rate: float = 0.5,
+        lora: LoRASpec | dict | None = None,
+        prior_loss_weight: float = 1.0,
         run_config: dict | None = None,
     ):
         super().__init__()
@@ -74,22 +83,37 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         if not 0.0 <= self_conditioning_rate <= 1.0:
             raise ValueError(f"self_conditioning_rate must be in [0, 1], got {self_conditioning_rate}")
+        if not 0.0 <= prior_loss_weight < float("inf"):
+            raise UserError(f"task.prior_loss_weight must be a non-negative number, got {prior_loss_weight}")
+        self.lora_spec = LoRASpec.from_config(lora)
         self.unet = unet
         self.autoencoder = freeze(autoencoder)
         self.conditioner = freeze(conditioner)
+        self.frozen_names = FROZEN
+        self.lora: LoRANetwork | None = None
+        if self.lora_spec.enabled:
+            # the U-Net is frozen like the VAE; the adapters' hooks add their updates to its layers'
+            # outputs, so its names, weights and fingerprint stay those of the base model
+            self.unet = freeze(unet)
+            self.frozen_names = ("unet", *FROZEN)
+            self.lora = LoRANetwork.for_training(self.lora_spec, unet, conditioner)
+            self._lora_hooks = self.lora.attach(unet)
+        self.prior_loss_weight = float(prior_loss_weight)
         self.schedule = schedule
         self.objective = objective
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.caption_dropout = caption_dropout
-        self.ema = build_ema(unet, ema_decay, ema_warmup) if ema_decay is not None else None
+        trained = self.lora if self.lora is not None else unet
+        self.ema = build_ema(trained, ema_decay, ema_warmup) if ema_decay is not None else None
         self.ema_every_n_steps = ema_every_n_steps
         self.image_size = image_size
         self.frozen_in_checkpoint_mb = frozen_in_checkpoint_mb
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:  # NHWC convolutions: faster with cuDNN on tensor cores and oneDNN on CPUs
-            for module in (self.unet, self.autoencoder) + ((self.ema,) if self.ema is not None else ()):
-                module.to(memory_format=torch.channels_last)
+            for module in (self.unet, self.autoencoder, self.lora, self.ema):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         self.context_cache = ContextCache(context_cache_size)
         self.posterior_cache = PosteriorCache(posterior_cache_size)
         self.self_conditioning_rate = self_conditioning_rate
@@ -103,13 +127,14 @@ class LatentDiffusion(pl.LightningModule):
         # config: a checkpoint stores these plain values, never a config to instantiate
         self.model_spec = model_spec(self.run_config) if "model" in self.run_config else None
         self.frozen_sources = frozen_source_paths(self.run_config) if "model" in self.run_config else {}
+        self._frozen_fingerprints: dict[str, str] = {}  # computed once: frozen parts never change in a run
         self.flops_per_batch: float | None = None  # set by a FLOP count for MFU (ThroughputMonitor)
         self._rng_to_restore: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- training
     def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
-        for name in FROZEN:
+        for name in self.frozen_names:
             getattr(self, name).eval()  # Lightning's model.train() must not wake the frozen parts
         if self.ema is not None:
             self.ema.eval()
@@ -128,9 +153,16 @@ class LatentDiffusion(pl.LightningModule):
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     @torch.no_grad()
-    def encode_batch(self, batch: dict[str, Any], drop_captions: bool) -> tuple[Tensor, Tensor]:
-        """(scaled latents z0 (B,C,h,w), text context (B,L,D)) from images or precomputed latents."""
+    def encode_batch(self, batch: dict[str, Any], drop_captions: bool, use_ema: bool = False) -> tuple[Tensor, Tensor]:
+        """(scaled latents z0 (B,C,h,w), text context (B,L,D)) from images or precomputed latents.
+
+        With text-encoder adapters the context is computed by the adapted encoder (``use_ema``: its
+        EMA adapters), with gradients when training, and never cached."""
+        adapted_text = self.lora is not None and bool(self.lora.text_names)
         if "latent" in batch:
+            if adapted_text:
+                raise UserError("task.lora.text_encoder=true trains the text encoder, which needs captions: "
+                                "precomputed contexts (data=latents) cannot be used")  # fmt: skip
             return batch["latent"], batch["context"]
         with torch.autocast(self.device.type, enabled=False):
             # the VAE stays in float32: half-precision VAEs overflow into NaNs and black images
@@ -138,12 +170,34 @@ class LatentDiffusion(pl.LightningModule):
             moments = self.posterior_cache(self._encode_moments, images)
             latents = self.autoencoder.latent_from_moments(moments)
         captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
+        if adapted_text:
+            with torch.enable_grad():
+                return latents, self.text_encoder(use_ema)(captions)
         return latents, self.context_cache(self.conditioner, captions)
+
+    def denoising_network(self, use_ema: bool = True) -> nn.Module:
+        """The U-Net that validation and sampling run: the EMA copy (or, for a LoRA run, the U-Net
+        with its EMA adapters) when ``use_ema`` and there is one, else the trained weights."""
+        ema = use_ema and self.ema is not None
+        if self.lora is None:
+            return self.ema.module if ema else self.unet
+        return AdaptedUNet(self.unet, self.lora, self.ema.module) if ema else self.unet
+
+    def text_encoder(self, use_ema: bool = True) -> nn.Module:
+        """The text encoder, adapted by the (EMA) text adapters of a LoRA run that trains them."""
+        if self.lora is None or not self.lora.text_names:
+            return self.conditioner
+        return AdaptedTextEncoder(self.conditioner, self.ema.module if use_ema and self.ema is not None else self.lora)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: the U-Net, or a LoRA run's adapters alone."""
+        return list((self.lora if self.lora is not None else self.unet).parameters())
 
     def _encode_moments(self, images: Tensor) -> Tensor:
         return self.autoencoder.encode_moments(images.contiguous(memory_format=self.memory_format))
 
-    def diffusion_loss(self, latents: Tensor, context: Tensor) -> Tensor:
+    def diffusion_loss(self, latents: Tensor, context: Tensor, sample_weights: Tensor | None = None) -> Tensor:
+        """The objective's loss on one batch; ``sample_weights`` (B,) multiply each sample's term."""
         t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device)
         noise = sample_noise(latents, self.objective.offset_noise)
         x_t, target = self.objective.noised_inputs(self.schedule, latents, t, noise)
@@ -152,7 +206,23 @@ class LatentDiffusion(pl.LightningModule):
             prediction = self.unet(x_t, t, context, x0_estimate=self.self_conditioning_estimate(x_t, t, context))
         else:
             prediction = self.unet(x_t, t, context)  # (B, C, h, w)
-        return self.objective.loss(prediction, target, self.objective.weights(self.schedule, t))
+        weights = self.objective.weights(self.schedule, t)
+        if sample_weights is not None:
+            weights = sample_weights if weights is None else weights * sample_weights.to(weights.device)
+        return self.objective.loss(prediction, target, weights)
+
+    def prior_preservation_weights(self, batch: dict[str, Any]) -> Tensor | None:
+        """Per-sample weights that make the batch mean the DreamBooth loss (Ruiz et al. 2023, Eq. 2):
+        E_instance[...] + prior_loss_weight * E_class[...], each mean over its own samples. None for
+        batches without a ``prior`` mask (B,) bool (True: a class image of the base model)."""
+        prior = batch.get("prior")
+        if prior is None:
+            return None
+        prior = torch.as_tensor(prior, dtype=torch.bool)
+        size, priors = prior.numel(), int(prior.sum())
+        if priors in (0, size):  # one kind only: its plain mean (times the weight for class images)
+            return torch.full((size,), self.prior_loss_weight if priors else 1.0)
+        return torch.where(prior, self.prior_loss_weight * size / priors, size / (size - priors))
 
     @torch.no_grad()
     def self_conditioning_estimate(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
@@ -172,20 +242,20 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         latents, context = self.encode_batch(batch, drop_captions=True)
-        loss = self.diffusion_loss(latents, context)
+        loss = self.diffusion_loss(latents, context, self.prior_preservation_weights(batch))
         batch_size = latents.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        latents, context = self.encode_batch(batch, drop_captions=False)
+        latents, context = self.encode_batch(batch, drop_captions=False, use_ema=True)
         generator = torch.Generator(device=latents.device).manual_seed(batch_idx)
         # fixed timesteps and noise per batch: the validation loss is comparable across the run
         t = self.objective.sample_timesteps(self.schedule, latents.shape[0], latents.device, generator)
         noise = sample_noise(latents, 0.0, generator)
         x_t, target = self.objective.noised_inputs(self.schedule, latents, t, noise)
-        network = self.ema.module if self.ema is not None else self.unet
+        network = self.denoising_network(use_ema=True)
         loss = self.objective.loss(network(x_t, t, context), target, self.objective.weights(self.schedule, t))
         self.log("val/loss", loss, prog_bar=True, batch_size=latents.shape[0], sync_dist=True)
 
@@ -205,10 +275,10 @@ class LatentDiffusion(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # right after the update, before any callback's on_train_batch_end can write a checkpoint
         if self.ema is not None and self.global_step % self.ema_every_n_steps == 0:
-            self.ema.update_parameters(self.unet)
+            self.ema.update_parameters(self.lora if self.lora is not None else self.unet)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.unet.parameters())
+        optimizer = self.optimizer_factory(self.trainable_parameters())
         if isinstance(optimizer, MuonAdamW) and self._trainer is not None and _shards_parameters(self.trainer.strategy):
             raise UserError(f"optim=muon_cosine needs each weight matrix whole on every rank, and strategy "
                             f"{type(self.trainer.strategy).__name__} shards them: use optim=adamw_cosine")  # fmt: skip
@@ -230,24 +300,25 @@ class LatentDiffusion(pl.LightningModule):
     # ---------------------------------------------------------------- sampling
     def pipeline(self, use_ema: bool = True) -> TextToImage:
         """A text-to-image pipeline over the current weights (EMA by default)."""
-        unet = self.ema.module if (use_ema and self.ema is not None) else self.unet
         return TextToImage(
-            unet, self.autoencoder, self.conditioner, self.schedule, self.objective.prediction_type, self.latent_shape
-        )
+            self.denoising_network(use_ema), self.autoencoder, self.text_encoder(use_ema), self.schedule,
+            self.objective.prediction_type, self.latent_shape,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         # a frozen part is left out only where it can be found again: a file it was loaded from
         left_out = [
-            name for name in FROZEN
+            name for name in self.frozen_names
             if name in self.frozen_sources and _megabytes(getattr(self, name)) > self.frozen_in_checkpoint_mb
         ]  # fmt: skip
         for key in [k for k in state if k.split(".", 1)[0] in left_out]:
             del state[key]
-        fingerprints = {name: fingerprint(getattr(self, name)) for name in left_out}
+        fingerprints = {name: self.frozen_fingerprint(name) for name in left_out}
         checkpoint["ldm"] = {
             "spec": self.model_spec,  # what sample.py and ldm.convert build the model from
+            "lora": self.lora_spec.as_dict(),  # rank 0: a full fine-tune; else the adapters' settings
             "frozen_sources": {name: dict(self.frozen_sources[name], fingerprint=fingerprints[name]) for name in left_out},
             "frozen_fingerprints": fingerprints,
             "config": self.run_config,  # for people; never read to build anything
@@ -258,8 +329,9 @@ class LatentDiffusion(pl.LightningModule):
         self.context_cache.clear()  # the frozen encoders may be about to change
         self.posterior_cache.clear()
         stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
+        self._frozen_fingerprints.clear()
         for name in stored:
-            expected, actual = stored[name], fingerprint(getattr(self, name))
+            expected, actual = stored[name], self.frozen_fingerprint(name)
             if expected != actual:
                 raise ValueError(
                     f"checkpoint was trained with a different {name} (fingerprint {expected}, "
@@ -272,6 +344,12 @@ class LatentDiffusion(pl.LightningModule):
         # own numbers, so the step sees exactly the generator state the uninterrupted run had
         world_size = self.trainer.world_size if self._trainer is not None else 1
         self._rng_to_restore = states[self.global_rank] if len(states) == world_size else None
+
+    def frozen_fingerprint(self, name: str) -> str:
+        """``fingerprint`` of a frozen part, computed once (seconds for SD's U-Net, at every save otherwise)."""
+        if name not in self._frozen_fingerprints:
+            self._frozen_fingerprints[name] = fingerprint(getattr(self, name))
+        return self._frozen_fingerprints[name]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.flops_per_batch is None:
