@@ -340,19 +340,31 @@ class FolderStream(IterableDataset):
         return self._training_batches(rank, world_size, worker, num_workers)
 
     def _training_batches(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        bucket_of = self.index.bucket_of()
-        plan = epoch_plan(bucket_of, self.batch_size, world_size, self.repeats, self.seed, self.epoch)
-        mine = plan[rank::world_size]
         if rank == 0 and worker == 0 and self.skip_batches == 0:
             for reason, where, detail in self.index.problems:  # refused while indexing: once per epoch
                 self.counts.skip(reason, f"{self.index.root}:{where}", detail)
-        # the loader takes batches from its workers in turn, starting with worker 0: whole rounds are
-        # skipped here (without decoding), ``TrainingLoader`` drops the rest
+        for number in self.worker_numbers(world_size, worker, num_workers):
+            yield self.plan_batch(self.epoch, number, rank, world_size)
+
+    def worker_numbers(self, world_size: int, worker: int, num_workers: int) -> range:
+        """The numbers (within this rank's share of the epoch) of the batches this loader worker makes.
+
+        The loader takes batches from its workers in turn, starting with worker 0: whole rounds of
+        ``skip_batches`` are skipped here (without decoding), ``TrainingLoader`` drops the rest."""
         whole_rounds = self.skip_batches - self.skip_batches % num_workers
-        for number in range(whole_rounds + worker, len(mine), num_workers):
-            global_number = number * world_size + rank  # the batch's place in the epoch plan
-            rng = random.Random(stream_seed(self.seed, PROCESS, self.epoch, global_number))
-            yield self._collate([self._filled(int(item), bucket_of, rng) for item in mine[number]])
+        return range(whole_rounds + worker, self.batches_per_rank(world_size), num_workers)
+
+    def plan_batch(self, epoch: int, number: int, rank: int, world_size: int) -> dict[str, Any]:
+        """Batch ``number`` of rank ``rank``'s share of ``epoch``'s plan: a function of (seed, epoch,
+        number) alone, so any stream can be resumed (or paired with another, ``PairedStream``) exactly."""
+        cached = self.__dict__.get("_plan")
+        if cached is None or cached[:2] != (epoch, world_size):
+            plan = epoch_plan(self.index.bucket_of(), self.batch_size, world_size, self.repeats, self.seed, epoch)
+            cached = self.__dict__["_plan"] = (epoch, world_size, plan)
+        global_number = number * world_size + rank  # the batch's place in the epoch plan
+        rng = random.Random(stream_seed(self.seed, PROCESS, epoch, global_number))
+        bucket_of = self.index.bucket_of()
+        return self._collate([self._filled(int(item), bucket_of, rng) for item in cached[2][global_number]])
 
     def _filled(self, item: int, bucket_of: np.ndarray, rng: random.Random) -> dict[str, Any]:
         """The sample of ``item``, or, if it fails, of another image of its bucket drawn by ``rng``."""
