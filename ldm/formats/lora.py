@@ -31,6 +31,7 @@ refused in one line naming them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -94,6 +95,10 @@ class UNetNames:
 
     @classmethod
     def of(cls, unet_config: Mapping[str, Any]) -> UNetNames:
+        return _unet_names(json.dumps(unet_config, sort_keys=True, default=list))
+
+    @classmethod
+    def build(cls, unet_config: Mapping[str, Any]) -> UNetNames:
         from ldm.models.diffusers_layout import unet_module_map
 
         with torch.device("meta"):
@@ -117,6 +122,12 @@ class UNetNames:
         return names
 
 
+@functools.lru_cache(maxsize=8)
+def _unet_names(config_json: str) -> UNetNames:
+    """``UNetNames.build`` once per U-Net config (it builds the U-Net on the meta device)."""
+    return UNetNames.build(json.loads(config_json))
+
+
 # ---------------------------------------------------------------------- reading files
 def read_lora(path: str | Path, bundle: ModelBundle, use_ema: bool = True) -> LoRAWeights:
     """The LoRA in ``path`` (kohya or diffusers safetensors, a torch file of either, or one of our LoRA
@@ -135,7 +146,7 @@ def read_lora(path: str | Path, bundle: ModelBundle, use_ema: bool = True) -> Lo
         state = _read_torch_file(path)
         if isinstance(state, dict) and "ldm" in state and "state_dict" in state:  # a training checkpoint of ours
             return checked_weights(lora_from_checkpoint(state, use_ema, path), bundle, path)
-        header = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        header = {k: (tuple(v.shape), v.dtype if v.is_floating_point() else None) for k, v in state.items()}
         parsed = parse_lora_keys(header, {}, bundle, path)
         tensors = {k: state[k] for k in parsed.keys()}
     return fitted(parsed.weights(tensors, path), bundle)

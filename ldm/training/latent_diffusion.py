@@ -171,7 +171,7 @@ class LatentDiffusion(pl.LightningModule):
             latents = self.autoencoder.latent_from_moments(moments)
         captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
         if adapted_text:
-            with torch.enable_grad():
+            with torch.set_grad_enabled(self.training):  # the adapters learn through the context
                 return latents, self.text_encoder(use_ema)(captions)
         return latents, self.context_cache(self.conditioner, captions)
 

@@ -342,3 +342,26 @@ def test_factors_of_another_shape_convention_are_fitted(sd1_bundle):
     as_4d = LoRAWeights(unet={"input_blocks.1.1.transformer_blocks.0.attn1.to_q": LoRAFactors(f.down[..., None, None], f.up[..., None, None], 2.0)})
     fitted_4d = fitted(as_4d, sd1_bundle).unet["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
     assert torch.equal(fitted_4d.delta(), f.delta())
+
+
+def test_torch_files_of_tensors_read_like_safetensors(sd1_bundle, tmp_path):
+    torch.save(kohya_pair(), tmp_path / "lora.pt")
+    weights = read_lora(tmp_path / "lora.pt", sd1_bundle)
+    assert list(weights.unet) == ["input_blocks.1.1.transformer_blocks.0.attn1.to_q"] and weights.unet[
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q"].alpha == 2.0  # fmt: skip
+    torch.save({k: v.long() for k, v in kohya_pair().items()}, tmp_path / "ints.pt")
+    with pytest.raises(UserError, match="floating-point"):
+        read_lora(tmp_path / "ints.pt", sd1_bundle)
+
+
+def test_convert_turns_one_lora_layout_into_the_other_given_its_model(published, tmp_path):
+    from ldm.convert import main as convert
+
+    _, folder, bundle = published
+    weights = random_lora(bundle, LoRASpec(rank=4, alpha=2.0, targets=ALL, text_encoder=True))
+    kohya = export_lora(weights, bundle, tmp_path / "k.safetensors", "kohya")
+    convert([str(kohya), str(tmp_path / "d.safetensors"), "--to", "lora", "--format", "diffusers", "--base", str(folder)])
+    back = read_lora(tmp_path / "d.safetensors", bundle)
+    assert back.metadata["format"] == "diffusers" and back.unet.keys() == weights.unet.keys()
+    for name, f in weights.unet.items():
+        assert torch.allclose(f.delta(), back.unet[name].delta(), atol=1e-6)

@@ -150,3 +150,23 @@ def test_prior_preservation_weights_make_the_dreambooth_loss(train_config):
     losses = torch.tensor([1.0, 2.0, 3.0, 10.0])
     assert torch.isclose((weights * losses).mean(), losses[:3].mean() + 0.5 * losses[3])
     assert task.prior_preservation_weights({}) is None
+
+
+def test_sample_grids_see_the_ema_adapters_as_the_checkpoint_does(runs):
+    # the task's pipeline (hooks + EMA adapters, the adapted text encoder) draws what the saved checkpoint
+    # (adapters merged into the weights) draws
+    from functools import partial
+
+    from ldm.diffusion.samplers import sample_ddim
+    from ldm.pipeline import pipeline_from_checkpoint
+
+    _, straight, _, root = runs
+    sampler = partial(sample_ddim, eta=0.0)
+    prompts, seeds = ["a red circle in the top left", "a blue square in the center"], [1, 2]
+    live = straight.pipeline(use_ema=True).sample_latents(prompts, seeds, sampler, 3, 3.0)
+    saved, _ = pipeline_from_checkpoint(str(root / "straight" / "checkpoints" / "last.ckpt"))
+    expected = saved.sample_latents(prompts, seeds, sampler, 3, 3.0)
+    assert torch.allclose(live, expected, atol=1e-4)
+    ema_network = straight.denoising_network(use_ema=True)
+    assert ema_network.source is straight.ema.module and straight.denoising_network(use_ema=False) is straight.unet
+    assert any(not torch.equal(a, b) for a, b in zip(straight.ema.module.parameters(), straight.lora.parameters()))
