@@ -8,6 +8,7 @@ builds our own classes from the checked spec; nothing stored in a checkpoint is 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,7 +135,17 @@ def bundle_from_training_checkpoint(
         if name == "conditioner":
             embedded = submodule_state(embedded, "model.")
         frozen[name] = embedded or _from_source(path, record, name, spec, (sources or {}).get(name), load_model)
-    return ModelBundle.from_metadata(spec, submodule_state(state, prefix), frozen["autoencoder"], frozen["conditioner"])
+    bundle = ModelBundle.from_metadata(spec, submodule_state(state, prefix), frozen["autoencoder"], frozen["conditioner"])
+    return dataclasses.replace(bundle, text=_used_text_state(bundle.text, bundle.text_config))
+
+
+def _used_text_state(tower_state: dict[str, Tensor], text_config: dict[str, Any]) -> dict[str, Tensor]:
+    """The text tower tensors the model runs (``text_config`` already checked by ``ModelBundle``):
+    blocks it never runs (SD 2.x's last, seeded when the run loaded a 23-block diffusers encoder)
+    are not part of the model it exports."""
+    with torch.device("meta"):
+        encoder = OpenCLIPTextEncoder(**text_config)
+    return encoder.used_state(tower_state)
 
 
 def _from_source(

@@ -174,6 +174,12 @@ class OpenCLIPTextEncoder(nn.Module):
                 f"unexpected {result.unexpected_keys[:5]}"
             )
 
+    def used_state(self, tower_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The tensors of ``tower_state`` (open_clip layout) that take part in ``encode_tokens``: what a
+        model file should hold of this encoder (SD 2.x's last block, never run, is left out as in
+        diffusers folders, rather than exported with the seeded init it keeps when loaded from one)."""
+        return {name: value for name, value in tower_state.items() if self._is_used(name)}
+
     def _is_used(self, name: str) -> bool:
         """Whether the tower tensor ``name`` takes part in ``encode_tokens``."""
         if name.split(".", 1)[0] == "text_projection":

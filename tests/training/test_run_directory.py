@@ -1,6 +1,7 @@
 """A run directory is someone's work: refusals, resume=auto's choice, temp files, resume= errors."""
 
 import shutil
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,7 @@ def test_resume_auto_loads_pretrained_weights_on_the_first_launch(train_config, 
         with torch.no_grad():
             for p in unet.parameters():
                 p.fill_(0.01)
+        return SimpleNamespace(prediction_type="x0")  # the bundle load_weights_into returns
 
     monkeypatch.setattr(train_module, "load_weights_into", fake_load_weights_into)
     overrides = ("~callbacks.sample_grid", f"+model.pretrained={tmp_path / 'sd.safetensors'}", "resume=auto",
