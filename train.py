@@ -17,7 +17,6 @@ from pytorch_lightning.callbacks import DeviceStatsMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import one_line_errors
-from ldm.errors import UserError
 from ldm.formats import detect_format, load_weights_into
 from ldm.training.resume import prepare_run_directory, say
 

@@ -39,10 +39,10 @@ from typing import Any, TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm.data.decode import SOURCE_IMAGE_SUFFIXES
 from ldm.data.transforms import to_rgb
 from ldm.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Formats stored as they are, by PIL format name -> webdataset extension (all decoded by the loader).
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 JPEG_QUALITY = 95
@@ -148,7 +148,7 @@ def folder_items(root: str | os.PathLike) -> list[SourceItem]:
     relative = sorted(
         path.relative_to(root).as_posix()
         for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
+        if path.suffix.lower() in SOURCE_IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
         and path.is_file()
     )

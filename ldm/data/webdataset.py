@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ldm.data.buckets import Bucket, BucketedSample, resolve_buckets
 from ldm.data.captions import DEFAULT_MAX_CAPTION_CHARS, CaptionPicker
-from ldm.data.decode import IMAGE_EXTENSIONS, SMALL_IMAGES
+from ldm.data.decode import SMALL_IMAGES
 from ldm.data.metadata import MetadataFilter
 from ldm.data.quarantine import Quarantine
 from ldm.data.samples import ToTrainingSample
@@ -30,8 +30,6 @@ from ldm.data.shards import ShardSpec, ShardSpecError, Source, expand_shards, re
 from ldm.data.streams import TrainingLoader, ImageCaptionStream
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.errors import UserError
-
-IMAGE_KEYS = IMAGE_EXTENSIONS  # image members, in order of preference
 
 
 def image_caption_pipeline(

@@ -133,8 +133,3 @@ class NoiseSchedule:
         """abar_t / (1 - abar_t); exactly 0 at the last step of a zero-terminal-SNR schedule."""
         abar = self.alphas_cumprod
         return self._gather(abar / (1 - abar), t, ndim, like)
-
-    def log_snr(self) -> Tensor:
-        """lambda_t = log(alpha_t / sigma_t) for every step, shape (T,); -inf at zero terminal SNR."""
-        abar = self.alphas_cumprod
-        return 0.5 * (abar.log() - (1 - abar).log())

@@ -81,11 +81,6 @@ class StepProgressBar(TQDMProgressBar):
         bar.unit = "step"
         bar.set_description("train")
 
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the logger's version number is noise in a progress bar
-        return metrics
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         bar = self.train_progress_bar
