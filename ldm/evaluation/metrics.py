@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ldm import atomic
 from ldm.checkpoints import resolve_path
 from ldm.cli import one_line_errors
 from ldm.data.shards import ShardSpecError, expand_shards
@@ -264,10 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     if _rank_and_world()[0] == 0:
         out = Path(args.out) if args.out else Path(args.samples_dir) / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic.write_text(out, json.dumps(results, indent=2) + "\n")
         print(_summary(results))
         print(f"wrote {out}")
     return results

@@ -100,12 +100,12 @@ def test_prompt_sources(tmp_path):
 def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
     from ldm.evaluation.sampling_job import FolderOutput, remove_stale_temporaries
 
-    for name in (".000000.png.ab12cd.tmp", ".000001.png.xy.tmp", ".000000.png", "000000.png", ".other.tmp"):
+    for name in (".000000.png.ab12cd34.tmp", ".000001.png.xy_9ab00.tmp", ".000000.png", "000000.png", ".other.tmp"):
         (tmp_path / name).write_text("x")
     items = job_items([{"prompt": p} for p in PROMPTS], 1, seed=0)  # indices 0, 1, 2
     mine = Ranks(0, 2, 0).mine(items)  # this rank: 0 and 2; rank 1 may be writing 000001 right now
     assert remove_stale_temporaries(tmp_path, FolderOutput(tmp_path).files_of(mine, items)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy.tmp", ".other.tmp", "000000.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy_9ab00.tmp", ".other.tmp", "000000.png"]
 
 
 def test_two_ranks_write_every_item_of_shard_output_exactly_once(tiny_checkpoint, tmp_path):
@@ -163,7 +163,7 @@ def test_claim_out_dir_deletes_only_sampling_job_files(tmp_path):
     manifest = {"checkpoint": "c", "prompts": "p", "num_prompts": 1, "settings": {"steps": 20}}
     claim_out_dir(tmp_path, manifest)
     keep = ["notes.txt", "000001.jpg", "12.png", "samples-000000.tar.gz", ".hidden"]
-    drop = ["000000.png", "000001.png", "samples-000003.tar", "metadata.jsonl", "grid.png", ".000002.png.x1y2.tmp"]
+    drop = ["000000.png", "000001.png", "samples-000003.tar", "metadata.jsonl", "grid.png", ".000002.png.x1y2_3z4.tmp"]
     for name in keep + drop:
         (tmp_path / name).write_text("x")
     (tmp_path / "000009.png").mkdir()  # a directory is never deleted

@@ -54,7 +54,7 @@ def test_resume_auto_skips_a_corrupt_last_and_removes_killed_saves(train_config,
     intact = directory / "step_0000002.ckpt"
     shutil.copy(tiny_checkpoint, intact)
     (directory / "last.ckpt").write_bytes(tiny_checkpoint.read_bytes()[:5000])  # a torn copy
-    killed = directory / ".last.ckpt.k2x_9abc.tmp"  # ldm.checkpoints._atomic_path's name for last.ckpt
+    killed = directory / ".last.ckpt.k2x_9abc.tmp"  # ldm.atomic's temporary name for last.ckpt
     killed.write_bytes(b"\0" * 1000)
     others = [directory / "notes.tmp", directory / ".hidden.tmp", directory.parent / ".last.ckpt.abcd1234.tmp"]
     for other in others:
