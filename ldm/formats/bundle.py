@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, scaled_linear_betas
+from ldm.diffusion.schedules import NoiseSchedule, ScheduleSpec
 from ldm.errors import UserError
 from ldm.formats.spec import NETWORKS, checked_model_fields, checked_network_config, checked_schedule
 from ldm.models.autoencoder import AutoencoderKL
@@ -23,24 +23,14 @@ from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
 FAMILIES = ("sd1", "sd2", "custom")
 
 
-BETA_FUNCTIONS = {"scaled_linear": scaled_linear_betas, "linear": linear_betas, "cosine": cosine_betas}
-
-
 def sd_schedule(zero_terminal_snr: bool = False) -> dict[str, Any]:
-    """Stable Diffusion's training schedule (scaled_linear, 0.00085 -> 0.012, T = 1000)."""
-    return dict(
-        kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        zero_terminal_snr=zero_terminal_snr,
-    )  # fmt: skip
+    """Stable Diffusion's training schedule (scaled_linear, 0.00085 -> 0.012, T = 1000), as a spec dict."""
+    return ScheduleSpec("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=zero_terminal_snr).to_dict()
 
 
 def schedule_from_spec(spec: dict[str, Any]) -> NoiseSchedule:
-    """The ``NoiseSchedule`` a bundle's schedule spec describes."""
-    arguments = {k: v for k, v in spec.items() if k not in ("kind", "zero_terminal_snr", "snr_shift")}
-    betas = BETA_FUNCTIONS[spec.get("kind", "scaled_linear")](**arguments)
-    return NoiseSchedule.from_betas(
-        betas, bool(spec.get("zero_terminal_snr", False)), float(spec.get("snr_shift", 1.0))
-    )
+    """The ``NoiseSchedule`` a bundle's schedule spec (``ScheduleSpec.to_dict()``) describes."""
+    return ScheduleSpec.from_dict(spec).build()
 
 
 def sd_vae_config() -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ldm.checkpoints import (
 )
 from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
-from ldm.formats.spec import FrozenSource, stored_path
+from ldm.formats.spec import FrozenSource, checked_schedule, stored_path
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
 
@@ -37,6 +37,7 @@ CLASS_TARGETS = {
     "conditioner": "ldm.models.conditioners.OpenCLIPTextEncoder",
 }
 WITH_WEIGHTS = "ldm.checkpoints.with_weights"
+SPEC_TARGET = "ldm.diffusion.schedules.NoiseSchedule.from_spec"
 BETA_TARGETS = {f"ldm.diffusion.schedules.{kind}_betas": kind for kind in ("scaled_linear", "linear", "cosine")}
 _NOT_KWARGS = ("_target_", "_partial_", "_convert_", "_recursive_")
 
@@ -54,7 +55,15 @@ def _network_node(config: dict[str, Any], name: str) -> dict[str, Any]:
     return {k: v for k, v in node.items() if k not in _NOT_KWARGS}
 
 
-def _schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
+def schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
+    """The ``ScheduleSpec`` dict of a run's ``schedule`` config node: ``NoiseSchedule.from_spec``'s
+    fields, or (runs from before the spec) a ``from_betas`` node naming one of our beta functions."""
+    if isinstance(node, dict) and node.get("_target_") == SPEC_TARGET:
+        return checked_schedule({k: v for k, v in node.items() if k not in _NOT_KWARGS})
+    return _legacy_schedule_spec(node)
+
+
+def _legacy_schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
     betas = node.get("betas") if isinstance(node, dict) else None
     if not isinstance(betas, dict) or betas.get("_target_") not in BETA_TARGETS:
         found = betas.get("_target_") if isinstance(betas, dict) else None
@@ -80,7 +89,7 @@ def model_spec(config: dict[str, Any]) -> dict[str, Any]:
             family=config["model"].get("family", "custom"),
             prediction_type=config["objective"]["prediction_type"],
             image_size=int(config["task"]["image_size"]),
-            schedule=_schedule_spec(config["schedule"]),
+            schedule=schedule_spec(config["schedule"]),
         )  # fmt: skip
     except (KeyError, TypeError, AttributeError) as error:
         raise UserError(f"the run's config does not describe a text-to-image model ({type(error).__name__}: {error})")
