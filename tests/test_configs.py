@@ -6,6 +6,7 @@ import pytest
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
+from bench.presets import network_configs
 from ldm_testing import CONFIGS, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -84,26 +85,25 @@ def test_every_config_file_is_documented():
         assert first.startswith("#"), f"{path.relative_to(CONFIGS)} has no leading comment"
 
 
-@pytest.mark.parametrize("model, unet_preset, text_width", [
-    ("sd15", "sd15_unet_config", 768), ("sd21_base", "sd21_unet_config", 1024), ("sd21_768", "sd21_unet_config", 1024),
-])
-def test_sd_model_configs_build_the_published_architectures(model, unet_preset, text_width):
+@pytest.mark.parametrize("model, family, text_width", [("sd15", "sd1", 768), ("sd21_base", "sd2", 1024), ("sd21_768", "sd2", 1024)])
+def test_sd_model_configs_are_what_published_files_import_as(model, family, text_width):
+    # the presets are the one place the published sizes are written; a published file's weights must
+    # import as exactly these configs (the shapes of diffusers' published configs: tests/models/)
     import torch
 
-    import ldm.models.unet as unet_module
-    from ldm.formats.bundle import sd_vae_config
-    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.formats.architecture import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
 
     cfg = compose_config("train", [f"model={model}"])
     with torch.device("meta"):  # shapes only: no memory, no time
         unet = instantiate(cfg.model.unet)
         vae = instantiate(cfg.model.autoencoder)
-        reference = unet_module.UNetModel(**getattr(unet_module, unet_preset)())
         conditioner = instantiate(cfg.model.conditioner)
-        reference_vae = AutoencoderKL(**sd_vae_config())
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-    assert shapes(unet) == shapes(reference)
-    assert shapes(vae) == shapes(reference_vae) and vae.scaling_factor == 0.18215
+    presets = network_configs(model)
+    plain = lambda config: {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}  # noqa: E731
+    unet_config, vae_config = unet_config_from_weights(unet.state_dict(), family), vae_config_from_weights(vae.state_dict())
+    assert plain(unet_config) == {"dropout": 0.0, "norm_groups": 32, **presets["unet"]}  # the preset leaves SD's defaults
+    assert plain(vae_config) == {"in_channels": 3, "out_channels": 3, "norm_groups": 32, **presets["vae"]}
+    assert text_config_from_weights(conditioner.model.state_dict(), family) == presets["text"]
     assert conditioner.context_dim == text_width == cfg.model.unet.context_dim
     assert cfg.objective.prediction_type == ("v" if model == "sd21_768" else "eps")
 

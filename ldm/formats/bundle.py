@@ -18,7 +18,7 @@ from ldm.errors import UserError
 from ldm.formats.spec import NETWORKS, checked_model_fields, checked_network_config, checked_schedule
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
-from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
+from ldm.models.unet import UNetModel
 
 FAMILIES = ("sd1", "sd2", "custom")
 
@@ -31,24 +31,6 @@ def sd_schedule(zero_terminal_snr: bool = False) -> dict[str, Any]:
 def schedule_from_spec(spec: dict[str, Any]) -> NoiseSchedule:
     """The ``NoiseSchedule`` a bundle's schedule spec (``ScheduleSpec.to_dict()``) describes."""
     return ScheduleSpec.from_dict(spec).build()
-
-
-def sd_vae_config() -> dict[str, Any]:
-    """SD 1.x / 2.x's KL-f8 VAE: the ``AutoencoderKL`` defaults, spelled out."""
-    return dict(
-        base_channels=128, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(),
-        resolution=256, z_channels=4, embed_dim=4, scaling_factor=0.18215,
-    )  # fmt: skip
-
-
-def sd1_text_config() -> dict[str, Any]:
-    """OpenAI CLIP ViT-L/14's text model, last layer, EOT padding (SD 1.x's FrozenCLIPEmbedder)."""
-    return dict(model_name="ViT-L-14", quick_gelu=True, layer="last", pad_token_id=49407)
-
-
-def sd2_text_config() -> dict[str, Any]:
-    """OpenCLIP ViT-H/14's text tower, penultimate layer, zero padding (SD 2.x's FrozenOpenCLIPEmbedder)."""
-    return dict(model_name="ViT-H-14", quick_gelu=False, layer="penultimate", pad_token_id=0)
 
 
 @dataclass
@@ -120,15 +102,6 @@ class ModelBundle:
 
 def _float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def sd_bundle_configs(family: str) -> dict[str, Any]:
-    """The constructor configs and defaults of an original SD 1.x / 2.x model."""
-    if family == "sd1":
-        return dict(unet_config=sd15_unet_config(), vae_config=sd_vae_config(), text_config=sd1_text_config())
-    if family == "sd2":
-        return dict(unet_config=sd21_unet_config(), vae_config=sd_vae_config(), text_config=sd2_text_config())
-    raise ValueError(f"no preset for family {family!r}")
 
 
 def bundle_from_modules(

@@ -24,7 +24,8 @@ from torch import Tensor
 from ldm.checkpoints import load_state_dict_file, save_safetensors
 from ldm.diffusion.schedules import ScheduleSpec
 from ldm.errors import UserError
-from ldm.formats.bundle import ModelBundle, sd1_text_config, sd2_text_config
+from ldm.formats.architecture import FAMILIES
+from ldm.formats.bundle import ModelBundle
 from ldm.models.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
 from ldm.models.diffusers_layout import (
     unet_config_from_diffusers,
@@ -133,10 +134,10 @@ def _text_config(hf_config: dict[str, Any], pad_token_id: int, family: str) -> d
         text_cfg["layers"] += 1
         layer = "penultimate"
     if family in ("sd1", "sd2"):
-        preset = (sd1_text_config if family == "sd1" else sd2_text_config)()
-        named = open_clip.get_model_config(preset["model_name"])["text_cfg"]
+        conventions = FAMILIES[family]
+        named = open_clip.get_model_config(conventions["text_model"])["text_cfg"]
         if all(text_cfg[k] == v for k, v in named.items()) and text_cfg["mlp_ratio"] == 4:
-            return preset
+            return dict(model_name=conventions["text_model"], **conventions["text"])
     return dict(model_name=None, text_cfg=text_cfg, quick_gelu=quick_gelu, layer=layer, pad_token_id=pad_token_id)
 
 
