@@ -220,8 +220,13 @@ def read_shard(
     counts: DataCounts,
     read_timeout: float | None = 300.0,
     max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
+    skip: int = 0,
 ) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of one shard; count and stop at the first problem.
+
+    ``skip``: the first ``skip`` samples (of those that would be yielded) are passed over without
+    their members' bytes being read or kept, and without counting oversized members again: a resumed
+    stream re-opens a shard at the sample it had reached (tar parsing only, no decoding).
 
     A shard that cannot be opened or yields no member counts as ``unreadable_shard``; one that
     breaks after some members as ``truncated_shard`` (its complete samples are yielded; the sample
@@ -242,6 +247,7 @@ def read_shard(
     members = 0
     current: dict[str, Any] | None = None
     oversized = False  # the current sample has an oversized member: counted, never yielded
+    passed = 0  # complete samples passed over (``skip``)
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*")  # type: ignore[call-overload]
         for info in tar:
@@ -253,15 +259,18 @@ def read_shard(
                 continue
             if current is None or key != current["__key__"]:
                 if current is not None and not oversized:
-                    yield current  # a new key began: the previous sample is complete
+                    if passed < skip:
+                        passed += 1
+                    else:
+                        yield current  # a new key began: the previous sample is complete
                 current, oversized = {"__key__": key, "__url__": url}, False
             members += 1
             if max_member_bytes is not None and info.size > max_member_bytes:
-                if not oversized:
+                if not oversized and passed >= skip:
                     counts.skip(OVERSIZED_MEMBER, f"{url}:{info.name}", f"{info.size} > {max_member_bytes} bytes")
                 oversized = True  # (tarfile skips the member's stored bytes without keeping them)
                 continue
-            if not oversized:
+            if not oversized and passed >= skip:  # (a passed-over member's bytes are skipped by tarfile)
                 current[ext] = tar.extractfile(info).read()
         compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
         if members and not compressed and not stream.ended_cleanly():
@@ -274,7 +283,7 @@ def read_shard(
         return
     finally:
         stream.close()
-    if current is not None and not oversized:  # (a valid tar with no member is not an error)
+    if current is not None and not oversized and passed >= skip:  # (a valid tar with no member is not an error)
         yield current
 
 

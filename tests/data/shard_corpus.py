@@ -149,3 +149,50 @@ def bad_corpus(directory: Path) -> tuple[list[str], set[str], dict[str, int]]:
         "skipped/stalled_shard": 1,       # the sleeping pipe
     }
     return urls, good, counts
+
+
+# ------------------------------------------------------------------ latent shards (ldm.data.latent_format)
+LATENT_SHAPE, CONTEXT_SHAPE = (4, 2, 2), (3, 5)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def latent_meta(flipped: bool = True, fingerprint: str = "vae0", store: str = "distribution") -> dict:
+    """A ``__meta__.json`` as the latent writer makes it, for made-up frozen parts."""
+    part = {"class": "made.up", "attributes": {}, "config": None}
+    return {
+        "format": "ldm.latents/1", "store": store, "image_size": 16, "center_crop": True, "flipped": flipped,
+        "latent_shape": list(LATENT_SHAPE), "context_shape": list(CONTEXT_SHAPE), "context_dtype": "float16",
+        "scaling_factor": 0.5, "autoencoder": {**part, "fingerprint": fingerprint},
+        "conditioner": {**part, "fingerprint": "text0"},
+    }  # fmt: skip
+
+
+def empty_context() -> np.ndarray:
+    return np.full(CONTEXT_SHAPE, -1.0, dtype=np.float32)
+
+
+def latent_header(meta: dict | None = None) -> list:
+    return [("__meta__.json", json.dumps(meta or latent_meta()).encode()), ("__meta__.empty_context.npy", npy(empty_context()))]
+
+
+def latent_sample(key: str, flipped: bool = True) -> list:
+    """The members of one latent sample, its values a function of its key (flipped: negated means)."""
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    mean = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
+    logvar = np.full(LATENT_SHAPE, -4.0, dtype=np.float32)
+    members = [(f"{key}.mean.npy", npy(mean)), (f"{key}.logvar.npy", npy(logvar))]
+    if flipped:
+        members += [(f"{key}.mean_flipped.npy", npy(-mean)), (f"{key}.logvar_flipped.npy", npy(logvar))]
+    context = rng.standard_normal(CONTEXT_SHAPE).astype(np.float16)
+    return members + [(f"{key}.context.npy", npy(context)), (f"{key}.txt", f"caption {key}".encode())]
+
+
+def write_latent_shard(path: Path, keys: list[str], meta: dict | None = None) -> str:
+    """A latent shard: the ``__meta__`` header, then one latent sample per key."""
+    flipped = (meta or latent_meta()).get("flipped", False)
+    return write_tar(path, latent_header(meta) + [m for key in keys for m in latent_sample(key, flipped)])

@@ -17,19 +17,14 @@ import webdataset as wds
 from hydra.utils import instantiate
 
 from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config, run_script
-from ldm.checkpoints import save_safetensors
-from ldm.data.latents import (
-    LatentShardDataModule,
-    LatentsMismatchError,
-    check_latents_match,
-    precompute_latents,
-    read_shard_meta,
-)
+from ldm.checkpoints import fingerprint, save_safetensors
+from ldm.data.latent_format import LatentsMismatchError, check_latents_match, read_shard_meta
+from ldm.data.latent_writer import precompute_latents
+from ldm.data.latents import LatentShardDataModule
 from ldm.data.webdataset import ShardDataModule
 from ldm.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
-from ldm.training.latent_diffusion import fingerprint
 
 SIZE = 32  # TINY_TRAINING's data.image_size: 16x16 latents with the tiny VAE (f = 2)
 NAMES = ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
