@@ -134,4 +134,4 @@ class FolderDataModule(ShardDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_index is None or not len(self.val_index):
             return []
-        return self._loader(self._stream(False), self.num_workers)
+        return self.val_loader(self._loader(self._stream(False), self.num_workers))

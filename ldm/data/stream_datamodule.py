@@ -20,7 +20,7 @@ import hashlib
 import math
 import sys
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -50,6 +50,30 @@ def _warn(message: str) -> None:
 
     if getattr(rank_zero_only, "rank", 0) == 0:
         print(f"warning: {message}", file=sys.stderr)
+
+
+class EqualBatches:
+    """A validation loader cut to the shortest rank's number of batches (one all-reduce per batch).
+
+    Under a strategy that shards the model (FSDP2) every forward is a collective, and validation
+    splits give ranks uneven shares: the rank with a batch more would wait forever for the others.
+    """
+
+    def __init__(self, loader: Iterable[Any]):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        batches = iter(self.loader)
+        while True:
+            batch = next(batches, None)
+            more = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MIN)
+            if not more.item():
+                return
+            yield batch
 
 
 class StreamDataModule(pl.LightningDataModule):
@@ -187,7 +211,13 @@ class StreamDataModule(pl.LightningDataModule):
         world_size, rank = world_size or 1, rank or 0
         split_samples = len(self.val_urls) < world_size  # (then every rank reads every shard)
         rank_shards = len(self.val_urls) if split_samples else len(self.val_urls[rank::world_size])
-        return self._loader(stream, min(self.num_workers, rank_shards))
+        return self.val_loader(self._loader(stream, min(self.num_workers, rank_shards)))
+
+    def val_loader(self, loader: DataLoader) -> DataLoader | EqualBatches:
+        """``loader``, or under a strategy that shards the model, ``EqualBatches`` of it."""
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        sharded = getattr(strategy, "shards_parameters", False) and self.trainer.world_size > 1
+        return EqualBatches(loader) if sharded else loader
 
     # ------------------------------------------------------------------ the position in checkpoints
     def shape(self) -> dict[str, Any]:

@@ -18,10 +18,8 @@ from ldm.data.shards import Source
 from ldm.data.streams import POSITION_KEY, ShardStream, StreamStart
 from ldm.data.transforms import ImageTransform
 from ldm_testing import run_training_loader
-from shard_corpus import (
-    LATENT_SHAPE, empty_context, latent_header, latent_meta, latent_sample, npy, write_good_shard, write_latent_shard,
-    write_tar,
-)
+from latent_corpus import LATENT_SHAPE, empty_context, latent_header, latent_meta, latent_sample, npy, write_latent_shard
+from shard_corpus import write_good_shard, write_tar
 
 SIZES = (5, 17, 40)  # uneven shards
 BATCH = 4
