@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.samples import collate
 from ldm.data.seeds import PROCESS, VALIDATION, stream_seed
-from ldm.data.shard_reader import DEFAULT_MAX_MEMBER_BYTES, read_shard
+from ldm.data.shard_reader import DEFAULT_MAX_MEMBER_BYTES, read_samples_at, read_shard
 from ldm.data.shards import Source
 from ldm.data.skips import COUNTS_KEY, ERROR, DataCounts, FilteredOut, SkipSample, log
 from ldm.data.worker_stream import RawSample, Tag, WorkerStream
@@ -184,7 +184,8 @@ class ShardStream(IterableDataset):
         start = self.start
         self._bind("train", rank, worker)
         seed = partial(stream_seed, self.seed, rank, worker, start.epoch)
-        stream = WorkerStream(self.sources, seed, self._open, self.shuffle_buffer, lambda: self.counts.last_skip)
+        stream = WorkerStream(self.sources, seed, self._open, self.shuffle_buffer, lambda: self.counts.last_skip,
+                              self._read_at)  # fmt: skip
         made = batches_of_worker(worker, num_workers, start.done)  # this epoch's batches it made already
         state = start.worker_states[worker] if start.worker_states else None
         pending: dict[tuple[int, ...], list[tuple[Tag, int, dict[str, Any]]]] = {}
@@ -210,7 +211,7 @@ class ShardStream(IterableDataset):
             waiting = sorted(((tag, index) for group in pending.values() for tag, index, _ in group), key=lambda p: p[1])
             batch[POSITION_KEY] = WorkerPosition(worker, made, {
                 "stream": stream.state([tag for tag, _ in waiting]),
-                "pending": [[*tag, index] for tag, index in waiting],
+                "pending": [[*tag, index] for tag, index in waiting],  # [source, draw, member, offset, index]
                 "errors": self._errors,
                 "batches": made,
             })  # fmt: skip
@@ -223,7 +224,7 @@ class ShardStream(IterableDataset):
         of their shape; a shard that no longer reads costs exactness, never the run (one warning)."""
         problems = stream.restore(state["stream"])
         self._errors = int(state.get("errors", 0))
-        waiting = [(tuple(int(x) for x in entry[:3]), int(entry[3])) for entry in state.get("pending", [])]
+        waiting = [(tuple(int(x) for x in entry[:4]), int(entry[4])) for entry in state.get("pending", [])]
         found, more = stream.fetch([tag for tag, _ in waiting], state["stream"]["shard_urls"])
         pending: dict[tuple[int, ...], list[tuple[Tag, int, dict[str, Any]]]] = {}
         for tag, index in waiting:
@@ -236,15 +237,21 @@ class ShardStream(IterableDataset):
         return pending
 
     # ------------------------------------------------------------------ reading
-    def _open(self, url: str, start: int = 0) -> Iterator[RawSample]:
-        """The samples of shard ``url`` from sample ``start`` on (a header sample, where the decoder
-        wants one, is checked when reading from the start and never counted as a sample)."""
+    def _open(self, url: str, start: int = 0, offset: int = -1) -> Iterator[RawSample]:
+        """The samples of shard ``url`` from sample ``start`` on, which begins at byte ``offset``
+        (-1: unknown, the samples before it are passed over). A header sample, where the decoder wants
+        one, is checked when reading from the start and never counted as a sample."""
         check_header = getattr(self.to_sample, "check_header", None)
+        if offset >= 0 and start > 0:
+            return read_shard(url, self.counts, self.read_timeout, self.max_member_bytes, offset=offset)
         skip = start + (1 if check_header is not None and start > 0 else 0)
         samples = read_shard(url, self.counts, self.read_timeout, self.max_member_bytes, skip=skip)
         if check_header is None or start > 0:
             return samples
         return self._checked(url, samples, check_header)
+
+    def _read_at(self, url: str, offsets: Sequence[int]) -> dict[int, RawSample]:
+        return read_samples_at(url, offsets, self.read_timeout, self.max_member_bytes)
 
     def _checked(self, url: str, samples: Iterator[RawSample], check_header: Callable[[str, RawSample], None]) -> Iterator[RawSample]:
         try:

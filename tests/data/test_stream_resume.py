@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,21 @@ def test_latent_sources_mix_by_weight(tmp_path):
     mixed = ShardStream([Source(big, 3.0), Source(small, 1.0)], decoder("latents"), 20, train=True, shuffle_buffer=50)
     keys = [key for batch in itertools.islice(iter(mixed), 80) for key in batch["key"]]
     assert 0.70 < Counter(key.startswith("big") for key in keys)[True] / len(keys) < 0.80  # 3 : 1
+
+
+@pytest.mark.parametrize("kind", ["images", "latents"])
+def test_a_resume_whose_shards_are_gone_goes_on_with_a_warning(shards, kind, tmp_path, caplog):
+    import shutil
+
+    urls = [str(shutil.copy(url, tmp_path / f"copy{i}.tar")) for i, url in enumerate(shards[kind])]
+    endless = dict(samples_per_epoch=None)
+    batches = list(itertools.islice(iter(stream(kind, urls, **endless)), 30))
+    state = batches[-1][POSITION_KEY].state
+    buffered = {url for pairs in state["stream"]["shard_urls"] for _, url in pairs}
+    gone = sorted(buffered)[0]
+    Path(gone).unlink()
+    resumed = stream(kind, urls, **endless)
+    resumed.start = StreamStart(0, 30, [state])
+    after = list(itertools.islice(iter(resumed), 20))
+    assert len(after) == 20 and all(len(b["key"]) == BATCH for b in after)
+    assert "cannot be read again" in caplog.text or "could not read again" in caplog.text
