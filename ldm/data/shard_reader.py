@@ -26,7 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from typing import Any, Callable, Generator, Iterable, Iterator
+from typing import Any, Generator, Iterable, Iterator
 
 from ldm.data.skips import OVERSIZED_MEMBER, STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from ldm_testing import compose_config, run_training_loader
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpecError, Source
-from ldm.data.streams import POSITION_KEY, ShardStream, StreamStart
+from ldm.data.streams import ShardStream, StreamStart
 from ldm.data.training_loader import TrainingLoader
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import ShardDataModule, image_caption_pipeline

@@ -12,7 +12,7 @@ from ldm.checkpoints import load_training_checkpoint, submodule_state
 from ldm.convert import main as convert
 from ldm.pipeline import pipeline_from_checkpoint
 from ldm_testing import TINY_MODEL, TINY_TRAINING
-from test_ddp import RESUME_AT, assert_same_training, rank_jobs, straight_and_resumed
+from test_ddp import assert_same_training, rank_jobs, straight_and_resumed
 
 EPOCH = ["data.num_workers=1", "data.samples_per_epoch=64", "trainer.max_steps=10",
          "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
