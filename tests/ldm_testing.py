@@ -109,6 +109,60 @@ def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int, overrid
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+def run_training_loader(make_stream, workers: int, done: int, states, count: int, save_at: int | None = None,
+                        epoch: int = 0):  # fmt: skip
+    """``count`` batches of a ``TrainingLoader`` over ``make_stream()`` started at batch ``done`` of
+    ``epoch`` (with the per-worker ``states`` of a checkpoint), and its ``position_state()`` once
+    ``save_at`` batches from the start have been trained (Lightning fetches one ahead: the state is
+    taken when batch ``save_at`` has been handed out). Returns (batches, position state or None)."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    from ldm.data.training_loader import TrainingLoader
+
+    trained = {"done": done}
+    loader = TrainingLoader(make_stream(), lambda s: DataLoader(s, batch_size=None, num_workers=workers), workers,
+                            lambda: (epoch, trained["done"]), lambda e, at: states if (e, at) == (epoch, done) else None)  # fmt: skip
+    batches, saved = [], None
+    for batch in itertools.islice(loader, count):
+        batches.append(batch)
+        if save_at is not None and len(batches) == save_at - done + 1:
+            trained["done"] = save_at
+            saved = loader.position_state()
+    return batches, saved
+
+
+def launch_ranks(command: Sequence[str], cwd: Path, world_size: int = 2, timeout: float = 240,
+                 env: dict[str, str] | None = None) -> list[str]:  # fmt: skip
+    """Run ``command`` as ``world_size`` ranks at once, as torchrun would (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT set; Lightning's own launcher would start rank 1 only once rank 0 has
+    imported everything: twice the wall time). Returns each rank's output (stdout + stderr); fails the
+    test, with the output, when a rank fails or the ranks run past ``timeout`` seconds (all killed)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world_size), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), **(env or {})}  # fmt: skip
+    ranks = [subprocess.Popen(list(command), cwd=cwd, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for rank in range(world_size)]  # fmt: skip
+    try:
+        outputs = [rank.communicate(timeout=timeout)[0] for rank in ranks]
+    except subprocess.TimeoutExpired:
+        for rank in ranks:
+            os.killpg(rank.pid, signal.SIGKILL)  # the loader workers too
+        outputs = [rank.communicate()[0] for rank in ranks]
+        raise AssertionError(f"the {world_size}-rank run hung (> {timeout} s):\n{outputs[0][-3000:]}") from None
+    failed = [r for r, rank in enumerate(ranks) if rank.returncode != 0]
+    assert not failed, "\n".join(f"rank {r}:\n{outputs[r][-3000:]}" for r in failed)
+    return outputs
+
+
 def run_script(script: str, *args: str) -> int:
     """Run one of the project's command-line scripts in this process, as `python SCRIPT ARGS...` would
     (Hydra's command-line parsing and error reporting included), and return its exit status.

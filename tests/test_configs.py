@@ -115,13 +115,16 @@ def test_slurm_launcher_config_composes():
     assert "SlurmLauncher" in cfg.hydra.launcher._target_
 
 
-@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp", "deepspeed"])
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp", "fsdp2", "deepspeed"])
 def test_strategies_compose_into_the_trainer(strategy):
     cfg = compose_config("train", [f"strategy={strategy}"])
     assert cfg.trainer.strategy._target_ == cfg.strategy._target_
-    if strategy in ("auto", "ddp"):
+    if strategy in ("auto", "ddp", "fsdp2"):
         built = instantiate(cfg.strategy)
-        assert built == "auto" if strategy == "auto" else type(built).__name__ == "DDPStrategy"
+        expected = {"auto": "auto", "ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}[strategy]
+        assert built == "auto" if strategy == "auto" else type(built).__name__ == expected
+    if strategy == "fsdp2":  # (tests/training/test_fsdp2.py trains with it on two CPU ranks)
+        assert built.shards_parameters and built.reshard_after_forward and not built._save_distributed_checkpoint
 
 
 def test_fsdp_strategy_wraps_unet_blocks():
