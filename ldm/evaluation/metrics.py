@@ -35,21 +35,11 @@ from ldm.cli import one_line_errors
 from ldm.data.shards import ShardSpecError, expand_shards
 from ldm.errors import UserError
 from ldm.evaluation.clip_score import CLIPScorer, clip_score, load_clip_scorer
-from ldm.evaluation.fid import (
-    FID_WEIGHTS_URL,
-    INCEPTION_VARIANTS,
-    FeatureExtractor,
-    ImageSet,
-    InceptionV3Features,
-    feature_statistics,
-    file_fingerprint,
-    folder_images,
-    frechet_distance,
-    gather,
-    read_images,
-    read_metadata,
-    reference_statistics,
-)
+from ldm.evaluation.fid import FeatureExtractor, feature_statistics, reference_statistics
+from ldm.evaluation.fid_inception import FID_WEIGHTS_URL, INCEPTION_VARIANTS, InceptionV3Features
+from ldm.evaluation.fid_statistics import frechet_distance, gather
+from ldm.evaluation.file_identity import file_fingerprint
+from ldm.evaluation.image_sets import ImageSet, folder_images, read_images, read_metadata
 from ldm.evaluation.toy_accuracy import score_folder
 
 PER_IMAGE_FIELDS = ("file", "prompt", "seed")  # never sampler settings
@@ -279,7 +269,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("samples_dir", help="folder of samples with metadata.jsonl")
     p.add_argument("--reference", help="FID reference images: a folder or webdataset shards (brace/glob)")
     p.add_argument("--reference-stats", help="cache of the reference statistics (.npz): read if present, else written")
-    p.add_argument("--fid-weights", help="Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-weights", help="Inception-v3 weights file: pt_inception-2015-12-05-6726825d.pth, "
+                   f"downloaded by hand from {FID_WEIGHTS_URL}")  # fmt: skip
     p.add_argument("--fid-variant", default="fid", choices=sorted(INCEPTION_VARIANTS),
                    help="'torchvision': torchvision's ImageNet weights, a non-standard FID")  # fmt: skip
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, or an open_clip config .json")
