@@ -24,8 +24,6 @@ from ldm.evaluation.fid_statistics import FeatureStatistics, frechet_distance, g
 from ldm.evaluation.image_sets import ImageBatch, rebatch
 
 # clip_score.py imports these two from here; their homes are file_identity and image_sets
-from ldm.evaluation.file_identity import file_fingerprint  # noqa: F401
-from ldm.evaluation.image_sets import as_image_tensor  # noqa: F401
 
 
 class FeatureExtractor(Protocol):

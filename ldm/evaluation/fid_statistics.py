@@ -19,7 +19,6 @@ bench/fid_distance.py measures both).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ldm import atomic
 from ldm.errors import UserError
 
 
@@ -111,10 +111,7 @@ class FeatureStatistics:
 
     def save(self, path: str | Path, source: str = "") -> None:
         """Write an ``.npz`` cache (atomically): ``mu``, ``sigma``, ``count``, ``extractor``, ``source``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as file:  # a file object: np.savez would append .npz to a name
+        with atomic.atomic_open(path, "wb") as file:  # a file object: np.savez would append .npz to a name
             np.savez(
                 file,
                 mu=self.mean.cpu().numpy(),
@@ -123,7 +120,6 @@ class FeatureStatistics:
                 extractor=np.str_(self.extractor),
                 source=np.str_(source),
             )
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path, extractor: str | None = None, source: str | None = None) -> FeatureStatistics:

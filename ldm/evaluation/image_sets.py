@@ -10,7 +10,6 @@ batch size. Rank r of W reads images r, r + W, ...
 from __future__ import annotations
 
 import io
-import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,11 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ldm.data.decode import IMAGE_EXTENSIONS, SOURCE_IMAGE_SUFFIXES
+from ldm.data.shard_reader import read_shard
+from ldm.data.skips import DataCounts
 from ldm.data.shards import expand_shards
 from ldm.errors import UserError
 from ldm.jsonl import jsonl_rows
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = SOURCE_IMAGE_SUFFIXES  # image files of a folder set
 
 ImageBatch = np.ndarray | Tensor  # uint8: (B, H, W, 3) numpy or (B, 3, H, W) torch
 
@@ -128,15 +130,22 @@ def read_images(sources: Iterable[Path | bytes], batch_size: int = 50, num_threa
 
 
 def _shard_image_bytes(urls: Sequence[str], rank: int, world_size: int) -> Iterator[bytes]:
-    """Encoded image members of tar shards, in order; rank r of W keeps images r, r + W, ..."""
-    index = 0
+    """The encoded image of each sample of tar shards, in order (read by ``ldm.data.shard_reader``:
+    member size caps, timeouts); rank r of W keeps images r, r + W, ... A shard that cannot be read
+    whole is an error, not a skip: the statistics of an incomplete set do not compare."""
+    counts, index = DataCounts(), 0
     for url in urls:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile() and Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    if index % world_size == rank:
-                        yield tar.extractfile(member).read()
-                    index += 1
+        for sample in read_shard(url, counts):
+            extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if extension is None:
+                continue
+            if index % world_size == rank:
+                yield sample[extension]
+            index += 1
+        problems = counts.take()
+        if problems:
+            reason, where, detail = counts.last_skip
+            raise UserError(f"{where or url}: {reason.replace('_', ' ')} ({detail}): the image set would be incomplete")
 
 
 @dataclass(frozen=True)
