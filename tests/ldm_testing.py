@@ -7,6 +7,7 @@ import runpy
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -24,37 +25,27 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# A tiny but complete model: same code paths as the toy, sizes a test can afford.
-TINY_MODEL = [
-    "model.unet.model_channels=32",
-    "model.unet.channel_multipliers=[1,1]",
-    "model.unet.attention_resolutions=[2]",
-    "model.unet.num_heads=2",
-    "model.unet.context_dim=32",
-    "model.autoencoder.path=null",
-    "model.autoencoder.module.channel_multipliers=[1,1]",
-    "model.conditioner.text_cfg.width=32",
-    "model.conditioner.text_cfg.heads=2",
-    "model.conditioner.text_cfg.layers=1",
-]
-TINY_TRAINING = [
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "data.shuffle_buffer=8",
-    "data.image_size=32",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu",
-    "callbacks.checkpoint.every_n_train_steps=2",
-    "callbacks.sample_grid.prompts=[a red circle in the top left]",
-    "callbacks.sample_grid.images_per_prompt=2",
-    "callbacks.sample_grid.num_steps=2",
-    "optim.lr_scheduler.schedule.warmup_steps=1",
-    "logger=csv",
-]
+def _overrides_of(experiment: Path) -> list[str]:
+    """An experiment file's settings as command-line overrides (``key.path=value``, and ``group=option``
+    for its ``override /group: option`` defaults), so tests can leave out the ones they replace."""
+    raw = OmegaConf.to_container(OmegaConf.load(experiment))
+    groups = [f"{k.split('/')[-1]}={v}" for d in raw.pop("defaults", []) if isinstance(d, dict)
+              for k, v in d.items() if k.startswith("override /") and k != "override /model"]  # fmt: skip
+    raw.pop("run_name", None)
+
+    def flat(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [item for key, value in node.items() for item in flat(value, f"{prefix}{key}.")]
+        value = "[" + ",".join(map(str, node)) + "]" if isinstance(node, list) else str(node).lower() if isinstance(node, bool) else node
+        return [f"{prefix[:-1]}={value}"]
+
+    return flat(raw, "") + groups
+
+
+# The tiny model (configs/model/tiny.yaml) and experiment=tiny's short training, as overrides of the
+# default (toy) config: the same code paths as the toy, sizes a test can afford.
+TINY_MODEL = ["model=tiny"]
+TINY_TRAINING = _overrides_of(CONFIGS / "experiment" / "tiny.yaml")
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
