@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import runpy
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -124,34 +126,48 @@ def run_training_loader(make_stream, workers: int, done: int, states, count: int
     return batches, saved
 
 
-def launch_ranks(command: Sequence[str], cwd: Path, world_size: int = 2, timeout: float = 240,
-                 env: dict[str, str] | None = None) -> list[str]:  # fmt: skip
-    """Run ``command`` as ``world_size`` ranks at once, as torchrun would (RANK, LOCAL_RANK,
+def start_ranks(command: Sequence[str], cwd: Path, world_size: int = 2,
+                env: dict[str, str] | None = None) -> list[subprocess.Popen]:  # fmt: skip
+    """Start ``command`` as ``world_size`` ranks at once, as torchrun would (RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR/PORT set; Lightning's own launcher would start rank 1 only once rank 0 has
-    imported everything: twice the wall time). Returns each rank's output (stdout + stderr); fails the
-    test, with the output, when a rank fails or the ranks run past ``timeout`` seconds (all killed)."""
-    import socket
-    import subprocess
-
+    imported everything: twice the wall time), and return without waiting: for tests that kill a run
+    midway. Each rank leads its own process group (``os.killpg`` stops its loader workers too)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
             "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world_size), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), **(env or {})}  # fmt: skip
-    ranks = [subprocess.Popen(list(command), cwd=cwd, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for rank in range(world_size)]  # fmt: skip
+    return [subprocess.Popen(list(command), cwd=cwd, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for rank in range(world_size)]  # fmt: skip
+
+
+def kill_ranks(ranks: Sequence[subprocess.Popen]) -> list[str]:
+    """SIGKILL every rank and its workers (a preemption); returns what each had printed."""
+    for rank in ranks:
+        if rank.poll() is None:
+            os.killpg(rank.pid, signal.SIGKILL)
+    return [rank.communicate()[0] for rank in ranks]
+
+
+def wait_ranks(ranks: Sequence[subprocess.Popen], timeout: float = 240) -> list[str]:
+    """Wait for started ranks; returns each rank's output (stdout + stderr). Fails the test, with the
+    output, when a rank fails or the ranks run past ``timeout`` seconds (all are then killed)."""
     try:
         outputs = [rank.communicate(timeout=timeout)[0] for rank in ranks]
     except subprocess.TimeoutExpired:
-        for rank in ranks:
-            os.killpg(rank.pid, signal.SIGKILL)  # the loader workers too
-        outputs = [rank.communicate()[0] for rank in ranks]
-        raise AssertionError(f"the {world_size}-rank run hung (> {timeout} s):\n{outputs[0][-3000:]}") from None
+        outputs = kill_ranks(ranks)
+        raise AssertionError(f"the {len(ranks)}-rank run hung (> {timeout} s):\n{outputs[0][-3000:]}") from None
     failed = [r for r, rank in enumerate(ranks) if rank.returncode != 0]
     assert not failed, "\n".join(f"rank {r}:\n{outputs[r][-3000:]}" for r in failed)
     return outputs
+
+
+def launch_ranks(command: Sequence[str], cwd: Path, world_size: int = 2, timeout: float = 240,
+                 env: dict[str, str] | None = None) -> list[str]:  # fmt: skip
+    """Run ``command`` as ``world_size`` ranks (``start_ranks``) to the end (``wait_ranks``)."""
+    return wait_ranks(start_ranks(command, cwd, world_size, env), timeout)
 
 
 def run_script(script: str, *args: str) -> int:
