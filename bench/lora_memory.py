@@ -29,7 +29,9 @@ import statistics
 import time
 
 import torch
-from finetune_memory import CONFIGS, GIB, optimizer_state_bytes, saved_activation_bytes, state_bytes, tensor_bytes
+from finetune_memory import GIB, MODELS, optimizer_state_bytes, saved_activation_bytes, state_bytes, tensor_bytes
+from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
+
 from ldm.models.conditioners import OpenCLIPTextEncoder
 from ldm.models.lora import LoRANetwork, LoRASpec
 from ldm.models.unet import UNetModel
@@ -38,10 +40,10 @@ from ldm.models.unet import UNetModel
 def lora_state_bytes(config: str, spec: LoRASpec) -> dict[str, int]:
     """Bytes of a LoRA run's state, counted like ``finetune_memory.state_bytes``'s rows."""
     full = state_bytes(config, "adamw", ema=False)
-    unet_config, text_config = CONFIGS[config]
+    networks = network_configs(MODELS[config])
     with torch.device("meta"):
-        unet = UNetModel(**unet_config())
-        text = OpenCLIPTextEncoder(**text_config())
+        unet = UNetModel(**networks["unet"])
+        text = OpenCLIPTextEncoder(**networks["text"])
         network = LoRANetwork.for_training(spec, unet, text)
     adapters = tensor_bytes(network.parameters())
     return {
@@ -72,13 +74,13 @@ def full_rows(config: str) -> dict[str, int]:
 
 def lora_saved_activation_bytes(config: str, spec: LoRASpec, size: int, batch: int, checkpointing: bool, device: str) -> int:
     """``finetune_memory.saved_activation_bytes`` for the U-Net with adapters attached and frozen weights."""
-    unet_config, _ = CONFIGS[config]
-    unet = UNetModel(**dict(unet_config(), gradient_checkpointing=checkpointing)).to(device).requires_grad_(False)
+    unet_config = network_configs(MODELS[config])["unet"]
+    unet = UNetModel(**dict(unet_config, gradient_checkpointing=checkpointing)).to(device).requires_grad_(False)
     network = LoRANetwork.for_training(spec, unet).to(device)
     network.attach(unet)
     x = torch.randn(batch, 4, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
-    context = torch.randn(batch, 77, unet_config()["context_dim"], device=device)
+    context = torch.randn(batch, 77, unet_config["context_dim"], device=device)
     seen: dict[tuple[int, int], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -99,10 +101,10 @@ class Steps:
     attached): one set of weights serves both, so two SD U-Nets never sit in memory at once."""
 
     def __init__(self, config: str, spec: LoRASpec, size: int, device: str, full_optimizer: bool, bf16: bool = True):
-        unet_config, _ = CONFIGS[config]
+        unet_config = network_configs(MODELS[config])["unet"]
         self.device = device
         self.bf16 = bf16
-        self.unet = UNetModel(**dict(unet_config(), gradient_checkpointing=True)).to(device)
+        self.unet = UNetModel(**dict(unet_config, gradient_checkpointing=True)).to(device)
         self.network = LoRANetwork.for_training(spec, self.unet).to(device)
         self.adamw_full = None
         if full_optimizer:  # 6.4 GiB of AdamW state for SD 1.5: a GPU's, not a shared CPU's
@@ -111,7 +113,7 @@ class Steps:
         generator = torch.Generator().manual_seed(0)
         self.x = torch.randn(1, 4, size, size, generator=generator).to(device)
         self.t = torch.tensor([500], device=device)
-        self.context = torch.randn(1, 77, unet_config()["context_dim"], generator=generator).to(device)
+        self.context = torch.randn(1, 77, unet_config["context_dim"], generator=generator).to(device)
 
     def step(self, lora: bool) -> tuple[float, int | None]:
         """Seconds of one training step, and the peak GPU memory it reached (None on a CPU)."""
@@ -139,7 +141,7 @@ class Steps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
+    parser.add_argument("--config", choices=sorted(MODELS), default="sd15")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", nargs="+", default=["attention", "transformer"])
     parser.add_argument("--text-encoder", action="store_true")

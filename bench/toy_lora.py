@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm.atomic import atomic_path, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,11 +39,16 @@ def run(command: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def write_data(folder: Path, word: str, colour: str, new: int, keep: int, seed: int) -> None:
-    """``new`` images of ``colour`` captioned with ``word``, ``keep`` ordinary ones; x.png + x.txt."""
+def write_data(target: Path, word: str, colour: str, new: int, keep: int, seed: int) -> None:
+    """``new`` images of ``colour`` captioned with ``word``, ``keep`` ordinary ones; x.png + x.txt.
+    Written beside ``target`` and renamed to it when complete, so a killed run never trains on part of it."""
+    import shutil
+
     from ldm.data.toy import caption, render, sample_spec
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = target.with_name(target.name + ".partial")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     made = 0
     while made < new:
@@ -54,6 +61,7 @@ def write_data(folder: Path, word: str, colour: str, new: int, keep: int, seed: 
         spec = sample_spec(rng)
         render(spec).save(folder / f"keep_{i:05d}.png")
         (folder / f"keep_{i:05d}.txt").write_text(caption(spec))
+    folder.rename(target)
 
 
 def new_word_prompts(word: str) -> list[str]:
@@ -65,7 +73,7 @@ def new_word_prompts(word: str) -> list[str]:
 def sample(checkpoint: Path, prompts: list[str], out_dir: Path, images_per_prompt: int) -> None:
     prompts_file = out_dir.with_suffix(".txt")
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
-    prompts_file.write_text("\n".join(prompts) + "\n")
+    write_text(prompts_file, "\n".join(prompts) + "\n")
     run([sys.executable, "sample.py", f"checkpoint={checkpoint}", f"prompts_file={prompts_file}",
          f"num_images_per_prompt={images_per_prompt}", "sampler=dpmpp_2m", "steps=20", "guidance_scale=3",
          "seed=1000", f"out_dir={out_dir}", "batch_size=105", "device=cpu"])  # fmt: skip
@@ -110,7 +118,8 @@ def figure(before: Path, after: Path, base_before: Path, base_after: Path, word:
             for j in range(count):
                 image = Image.open(folder / f"{first + j:06d}.png").convert("RGB")
                 canvas.paste(image, (gap + column * (per_prompt * cell + gap) + j * cell, y + label_h - 2))
-    canvas.save(out)
+    with atomic_path(out) as temp:
+        canvas.save(temp, format="PNG")
 
 
 def main() -> None:
@@ -169,7 +178,7 @@ def main() -> None:
         print(f"colours drawn for '{args.word}' by the {model}: {results[f'{model}_new']['colours_drawn']}")
     figure(folders["base_new"], folders["lora_new"], folders["base_toy"], folders["lora_toy"], args.word, args.colour,
            run_dir / "toy_lora.png", args.images_per_prompt, args.toy_images_per_prompt)  # fmt: skip
-    (run_dir / "bench.json").write_text(json.dumps({
+    write_text(run_dir / "bench.json", json.dumps({
         "word": args.word, "colour": args.colour, "rank": args.rank, "steps": args.steps, "lr": args.lr, "base": str(base),
         "train_seconds": train_seconds, "sample_seconds": sample_seconds, "results": results,
     }, indent=2) + "\n")  # fmt: skip

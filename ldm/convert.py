@@ -18,7 +18,8 @@ import torch
 from ldm.cli import one_line_errors
 from ldm.errors import UserError
 from ldm.formats import detect_format, export_diffusers, export_single_file, load_bundle
-from ldm.formats.lora import FORMATS, apply_loras, export_checkpoint_lora, export_lora, read_lora
+from ldm.formats.lora import FORMATS, apply_loras, export_lora, read_lora
+from ldm.formats.training import export_checkpoint_lora
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

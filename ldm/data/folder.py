@@ -15,7 +15,7 @@ image's header (not its pixels) is read then to assign its bucket. Every epoch i
 batches (each bucket's last batch filled up from its start, so every batch is full and every image
 seen), the batches shuffled and their count padded to a multiple of the world size, and batch i goes
 to rank i mod world_size. So every rank runs the same number of steps, and resuming at batch k of an
-epoch skips k batches of the plan without decoding them. An image that fails to decode is counted and
+epoch starts at batch k of the plan without decoding any before it (with any number of loader workers). An image that fails to decode is counted and
 replaced by another of its bucket, drawn from the batch's own seed, so batches stay full and a
 resumed stream stays identical. Files refused while indexing are counted once per epoch (rank 0).
 """
@@ -44,7 +44,8 @@ from ldm.data.skips import (
     FilteredOut, SkipSample,
 )
 from ldm.data.samples import collate
-from ldm.data.streams import PROCESS, batches_by_shape, stream_seed, worker_position
+from ldm.data.seeds import PROCESS, stream_seed
+from ldm.data.streams import StreamStart, batches_by_shape, worker_position
 from ldm.errors import UserError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -292,7 +293,7 @@ class FolderStream(IterableDataset):
     to_sample: raw sample (``load_raw``), rng -> training sample (``ToTrainingSample``, or
         ``BucketedSample`` when the index has buckets), raising ``SkipSample``/``FilteredOut``.
     train: the epoch plan (shuffled by (seed, epoch), ``repeats``, full batches, equal counts per
-        rank, exact resume from ``epoch`` and ``skip_batches`` as set by ``TrainingLoader``);
+        rank, exact resume from ``start`` (epoch, batches done) as ``TrainingLoader`` sets it);
         else validation: each image once, in index order, split across ranks then workers, the last
         partial batch of each bucket kept.
     """
@@ -306,8 +307,6 @@ class FolderStream(IterableDataset):
         train: bool,
         seed: int = 0,
         repeats: int = 1,
-        epoch: int = 0,
-        skip_batches: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -322,8 +321,7 @@ class FolderStream(IterableDataset):
         self.train = train
         self.seed = seed if seed is not None else 0
         self.repeats = repeats
-        self.epoch = epoch
-        self.skip_batches = skip_batches
+        self.start = StreamStart()
         self.rank = rank
         self.world_size = world_size
         self.counts = DataCounts()
@@ -340,19 +338,18 @@ class FolderStream(IterableDataset):
         return self._training_batches(rank, world_size, worker, num_workers)
 
     def _training_batches(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        if rank == 0 and worker == 0 and self.skip_batches == 0:
+        if rank == 0 and worker == 0 and self.start.done == 0:
             for reason, where, detail in self.index.problems:  # refused while indexing: once per epoch
                 self.counts.skip(reason, f"{self.index.root}:{where}", detail)
         for number in self.worker_numbers(world_size, worker, num_workers):
-            yield self.plan_batch(self.epoch, number, rank, world_size)
+            yield self.plan_batch(self.start.epoch, number, rank, world_size)
 
     def worker_numbers(self, world_size: int, worker: int, num_workers: int) -> range:
         """The numbers (within this rank's share of the epoch) of the batches this loader worker makes.
 
-        The loader takes batches from its workers in turn, starting with worker 0: whole rounds of
-        ``skip_batches`` are skipped here (without decoding), ``TrainingLoader`` drops the rest."""
-        whole_rounds = self.skip_batches - self.skip_batches % num_workers
-        return range(whole_rounds + worker, self.batches_per_rank(world_size), num_workers)
+        The loader takes batches from its workers in turn, starting with worker 0: worker w makes
+        batches done + w, done + w + num_workers, ... (nothing before ``done`` is read or decoded)."""
+        return range(self.start.done + worker, self.batches_per_rank(world_size), num_workers)
 
     def plan_batch(self, epoch: int, number: int, rank: int, world_size: int) -> dict[str, Any]:
         """Batch ``number`` of rank ``rank``'s share of ``epoch``'s plan: a function of (seed, epoch,

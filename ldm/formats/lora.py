@@ -46,7 +46,16 @@ from torch import Tensor
 from ldm.checkpoints import save_safetensors
 from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
-from ldm.models.lora import LoRAFactors, LoRASpec, LoRAWeights, adaptable_layers, float32, merge_text, merge_unet
+from ldm.models.lora import (
+    LoRAFactors,
+    LoRASettingsError,
+    LoRASpec,
+    LoRAWeights,
+    adaptable_layers,
+    float32,
+    merge_text,
+    merge_unet,
+)
 from ldm.models.unet import UNetModel
 
 MAX_FILE_BYTES = 4 << 30  # a full-rank SD 1.x LoRA in fp32 is ~3.4 GB; published ones are 10-300 MB
@@ -99,7 +108,7 @@ class UNetNames:
 
     @classmethod
     def build(cls, unet_config: Mapping[str, Any]) -> UNetNames:
-        from ldm.models.diffusers_layout import unet_module_map
+        from ldm.formats.diffusers_layout import unet_module_map
 
         with torch.device("meta"):
             layers = adaptable_layers(UNetModel(**unet_config))
@@ -470,11 +479,19 @@ def fitted(weights: LoRAWeights, bundle: ModelBundle) -> LoRAWeights:
 
 
 # ---------------------------------------------------------------------- our training checkpoints
+def lora_spec(config: Any) -> LoRASpec:
+    """``LoRASpec.from_config`` (a run's ``task.lora``, a checkpoint's record), bad settings as one line."""
+    try:
+        return LoRASpec.from_config(config)
+    except LoRASettingsError as error:
+        raise UserError(str(error)) from None
+
+
 def lora_from_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool, path: str | Path) -> LoRAWeights:
     """The adapters of a LoRA run's checkpoint (``LatentDiffusion`` with ``task.lora.rank > 0``):
     ``lora.{unet,text}.<name>.{down,up}.weight``, or their EMA copy under ``ema.module.``."""
     record = checkpoint.get("ldm") if isinstance(checkpoint.get("ldm"), dict) else {}
-    spec = LoRASpec.from_config(record.get("lora"))
+    spec = lora_spec(record.get("lora"))
     if not spec.enabled:
         raise UserError(f"{path} is not a LoRA run's checkpoint (it was trained with task.lora.rank=0): use it as "
                         f"the model (checkpoint=...), or export the model with --to sd")  # fmt: skip
@@ -647,21 +664,6 @@ def export_lora(
     })  # fmt: skip
     save_safetensors(state, path, metadata=metadata)
     return path
-
-
-def export_checkpoint_lora(
-    path: str | Path, output: str | Path, format: str = "kohya", dtype: torch.dtype | None = None, use_ema: bool = True
-) -> tuple[Path, LoRAWeights]:
-    """Write the (EMA) adapters of a LoRA run's training checkpoint as a LoRA file, with the run's
-    base model (path and fingerprint), steps, resolution and optimiser in its metadata."""
-    from ldm.checkpoints import load_training_checkpoint
-    from ldm.formats.training import checkpoint_spec
-
-    checkpoint = load_training_checkpoint(path)
-    weights = lora_from_checkpoint(checkpoint, use_ema, path)
-    record = checkpoint["ldm"]
-    shapes_only = ModelBundle.from_metadata(checkpoint_spec(record), {}, {}, {})  # configs: names, family, size
-    return export_lora(weights, shapes_only, output, format, dtype, run_info(checkpoint)), weights
 
 
 def run_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

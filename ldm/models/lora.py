@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ldm.errors import UserError
 from ldm.models.attention import CrossAttention, SpatialTransformer
 from ldm.models.unet import Downsample, ResBlock, Upsample
 
@@ -49,6 +48,11 @@ MAX_RANK = 4096
 def float32(value: float) -> float:
     """``value`` rounded to float32, as LoRA files store alpha: a round trip through one is exact."""
     return struct.unpack("f", struct.pack("f", float(value)))[0]
+
+
+class LoRASettingsError(ValueError):
+    """Settings no LoRA can have (``task.lora``, or a file's record of them): ``ldm.formats.lora.lora_spec``
+    reports it as a one-line user error (the networks import nothing of the file and CLI layers)."""
 
 
 @dataclass(frozen=True)
@@ -72,20 +76,20 @@ class LoRASpec:
         for name in ("rank", "conv_rank"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RANK):
-                raise UserError(f"task.lora.{name} must be an integer in 0..{MAX_RANK}, got {value!r}")
+                raise LoRASettingsError(f"task.lora.{name} must be an integer in 0..{MAX_RANK}, got {value!r}")
         for name in ("alpha", "conv_alpha"):
             value = getattr(self, name)
             if value is not None:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                    raise UserError(f"task.lora.{name} must be a positive number (or null: = rank), got {value!r}")
+                    raise LoRASettingsError(f"task.lora.{name} must be a positive number (or null: = rank), got {value!r}")
                 object.__setattr__(self, name, float32(value))
         targets = tuple([self.targets] if isinstance(self.targets, str) else self.targets)
         unknown = [t for t in targets if t not in UNET_GROUPS]
         if unknown or not targets:
-            raise UserError(f"task.lora.targets must be a non-empty list of {', '.join(UNET_GROUPS)}, got {list(targets)}")
+            raise LoRASettingsError(f"task.lora.targets must be a non-empty list of {', '.join(UNET_GROUPS)}, got {list(targets)}")
         object.__setattr__(self, "targets", targets)
         if not isinstance(self.text_encoder, bool):
-            raise UserError(f"task.lora.text_encoder must be true or false, got {self.text_encoder!r}")
+            raise LoRASettingsError(f"task.lora.text_encoder must be true or false, got {self.text_encoder!r}")
 
     @property
     def enabled(self) -> bool:
@@ -113,10 +117,10 @@ class LoRASpec:
         if isinstance(config, LoRASpec):
             return config
         if not isinstance(config, Mapping):
-            raise UserError(f"task.lora must be a mapping of {', '.join(cls.__dataclass_fields__)}, got {type(config).__name__}")
+            raise LoRASettingsError(f"task.lora must be a mapping of {', '.join(cls.__dataclass_fields__)}, got {type(config).__name__}")
         unknown = sorted(set(config) - set(cls.__dataclass_fields__))
         if unknown:
-            raise UserError(f"task.lora has no key(s) {', '.join(map(str, unknown))} (known: {', '.join(cls.__dataclass_fields__)})")
+            raise LoRASettingsError(f"task.lora has no key(s) {', '.join(map(str, unknown))} (known: {', '.join(cls.__dataclass_fields__)})")
         return cls(**dict(config))
 
 
@@ -229,7 +233,7 @@ def unet_lora_targets(unet: nn.Module, groups: Sequence[str]) -> dict[str, nn.Li
     """Module path -> layer of every U-Net layer that ``groups`` (``UNET_GROUPS``) adapt, in module order."""
     unknown = [g for g in groups if g not in UNET_GROUPS]
     if unknown:
-        raise UserError(f"unknown LoRA target group(s) {unknown}: choose among {', '.join(UNET_GROUPS)}")
+        raise LoRASettingsError(f"unknown LoRA target group(s) {unknown}: choose among {', '.join(UNET_GROUPS)}")
     names: list[str] = []
     for path, module in unet.named_modules():
         children: tuple[str, ...] = ()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.errors import UserError
+from ldm.formats.lora import lora_spec
 from ldm.models.conditioners import OpenCLIPTextEncoder
 from ldm.models.lora import (
     AdaptedTextEncoder,
@@ -159,7 +160,7 @@ def test_only_the_adapters_receive_gradients(unet):
 ])  # fmt: skip
 def test_bad_lora_settings_are_one_line_errors(config, message):
     with pytest.raises(UserError, match=message):
-        LoRASpec.from_config(config)
+        lora_spec(config)
 
 
 def test_alpha_is_stored_as_float32_so_files_round_trip_it_exactly():

@@ -98,6 +98,8 @@ def test_the_paired_stream_resumes_where_it_stopped(tiny_checkpoint, toy_data_di
     # batch k of a resumed stream is batch k of the uninterrupted one, class images included
     from hydra.utils import instantiate
 
+    from ldm.data.streams import StreamStart
+
     cfg = dreambooth_config(tmp_path / "run", toy_data_dir, tiny_checkpoint, photos, tmp_path / "class")
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
@@ -105,9 +107,9 @@ def test_the_paired_stream_resumes_where_it_stopped(tiny_checkpoint, toy_data_di
     stream = datamodule._stream(True)
     straight = []
     for epoch in range(2):
-        stream.epoch, stream.skip_batches = epoch, 0
+        stream.start = StreamStart(epoch, 0)
         straight += list(stream)
-    stream.epoch, stream.skip_batches = 1, 1
+    stream.start = StreamStart(1, 1)  # as TrainingLoader sets it: epoch 1, one batch of it trained
     resumed = list(stream)
     assert len(resumed) == len(straight) // 2 - 1
     for a, b in zip(straight[len(straight) // 2 + 1:], resumed):
