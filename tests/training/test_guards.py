@@ -21,9 +21,9 @@ def _nan_on_calls(monkeypatch, calls):
     original = LatentDiffusion.diffusion_loss
     counter = {"n": 0}
 
-    def diffusion_loss(self, latents, context):
+    def diffusion_loss(self, latents, context, sample_weights=None):
         counter["n"] += 1
-        loss = original(self, latents, context)
+        loss = original(self, latents, context, sample_weights)
         return loss * float("nan") if counter["n"] in calls else loss
 
     monkeypatch.setattr(LatentDiffusion, "diffusion_loss", diffusion_loss)
