@@ -3,7 +3,7 @@
     python bench/unet_step.py [--config small|sd15|sd21] [--batch 8] [--size 32] [--repeats 7]
         [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--checkpointing]
 
-Both networks get identical weights (ours exported with ldm.models.diffusers_layout) and inputs, and
+Both networks get identical weights (ours exported with ldm.formats.diffusers_layout) and inputs, and
 are timed alternately in the same process (medians; the ratio is the figure to read, since these
 machines are noisy). On a GPU it also prints images/s and model-FLOPs utilisation of ours.
 """
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ldm.models.diffusers_layout import unet_diffusers_config, unet_to_diffusers
+from ldm.formats.diffusers_layout import unet_diffusers_config, unet_to_diffusers
 from ldm.models.unet import UNetModel
 from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 

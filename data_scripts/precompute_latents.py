@@ -22,6 +22,7 @@ from ldm.cli import one_line_errors
 from ldm.data.latent_writer import PrecomputeReport, precompute_latents
 from ldm.data.shards import expand_shards
 from ldm.errors import UserError
+from ldm.formats.text_encoder import load_text_weights
 from ldm.training.latent_diffusion import FROZEN
 
 
@@ -54,7 +55,7 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
 
         bundle = load_bundle(cfg.model.pretrained)
         autoencoder.load_state_dict(bundle.vae, strict=True)
-        conditioner.load_weights(bundle.text)
+        load_text_weights(conditioner, bundle.text)
     report = precompute_latents(
         autoencoder,
         conditioner,

@@ -69,11 +69,17 @@ def test_imports_go_downward_only():
     assert wrong == []
 
 
-def test_the_math_and_the_networks_import_no_framework():
+def test_the_math_and_the_networks_import_no_framework_and_no_file_code():
+    # torch only (DESIGN: "diffusion and models depend on torch only"): no framework, and nothing of
+    # ours beyond the maths for the networks (files, layouts and checkpoints are ldm.formats' business)
     wrong = []
     for module, path in modules().items():
-        banned = FRAMEWORKS.get(component(module) or "", ())
+        own = component(module) or ""
+        banned = FRAMEWORKS.get(own, ())
         wrong += [f"{module} imports {name}" for name in imports(path) if name.split(".")[0] in banned]
+        if own in ("diffusion", "models"):
+            allowed = {"diffusion"} if own == "diffusion" else {"diffusion", "models"}
+            wrong += [f"{module} imports {name}" for name in imports(path) if component(name) not in (None, *allowed)]
     assert wrong == []
 
 

@@ -19,7 +19,7 @@ import open_clip
 from torch import Tensor
 
 from ldm.errors import UserError
-from ldm.models.clip_layouts import count_blocks
+from ldm.formats.clip_layouts import count_blocks
 
 SD_VAE_SCALING_FACTOR = 0.18215
 SD_NORM_GROUPS = 32  # every GroupNorm of SD's U-Net and VAE (a count no tensor stores)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ldm.diffusion.schedules import NoiseSchedule, ScheduleSpec
 from ldm.errors import UserError
+from ldm.formats.text_encoder import load_text_weights
 from ldm.formats.spec import NETWORKS, checked_model_fields, checked_network_config, checked_schedule
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
@@ -90,7 +91,7 @@ class ModelBundle:
         unet.load_state_dict(_float32(self.unet), strict=True, assign=True)
         autoencoder.load_state_dict(_float32(self.vae), strict=True, assign=True)
         conditioner = OpenCLIPTextEncoder(**self.text_config)
-        conditioner.load_weights(self.text)
+        load_text_weights(conditioner, self.text)
         modules = (unet, autoencoder, conditioner)
         for module in modules:
             module.requires_grad_(False).eval().to(device)

@@ -7,7 +7,7 @@
     tokenizer/{vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json}
     scheduler/scheduler_config.json
 
-Weights are renamed by ``ldm.models.diffusers_layout`` and ``ldm.models.clip_layouts``; configs are
+Weights are renamed by ``ldm.formats.diffusers_layout`` and ``ldm.formats.clip_layouts``; configs are
 written so that ``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` loads the export.
 """
 
@@ -26,8 +26,8 @@ from ldm.diffusion.schedules import ScheduleSpec
 from ldm.errors import UserError
 from ldm.formats.architecture import FAMILIES
 from ldm.formats.bundle import ModelBundle
-from ldm.models.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
-from ldm.models.diffusers_layout import (
+from ldm.formats.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
+from ldm.formats.diffusers_layout import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_from_diffusers,

@@ -18,7 +18,7 @@ from ldm.checkpoints import load_state_dict_file, save_safetensors
 from ldm.errors import UserError
 from ldm.formats.architecture import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
 from ldm.formats.bundle import ModelBundle, sd_schedule
-from ldm.models.clip_layouts import count_blocks, find_text_encoder, hf_to_open_clip, open_clip_to_hf
+from ldm.formats.clip_layouts import count_blocks, find_text_encoder, hf_to_open_clip, open_clip_to_hf
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

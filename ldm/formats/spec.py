@@ -22,8 +22,9 @@ from ldm.models.unet import UNetModel
 
 NETWORKS = {"unet_config": UNetModel, "vae_config": AutoencoderKL, "text_config": OpenCLIPTextEncoder}
 PREDICTION_TYPES = ("eps", "v", "x0")
-# constructor arguments a stored spec may not set: weights arrive as tensors or through a FrozenSource
-# (an open_clip ``pretrained`` tag would make the loader fetch from a hub)
+# arguments a stored spec may not set: weights arrive as tensors or through a FrozenSource (an open_clip
+# ``pretrained`` tag, which older specs could carry, would make the loader fetch from a hub); a null one
+# (what specs of the time held) is dropped
 NOT_FROM_FILES = {"text_config": ("pretrained",)}
 MAX_DEPTH = 4  # nesting of plain values in a constructor argument (text_cfg is a dict of scalars)
 
@@ -54,14 +55,15 @@ def checked_network_config(field_name: str, config: Any) -> dict[str, Any]:
     cls = NETWORKS[field_name]
     if not isinstance(config, dict):
         raise UserError(f"model spec: {field_name} is not a mapping of constructor arguments")
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - accepted)
-    if unknown:
-        raise UserError(f"model spec: {cls.__name__} takes no argument(s) {', '.join(map(str, unknown[:5]))}")
-    for name in NOT_FROM_FILES.get(field_name, ()):
+    for name in NOT_FROM_FILES.get(field_name, ()):  # first: the refusal names why
         if config.get(name) is not None:
             raise UserError(f"model spec: {field_name}.{name} may not be set by a model file ({config[name]!r})")
-    checked = {name: _plain(value, f"{field_name}.{name}") for name, value in config.items()}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted - set(NOT_FROM_FILES.get(field_name, ())))
+    if unknown:
+        raise UserError(f"model spec: {cls.__name__} takes no argument(s) {', '.join(map(str, unknown[:5]))}")
+    dropped = NOT_FROM_FILES.get(field_name, ())
+    checked = {name: _plain(value, f"{field_name}.{name}") for name, value in config.items() if name not in dropped}
     if field_name == "text_config":
         _check_local_text_tower(checked)
     return checked
@@ -117,7 +119,7 @@ class FrozenSource:
 
     kind: ``model`` (a model file that ``load_bundle`` reads: SD single file, diffusers folder,
         training checkpoint), ``weights`` (a weights file of this module alone, ``prefix`` selecting
-        its keys; for the text encoder any layout ``OpenCLIPTextEncoder.load_weights`` knows), or
+        its keys; for the text encoder any layout ``ldm.formats.text_encoder.load_text_weights`` knows), or
         ``seeded`` (the text encoder's seeded random init, rebuilt from the spec alone).
     path: a local path (``ldm:`` names a file shipped in the package); never a hub tag.
     fingerprint: ``ldm.checkpoints.fingerprint_state`` of the weights the run trained with.

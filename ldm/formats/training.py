@@ -25,6 +25,7 @@ from ldm.checkpoints import (
 )
 from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
+from ldm.formats.text_encoder import load_text_weights
 from ldm.formats.spec import FrozenSource, checked_schedule, stored_path
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
@@ -34,8 +35,10 @@ BUNDLE_PART = {"autoencoder": "vae", "conditioner": "text"}
 CLASS_TARGETS = {
     "unet": "ldm.models.unet.UNetModel",
     "autoencoder": "ldm.models.autoencoder.AutoencoderKL",
-    "conditioner": "ldm.models.conditioners.OpenCLIPTextEncoder",
+    "conditioner": "ldm.formats.text_encoder.open_clip_text_encoder",
 }
+# what runs from before the text encoder's loading moved to ldm.formats stored in their config
+LEGACY_TARGETS = {"conditioner": "ldm.models.conditioners.OpenCLIPTextEncoder"}
 WITH_WEIGHTS = "ldm.checkpoints.with_weights"
 SPEC_TARGET = "ldm.diffusion.schedules.NoiseSchedule.from_spec"
 BETA_TARGETS = {f"ldm.diffusion.schedules.{kind}_betas": kind for kind in ("scaled_linear", "linear", "cosine")}
@@ -49,7 +52,7 @@ def _network_node(config: dict[str, Any], name: str) -> dict[str, Any]:
     node = config["model"][name]
     if isinstance(node, dict) and node.get("_target_") == WITH_WEIGHTS:
         node = node.get("module")
-    if not isinstance(node, dict) or node.get("_target_") != CLASS_TARGETS[name]:
+    if not isinstance(node, dict) or node.get("_target_") not in (CLASS_TARGETS[name], LEGACY_TARGETS.get(name)):
         found = node.get("_target_") if isinstance(node, dict) else type(node).__name__
         raise UserError(f"model.{name} must build {CLASS_TARGETS[name]} to be saved in a checkpoint, found {found!r}")
     return {k: v for k, v in node.items() if k not in _NOT_KWARGS}
@@ -203,6 +206,6 @@ def _read_source(
         return submodule_state(state, prefix)
     encoder = OpenCLIPTextEncoder(**spec["text_config"])  # seeded init; a local file only, never a hub tag
     if source.kind == "weights":
-        encoder.load_weights(load_state_dict_file(path))
+        load_text_weights(encoder, load_state_dict_file(path))
     return dict(encoder.model.state_dict())
 

@@ -293,6 +293,8 @@ class LatentDiffusion(pl.LightningModule):
                 )
             for key, value in getattr(self, name).state_dict().items():
                 checkpoint["state_dict"].setdefault(f"{name}.{key}", value)
+        if self.memory_format == torch.channels_last and not is_sharded(self.unet):  # FSDP2 keeps them contiguous
+            _match_channels_last(checkpoint)
         states = checkpoint.get("ldm", {}).get("rng", [])
         # applied at the first resumed step, after Lightning and the data loader have drawn their
         # own numbers, so the step sees exactly the generator state the uninterrupted run had
@@ -336,6 +338,19 @@ def _make_contiguous(checkpoint: dict[str, Any]) -> None:
     for optimizer in checkpoint.get("optimizer_states", []):
         # new dicts: an optimiser's state_dict() hands out its live per-parameter state
         optimizer["state"] = {index: {key: contiguous(value) for key, value in per_param.items()}
+                              for index, per_param in optimizer.get("state", {}).items()}  # fmt: skip
+
+
+def _match_channels_last(checkpoint: dict[str, Any]) -> None:
+    """Optimiser state back in the layout of the parameters it belongs to: with ``task.channels_last``
+    every 4-D parameter is channels_last, and checkpoints store its state contiguous. A fused AdamW
+    step over mixed layouts takes another vectorised path and rounds differently: the resume would
+    no longer be bit-identical. (Weights need nothing: ``load_state_dict`` copies into the live ones.)"""
+    def channels_last(value: Any) -> Any:
+        return value.contiguous(memory_format=torch.channels_last) if isinstance(value, Tensor) and value.ndim == 4 else value
+
+    for optimizer in checkpoint.get("optimizer_states", []):
+        optimizer["state"] = {index: {key: channels_last(value) for key, value in per_param.items()}
                               for index, per_param in optimizer.get("state", {}).items()}  # fmt: skip
 
 

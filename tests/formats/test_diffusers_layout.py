@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from ldm.models import diffusers_layout
+from ldm.formats import diffusers_layout
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.diffusers_layout import (
+from ldm.formats.diffusers_layout import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_from_diffusers,
