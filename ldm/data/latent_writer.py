@@ -39,6 +39,7 @@ from ldm.data.skips import DataCounts, FilteredOut, SkipSample
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.errors import UserError
 
+
 @dataclass(frozen=True)
 class ShardJob:
     """One input shard and the output shard made from it."""
