@@ -45,7 +45,8 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from ldm.data.shard_writing import folder_items, write_shards
+from ldm.data.corpus_inputs import folder_items
+from ldm.data.shard_writing import write_shards
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.data.webdataset import image_caption_pipeline  # imported here: no import inside a timing
 

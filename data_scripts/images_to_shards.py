@@ -6,14 +6,17 @@ Examples:
 
 A folder: every image (jpg, png, webp, bmp, gif, tif) with `x.txt` beside `x.jpg` as its caption.
 A table: columns `path` and `caption` (see --path-column, --caption-column); other columns go to
-each sample's .json. See `ldm.data.shard_writing` for the encoding and atomicity rules.
+each sample's .json. Inputs that make no sample are skipped and counted under the loader's names
+(`ldm.data.skips`): empty_caption (no caption), missing_file, empty_image, corrupt_image, corrupt_caption
+(not UTF-8), ... See `ldm.data.sample_encoding` for the encoding rules, `ldm.data.shard_writing` for atomicity.
 """
 
 import argparse
 import sys
 
 from ldm.cli import one_line_errors
-from ldm.data.shard_writing import corpus_items, write_shards
+from ldm.data.corpus_inputs import corpus_items
+from ldm.data.shard_writing import write_shards
 
 
 def main() -> None:

@@ -1,19 +1,22 @@
 """Report on image-caption webdataset shards: counts, sizes, caption and resolution statistics,
-bad samples, and a contact sheet of random samples.
+what the loader would skip and why, and a contact sheet of random samples.
 
 Examples:
     python data_scripts/inspect_shards.py "data/photos/train-{000000..000099}.tar"
     python data_scripts/inspect_shards.py "data/photos/*.tar" --json report.json --contact-sheet sheet.png --samples 32
 
-See `ldm.data.shard_inspection` for exactly what is counted and how.
+Bad samples and shards are named as the loader counts them (`ldm.data.skips`: no_image, corrupt_image,
+empty_caption, truncated_shard, ...). See `ldm.data.shard_inspection` for exactly what is counted and how.
 """
 
 import argparse
 import json
-from pathlib import Path
 
+from ldm import atomic
 from ldm.cli import one_line_errors
-from ldm.data.shard_inspection import SheetLayout, format_report, inspect_shards, save_contact_sheet
+from ldm.data.contact_sheet import SheetLayout
+from ldm.data.inspection_text import format_report
+from ldm.data.shard_inspection import inspect_shards, save_contact_sheet
 from ldm.data.shards import expand_shards
 
 
@@ -47,7 +50,7 @@ def main() -> None:
         )
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic.write_text(args.json, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.json}")
     if args.contact_sheet:
         save_contact_sheet(report, args.contact_sheet, layout)

@@ -4,7 +4,8 @@ A file is written under a hidden temporary name beside its target (``.{name}.XXX
 and fsynced, given the usual permissions (``mkstemp`` makes files private), renamed over the target
 (rename is atomic on POSIX file systems), and the directory is fsynced so the rename survives a power
 loss. A process killed midway leaves the previous file intact and at most a temporary file, which
-``is_temporary`` recognises so that cleanups can remove it. Checkpoints, model exports, shards,
+``temporary_target`` recognises so that cleanups can remove it. A folder (a diffusers export) is
+filled under a temporary name the same way and renamed into place (``atomic_directory``). Checkpoints, model exports, shards,
 latent shards, sample images, metadata and metrics all go through here.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +78,52 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; on success it takes ``path``'s place
+    (a folder already there is replaced whole: moved aside, then deleted), on an exception it is deleted
+    and ``path`` is left as it was. Readers never see a half-written folder (a diffusers export)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+    try:
+        yield temp
+        _fsync_tree(temp)
+        os.chmod(temp, 0o777 & ~_umask())  # mkdtemp makes 0700; give it the mode any new folder gets
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
+            os.replace(path, old)  # (an empty folder is replaced by a rename; ``old`` is one)
+            os.replace(temp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(temp, path)
+        _fsync_directory(path.parent)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _fsync_directory(path: Path) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_open(path, "w") as file:
@@ -90,12 +138,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def publish(temp: Path, path: Path) -> None:
     """Give the written and fsynced ``temp`` its final mode and rename it over ``path`` (atomic)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode any new file gets
+    os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode any new file gets
     os.replace(temp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself reaches the disk
-    finally:
-        os.close(directory)
+    _fsync_directory(path.parent)  # the rename itself reaches the disk

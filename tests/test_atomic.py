@@ -47,3 +47,24 @@ def test_atomic_open_refuses_modes_that_read_or_append(tmp_path):
         with pytest.raises(ValueError, match="writes new files"):
             with atomic.atomic_open(tmp_path / "x", mode):
                 pass
+
+
+def test_a_folder_appears_whole_replaces_the_old_one_or_is_left_as_it_was(tmp_path):
+    target = tmp_path / "pipe"
+    with atomic.atomic_directory(target) as staging:
+        (staging / "unet").mkdir()
+        (staging / "unet" / "weights").write_bytes(b"first")
+        assert not target.exists()  # nothing is visible while it is written
+    assert (target / "unet" / "weights").read_bytes() == b"first"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
+
+    with pytest.raises(RuntimeError), atomic.atomic_directory(target) as staging:
+        (staging / "model_index.json").write_text("{}")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in target.rglob("*")) == ["unet", "weights"] and os.listdir(tmp_path) == ["pipe"]
+
+    with atomic.atomic_directory(target) as staging:
+        (staging / "model_index.json").write_text("{}")
+    assert [p.name for p in target.iterdir()] == ["model_index.json"] and os.listdir(tmp_path) == ["pipe"]

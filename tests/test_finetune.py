@@ -85,6 +85,7 @@ def _unet_output(unet: torch.nn.Module, diffusers_layout: bool) -> torch.Tensor:
         return unet(x, t, encoder_hidden_states=context).sample if diffusers_layout else unet(x, t, context)
 
 
+@pytest.mark.slow
 def test_a_published_fp16_model_fine_tunes_resumes_samples_and_exports(published, photos, tmp_path):
     family, folder = published
     straight = _train(family, folder, photos, tmp_path / "straight")["task"]

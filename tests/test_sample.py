@@ -238,6 +238,7 @@ def test_bad_settings_are_one_line_errors(tiny_checkpoint, tmp_path, override, m
         sample(_sample_config(tiny_checkpoint, tmp_path / "out", PROMPT, override))
 
 
+@pytest.mark.slow
 def test_sample_py_prints_one_line_for_a_bad_image_size(tiny_checkpoint, tmp_path):
     import subprocess
     import sys

@@ -40,8 +40,8 @@ from torch.utils.data import IterableDataset
 from ldm.data.buckets import BUCKET_KEY, Bucket, nearest_bucket, upright_size
 from ldm.data.decode import IMAGE_EXTENSIONS
 from ldm.data.skips import (
-    COUNTS_KEY, CORRUPT_IMAGE, CORRUPT_METADATA, ERROR, NO_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, DataCounts,
-    FilteredOut, SkipSample,
+    COUNTS_KEY, CORRUPT_IMAGE, CORRUPT_METADATA, ERROR, MISSING_FILE, NO_IMAGE, OVERSIZED_FILE, TOO_MANY_PIXELS,
+    TOO_SMALL, UNSAFE_PATH, DataCounts, FilteredOut, SkipSample,
 )
 from ldm.data.samples import collate
 from ldm.data.seeds import PROCESS, stream_seed
@@ -50,11 +50,7 @@ from ldm.errors import UserError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")  # tried in order when data.caption_column is null
-# folder-specific skip reasons (samples)
-UNSAFE_PATH = "unsafe_path"      # a metadata file_name resolving outside the folder
-MISSING_FILE = "missing_file"    # a metadata file_name naming no file, or a file that cannot be read
-OVERSIZED_FILE = "oversized_file"  # an image file over MAX_FILE_BYTES (never read)
-MAX_FILE_BYTES = 256 << 20
+MAX_FILE_BYTES = 256 << 20  # larger image files are refused unread (oversized_file)
 # seed streams of the folder plan (beside those of ldm.data.streams)
 PLAN = 10
 # this many failed images in a row while filling one batch slot mean the folder is unusable

@@ -25,22 +25,19 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldm import atomic
 from ldm.data.latent_format import (
     CONTEXT_DTYPES, FLIPPED, META_KEY, STORE_MODES, latents_metadata, npy_bytes, read_shard_meta, same_dataset,
 )
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shard_reader import read_shard
+from ldm.data.shard_writer import ShardWriter
 from ldm.data.shards import expand_shards
 from ldm.data.skips import DataCounts, FilteredOut, SkipSample
 from ldm.data.transforms import ImageTransform, to_model_range
 from ldm.errors import UserError
-
-TAR_MTIME = 0  # fixed member mtime: one input gives byte-identical output shards
 
 
 @dataclass(frozen=True)
@@ -123,29 +120,6 @@ def _collate_inputs(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "caption": [s["caption"] for s in samples],
         "json": [s["json"] for s in samples],
     }
-
-
-class _AtomicTar:
-    """A tar written under ``ldm.atomic``'s hidden temporary name beside ``path``, renamed to it by ``commit``."""
-
-    def __init__(self, path: Path):
-        self.path, self.temp = path, atomic.new_temporary(path)
-        self.file = open(self.temp, "wb")
-        self.tar = wds.TarWriter(self.file, mtime=TAR_MTIME)
-
-    def write(self, sample: dict[str, Any]) -> None:
-        self.tar.write(sample)
-
-    def commit(self) -> None:
-        self.tar.close()  # end-of-archive blocks; our file stays open
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        atomic.publish(self.temp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.temp.unlink(missing_ok=True)
 
 
 def _shard_seed(seed: int, name: str) -> int:
@@ -305,20 +279,20 @@ def precompute_latents(
     loader = DataLoader(
         dataset, batch_size=None, num_workers=min(num_workers, len(pending)), pin_memory=device.type == "cuda"
     )
-    open_tars: dict[int, tuple[_AtomicTar, torch.Generator]] = {}
+    open_tars: dict[int, tuple[ShardWriter, torch.Generator]] = {}
     bar = tqdm(total=len(pending), desc=f"latents rank {rank}/{world_size}", unit="shard", disable=not progress)
     try:
         for index, batch in loader:
             job = jobs[index]
             if index not in open_tars:
-                tar = _AtomicTar(job.output)
+                tar = ShardWriter(job.output)
                 tar.write({"__key__": META_KEY, "json": json.dumps({**meta, "source": job.source}),
                            "empty_context.npy": empty_context})
                 open_tars[index] = (tar, torch.Generator().manual_seed(_shard_seed(seed, job.output.name)))
             tar, generator = open_tars[index]
             if "dropped" in batch:  # the input shard is done
                 report.dropped.update(batch["dropped"])
-                tar.commit()
+                tar.close()
                 del open_tars[index]
                 report.written.append(job.output)
                 bar.update(1)

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ldm import atomic
+from ldm.data.shard_writer import ShardSequenceWriter
 from ldm.errors import UserError
 
 SPEC_VERSION = 1
@@ -60,9 +62,6 @@ POSITIONS: dict[str, tuple[int, int]] = {
 
 # PNG compression: level 1 is ~3x faster than the default 6 and only slightly larger at 64x64.
 PNG_COMPRESS_LEVEL = 1
-# Fixed tar member mtime, so that shards are byte-identical across runs. An int: a float mtime
-# makes tarfile add a PAX header to every member, doubling the shard size and write time.
-TAR_MTIME = 0
 MANIFEST = "manifest.json"
 SHARD_NAME = re.compile(r"(train|val)-\d{6}\.tar")
 
@@ -183,24 +182,13 @@ def _write_split(
     samples_per_shard: int,
     bar: tqdm,
 ) -> list[str]:
-    """Write `count` samples to `directory/{split}-%06d.tar`; return the shard names in order."""
-    import webdataset as wds  # imported here so that rendering alone does not need webdataset
-
-    names: list[str] = []
-    if count == 0:  # ShardWriter opens a shard eagerly; an empty split gets no file at all
-        return names
-    pattern = str(directory).replace("%", "%%") + f"/{split}-%06d.tar"
-    with wds.ShardWriter(
-        pattern,
-        maxcount=samples_per_shard,
-        verbose=0,
-        post=lambda fname: names.append(Path(fname).name),
-        mtime=TAR_MTIME,
-    ) as sink:
+    """Write `count` samples to `directory/{split}-%06d.tar`; return the shard names in order
+    (an empty split gets no file at all)."""
+    with ShardSequenceWriter(directory, split, samples_per_shard) as sink:
         for sample in _samples(rng, count):
             sink.write(sample)
             bar.update(1)
-    return names
+    return [shard.name for shard in sink.shards]
 
 
 def _params(num_train: int, num_val: int, seed: int) -> dict:
@@ -276,7 +264,7 @@ def write_toy_shards(
                 splits[split] = {"num_samples": count, "shards": shards}
         manifest = {**_params(num_train, num_val, seed), "samples_per_shard": samples_per_shard}
         manifest["splits"] = splits
-        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic.write_text(tmp_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _publish(tmp_dir, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # no-op once published

@@ -24,7 +24,6 @@ import io
 import json
 import re
 import sys
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm import atomic
+from ldm.data.shard_reader import read_shard
 from ldm.data.shards import expand_shards
+from ldm.data.skips import DataCounts
 from ldm.data.toy import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES
 
 # Below this peak strength (0-255 scale) the image holds no shape. Every jittered palette colour is
@@ -228,19 +230,17 @@ def score_folder(path: str | Path) -> dict:
 
 
 def iter_shard_samples(paths: Iterable[str]) -> Iterator[tuple[Image.Image, str]]:
-    """(image, caption) of every sample with a .png and a .txt in the given toy tars."""
+    """(image, caption) of every sample with a .png and a .txt in the given toy tars (read by
+    ``ldm.data.shard_reader``: member size caps; a shard that cannot be read whole is an error, since a
+    score over part of a set would not compare)."""
+    counts = DataCounts()
     for path in paths:
-        pending: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile() or "." not in member.name:
-                    continue
-                key, extension = member.name.split(".", 1)
-                sample = pending.setdefault(key, {})
-                sample[extension] = tar.extractfile(member).read()
-                if "png" in sample and "txt" in sample:
-                    del pending[key]
-                    yield Image.open(io.BytesIO(sample["png"])), sample["txt"].decode("utf-8")
+        for sample in read_shard(path, counts):
+            if "png" in sample and "txt" in sample:
+                yield Image.open(io.BytesIO(sample["png"])), sample["txt"].decode("utf-8")
+        if counts.take():
+            reason, where, detail = counts.last_skip
+            raise ValueError(f"{where or path}: {reason.replace('_', ' ')} ({detail}): the score would be of part of the set")
 
 
 def score_shards(patterns: str | Iterable[str]) -> dict:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(scores))
     if args.out:
-        Path(args.out).write_text(json.dumps(scores, indent=2) + "\n")
+        atomic.write_text(args.out, json.dumps(scores, indent=2) + "\n")
     return 0
 
 

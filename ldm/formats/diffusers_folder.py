@@ -21,6 +21,7 @@ import open_clip
 import torch
 from torch import Tensor
 
+from ldm import atomic
 from ldm.checkpoints import load_state_dict_file, save_safetensors
 from ldm.diffusion.schedules import ScheduleSpec
 from ldm.errors import UserError
@@ -168,7 +169,8 @@ def _pad_token_id(tokenizer_dir: Path) -> int:
 
 
 def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``bundle`` as a diffusers Stable Diffusion folder (safetensors weights)."""
+    """Write ``bundle`` as a diffusers Stable Diffusion folder (safetensors weights), atomically: the
+    folder appears whole, replacing an export already at ``path``, or not at all."""
     root = Path(path)
     if root.exists() and any(root.iterdir()) and not is_diffusers_folder(root):
         raise UserError(f"refusing to write a diffusers folder into non-empty {root}")
@@ -185,6 +187,12 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
         raise UserError(f"this model was trained with schedule.snr_shift={bundle.schedule['snr_shift']}, which "
                         "diffusers' schedulers cannot express: export it with --to sd instead")  # fmt: skip
 
+    with atomic.atomic_directory(root) as staging:  # a killed export leaves no half-written folder
+        _write_folder(bundle, staging, dtype)
+    return root
+
+
+def _write_folder(bundle: ModelBundle, root: Path, dtype: torch.dtype | None) -> None:
     def save(folder: str, name: str, state: dict[str, Tensor], config: dict[str, Any], config_name: str) -> None:
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -201,7 +209,6 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
     _write_tokenizer(root / "tokenizer", bundle)
     _write_json(root / "scheduler" / "scheduler_config.json", _scheduler_config(bundle))
     _write_json(root / "model_index.json", _model_index())
-    return root
 
 
 def _downsampling(bundle: ModelBundle) -> int:

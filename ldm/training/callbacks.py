@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
+from ldm import atomic
 from ldm.pipeline import Sampler
 from ldm.training.sharding import is_sharded
 
@@ -150,8 +151,9 @@ class SampleGrid(pl.Callback):
         grid = make_grid(images, nrow=self.images_per_prompt, padding=2, pad_value=1.0)
         path = Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        path.with_suffix(".json").write_text(json.dumps({"rows": self.prompts, "seeds": seeds[: self.images_per_prompt]}))
+        with atomic.atomic_path(path) as temp:
+            save_image(grid, temp, format="png")
+        atomic.write_text(path.with_suffix(".json"), json.dumps({"rows": self.prompts, "seeds": seeds[: self.images_per_prompt]}))
         self._log(trainer, grid, path, step)
         return path
 

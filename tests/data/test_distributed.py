@@ -20,7 +20,7 @@ def _run(out: Path, train: list[str], val: list[str]) -> str:
     return launch_ranks([sys.executable, str(HERE / "ddp_run.py"), str(out), json.dumps(train), json.dumps(val)], out)[0]
 
 
-@pytest.mark.slow  # 10-15 s on an idle 2-core machine
+@pytest.mark.slow
 def test_ddp_ranks_run_equal_steps_on_uneven_shards(tmp_path):
     shards = [write_good_shard(tmp_path / f"part{i}.tar", [f"p{i}-{j:03d}" for j in range(n)], size=(8, 8))
               for i, n in enumerate((5, 17, 40))]

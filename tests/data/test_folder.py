@@ -237,7 +237,7 @@ def test_resume_deep_into_an_epoch_is_bit_identical_and_decodes_nothing_skipped(
         assert counting.calls <= 3  # the first batch after the skipped 7 (+ a replacement), nothing before
 
 
-@pytest.mark.slow  # about 1-2 min: three tiny training runs
+@pytest.mark.slow
 def test_training_from_a_folder_with_buckets_resumes_bit_identically(txt_folder, tmp_path):
     """Stopped at step 10 of a 14-batch epoch, resumed, through the epoch's end to step 16 (no
     validation: see the report on validation at the checkpoint's step)."""

@@ -329,6 +329,7 @@ def test_random_flip_on_latents_needs_flipped_shards(latents_dir):
         datamodule.setup("fit")
 
 
+@pytest.mark.slow
 def test_training_on_latents_resumes_bit_identically_deep_into_an_epoch(model_overrides, flipped_latents_dir, tmp_path):
     """10-batch epochs (40 samples, 2 workers x batch 4), stopped at step 7, resumed to step 12."""
     from train import train

@@ -13,8 +13,11 @@ import webdataset as wds
 from PIL import Image
 
 from ldm_testing import run_script
-from ldm.data.shard_inspection import SheetLayout, format_report, inspect_shards, save_contact_sheet, wrap_text
-from ldm.data.shard_writing import folder_items, write_shards
+from ldm.data.contact_sheet import SheetLayout, wrap_text
+from ldm.data.corpus_inputs import folder_items
+from ldm.data.inspection_text import format_report
+from ldm.data.shard_inspection import inspect_shards, save_contact_sheet
+from ldm.data.shard_writing import write_shards
 
 
 
@@ -45,7 +48,7 @@ def meta(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> list[str]:
     """Four shards: 4 good samples; 6 bad ones; 3 samples cut inside the third; 2 samples whose
-    end-of-archive blocks are missing."""
+    end-of-archive blocks are missing (the loader keeps the first: the second may lack members)."""
     root = tmp_path_factory.mktemp("shards")
     jpg, png = (lambda w, h: image_bytes(w, h, "JPEG")), image_bytes
     write_tar(root / "a-000000.tar", [
@@ -55,11 +58,11 @@ def corpus(tmp_path_factory) -> list[str]:
         {"__key__": "k3", "png": png(50, 25), "txt": b"one two three four"},  # size from the header
     ])
     write_tar(root / "a-000001.tar", [
-        {"__key__": "b0", "jpg": jpg(40, 20), "json": meta(40, 20)},  # missing caption
-        {"__key__": "b1", "jpg": b"not an image", "txt": b"broken", "json": meta(10, 10)},  # unreadable
-        {"__key__": "b2", "png": png(16, 16), "txt": b""},  # zero-byte member (an empty caption)
-        {"__key__": "b3", "txt": b"orphan caption"},  # missing image
-        {"__key__": "b4", "jpg": b"", "txt": b"empty image"},  # zero-byte member + unreadable image
+        {"__key__": "b0", "jpg": jpg(40, 20), "json": meta(40, 20)},  # no caption
+        {"__key__": "b1", "jpg": b"not an image", "txt": b"broken", "json": meta(10, 10)},  # corrupt image
+        {"__key__": "b2", "png": png(16, 16), "txt": b"", "cls": b""},  # an empty caption, an empty member
+        {"__key__": "b3", "txt": b"orphan caption"},  # no image
+        {"__key__": "b4", "jpg": b"", "txt": b"empty image"},  # a zero-byte image
         {"__key__": "b5", "jpg": jpg(40, 20), "txt": b"\xff\xfe bad", "json": b"{"},  # caption, json
     ])
     cut = root / "a-000002.tar"
@@ -74,34 +77,36 @@ def corpus(tmp_path_factory) -> list[str]:
 
 def test_counts_statistics_and_bad_samples_are_exact(corpus: list[str]) -> None:
     report = inspect_shards(corpus, progress=False)
-    assert (report.num_shards, report.num_samples) == (4, 4 + 6 + 2 + 2)
+    assert (report.num_shards, report.num_samples) == (4, 4 + 6 + 2 + 1)
     assert report.total_bytes == sum(os.path.getsize(url) for url in corpus)
     assert report.shard_bytes["count"] == 4 and report.shard_bytes["max"] == max(map(os.path.getsize, corpus))
-    assert report.sample_bytes["count"] == 14 and report.sample_bytes["min"] == 11  # b4: 0 + len("empty image")
+    assert report.sample_bytes["count"] == 13 and report.sample_bytes["min"] == 11  # b4: 0 + len("empty image")
 
     assert report.bad_samples == 6
-    assert report.bad_by_reason == {
-        "missing caption": 1, "missing image": 1, "truncated shard": 2, "unreadable caption": 1,
-        "unreadable image": 2, "unreadable json": 1, "zero-byte member": 2,
+    assert report.bad_by_reason == {  # the loader's names (ldm.data.skips); samples, then shards
+        "corrupt_caption": 1, "corrupt_image": 1, "corrupt_metadata": 1, "empty_caption": 2, "empty_image": 1,
+        "empty_member": 1, "no_image": 1, "truncated_shard": 2,
     }
-    assert {(e["key"], e["reason"]) for e in report.bad_examples} >= {("b4", "zero-byte member"), ("b4", "unreadable image")}
-    assert [t["shard"] for t in report.truncated_shards] == corpus[2:]
-    assert "end-of-archive" in report.truncated_shards[1]["detail"]
+    assert list(report.bad_by_reason)[-1] == "truncated_shard"
+    assert {(e["key"], e["reason"]) for e in report.bad_examples} >= {
+        ("b2", "empty_caption"), ("b2", "empty_member"), ("b4", "empty_image"), ("b5", "corrupt_caption")}
+    assert [(s["shard"], s["reason"]) for s in report.bad_shards] == [(url, "truncated_shard") for url in corpus[2:]]
+    assert "end-of-archive" in report.bad_shards[1]["detail"]
 
-    # captions: 9 3 10 18 | 6 0 14 11 | 1 1 | 1 1 (stripped; b0 has none, b5's is not UTF-8)
-    assert report.caption_chars == pytest.approx({"count": 12, "min": 0, "median": 4.5, "p95": 15.8, "max": 18, "mean": 6.25})
-    assert report.caption_words == pytest.approx({"count": 12, "min": 0, "median": 1, "p95": 3.45, "max": 4, "mean": 19 / 12})
-    # resolution: .json for k0 k1 k2 b0 b1; the header for k3 b2 b5 and the four 10x10 PNGs
-    assert report.resolution_source == {"header": 7, "json": 5}
-    assert report.image_formats == {"jpg": 6, "png": 7}
+    # captions: 9 3 10 18 | 6 0 14 11 | 1 1 | 1 (stripped; b0 has none, b5's is not UTF-8)
+    assert report.caption_chars == pytest.approx({"count": 11, "min": 0, "median": 6, "p95": 16, "max": 18, "mean": 74 / 11})
+    assert report.caption_words == pytest.approx({"count": 11, "min": 0, "median": 1, "p95": 3.5, "max": 4, "mean": 18 / 11})
+    # resolution: .json for k0 k1 k2 b0 b1; the header for k3 b2 b5 and the three 10x10 PNGs
+    assert report.resolution_source == {"header": 6, "json": 5}
+    assert report.image_formats == {"jpg": 6, "png": 6}
     assert {k: report.width[k] for k in ("count", "min", "median", "p95", "max")} == pytest.approx(
-        {"count": 12, "min": 10, "median": 18, "p95": 44.5, "max": 50})
+        {"count": 11, "min": 10, "median": 20, "p95": 45, "max": 50})
     assert {k: report.height[k] for k in ("min", "median", "p95", "max")} == pytest.approx(
-        {"min": 10, "median": 18, "p95": 34.5, "max": 40})
+        {"min": 10, "median": 20, "p95": 35, "max": 40})
     assert {k: report.aspect[k] for k in ("min", "median", "max")} == pytest.approx({"min": 0.5, "median": 1, "max": 2})
 
     text = format_report(report)
-    assert "samples 14" in text and "bad samples     6 of 14" in text and "2 truncated shard" in text
+    assert "samples 13" in text and "bad samples     6 of 13" in text and "2 truncated_shard" in text
     json.dumps(report.to_dict())  # JSON-ready
 
 
@@ -109,7 +114,8 @@ def test_header_only_mode_and_workers_agree(corpus: list[str]) -> None:
     full = inspect_shards(corpus, progress=False).to_dict()
     assert inspect_shards(corpus, workers=2, progress=False).to_dict() == full
     headers = inspect_shards(corpus, decode=False, progress=False)
-    assert headers.bad_by_reason["unreadable image"] == 2  # garbage and empty files fail even the header
+    # garbage fails even the header; an empty file is empty whatever the mode
+    assert (headers.bad_by_reason["corrupt_image"], headers.bad_by_reason["empty_image"]) == (1, 1)
 
 
 def test_contact_sheet(corpus: list[str], tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ import webdataset as wds
 from PIL import Image
 
 from ldm_testing import run_script
-from ldm.data.shard_writing import encode_image, folder_items, table_items, write_shards
+from ldm.data.corpus_inputs import folder_items, table_items
+from ldm.data.sample_encoding import encode_image
+from ldm.data.shard_writing import write_shards
 from ldm.errors import UserError
 
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
@@ -62,13 +64,13 @@ def test_folder_to_shards(corpus: Path, tmp_path: Path) -> None:
     summary = write_shards(items, out, samples_per_shard=10, progress=False)
 
     assert (summary.num_inputs, summary.num_samples) == (26, 24)
-    assert dict(summary.skipped) == {"unreadable image": 1, "missing caption": 1}
+    assert dict(summary.skipped) == {"corrupt_image": 1, "empty_caption": 1}
     assert [s.name for s in summary.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert [s.num_samples for s in summary.shards] == [10, 10, 4]
     assert sorted(p.name for p in out.iterdir()) == [s.name for s in summary.shards] + ["shard.manifest.json"]
     manifest = json.loads((out / "shard.manifest.json").read_text())
-    assert manifest["num_samples"] == 24 and manifest["skipped"] == {"missing caption": 1, "unreadable image": 1}
-    assert "skipped 2 of 26 inputs: 1 missing caption, 1 unreadable image" in summary.line()
+    assert manifest["num_samples"] == 24 and manifest["skipped"] == {"corrupt_image": 1, "empty_caption": 1}
+    assert "skipped 2 of 26 inputs: 1 corrupt_image, 1 empty_caption" in summary.line()
 
     samples = read_shards(out)
     by_source = {item.source: item for item in items}
@@ -162,8 +164,8 @@ def test_table_inputs(tmp_path: Path, suffix: str) -> None:
     samples = read_shards(tmp_path / "out")
     expected_keys = ["000000000", "000000002", "000000003"] if suffix == ".csv" else ["000000000", "000000002"]
     assert [s["__key__"] for s in samples] == expected_keys
-    assert summary.skipped["missing image"] == 1
-    assert summary.skipped["missing caption"] == (0 if suffix == ".csv" else 1)
+    assert summary.skipped["missing_file"] == 1
+    assert summary.skipped["empty_caption"] == (0 if suffix == ".csv" else 1)
     first = samples[0]["json"]
     assert first == {"source": "images/0.png", "width": 10, "height": 10, "original_width": 10,
                      "original_height": 10, "score": "0.5", "table_width": "999"}
@@ -217,7 +219,7 @@ def test_cli(corpus: Path, tmp_path: Path, capsys) -> None:
     result = capsys.readouterr()
     assert status == 0, result.err
     assert "wrote 24 samples in 3 shard(s)" in result.out
-    assert "skipped 2 of 26 inputs: 1 missing caption, 1 unreadable image" in result.out
-    assert "corrupt.jpg: unreadable image" in result.err
+    assert "skipped 2 of 26 inputs: 1 corrupt_image, 1 empty_caption" in result.out
+    assert "corrupt.jpg: corrupt_image" in result.err
     samples = read_shards(tmp_path / "out", "train")
     assert len(samples) == 24 and max(max(s.get("jpg", s.get("png", s.get("webp"))).size) for s in samples) == 16

@@ -80,7 +80,7 @@ def identity_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()[: 64 * 2**20]).hexdigest()[:16]
 
 
-@pytest.mark.slow  # pytorch-fid's 2048-d sqrtm in the pytorch_fid_value fixture: 20-60 s on a shared CPU
+@pytest.mark.slow
 def test_cli_fid_equals_pytorch_fids_and_writes_and_checks_its_cache(
     tmp_path: Path, pytorch_fid_run: PytorchFidRun, pytorch_fid_value: float
 ) -> None:

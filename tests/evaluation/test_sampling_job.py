@@ -32,6 +32,7 @@ def test_job_items_and_rank_split_are_disjoint_and_complete():
     assert items[5] == JobItem(5, PROMPTS[1], 15, {})
 
 
+@pytest.mark.slow
 def test_two_ranks_killed_midway_then_rerun_write_the_whole_set_once(tiny_checkpoint, tmp_path):
     # one multi-process test for both properties: each ~10 s rank start-up is most of its cost
     prompts = tmp_path / "prompts.txt"
@@ -88,6 +89,7 @@ def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy_9ab00.tmp", ".other.tmp", "000000.png"]
 
 
+@pytest.mark.slow
 def test_two_ranks_write_every_item_of_shard_output_exactly_once(tiny_checkpoint, tmp_path):
     import tarfile
 

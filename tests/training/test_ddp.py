@@ -47,7 +47,7 @@ def assert_same_training(tmp_path, name: str) -> dict:
     return a
 
 
-@pytest.mark.slow  # about 1-2 min on an idle 2-core machine: 4 tiny runs on 2 ranks with 2 loader workers each
+@pytest.mark.slow
 def test_two_ddp_ranks_train_in_step_and_resume_exactly_on_images_and_latents(tmp_path, toy_data_dir):
     latents = tmp_path / "latent_shards"
     latents.mkdir()

@@ -18,7 +18,7 @@ EPOCH = ["data.num_workers=1", "data.samples_per_epoch=64", "trainer.max_steps=1
          "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
 
 
-@pytest.mark.slow  # about 1-2 min on an idle 2-core machine: 3 tiny runs on 2 ranks
+@pytest.mark.slow
 def test_fsdp2_trains_like_ddp_samples_resumes_exactly_and_checkpoints_load_anywhere(tmp_path, toy_data_dir):
     # Muon needs whole weight matrices (it refuses sharded strategies): AdamW here
     common = [*TINY_MODEL, *TINY_TRAINING, "trainer.devices=2", "optim=adamw_cosine", *EPOCH,

@@ -168,6 +168,7 @@ class NanGradientOnRank(pl.Callback):
             next(p for p in pl_module.unet.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
 
 
+@pytest.mark.slow
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path, toy_data_dir):
     from ldm_testing import TINY_MODEL, TINY_TRAINING, launch_ranks
 

@@ -26,6 +26,7 @@ CACHES = ("task.channels_last=true", "task.posterior_cache_size=64", "task.conte
 
 # the toy's Muon (its filters' momentum is reshaped per matrix) and fused AdamW on every parameter, whose
 # state must come back in its parameter's memory format (channels_last filters, contiguous in the file)
+@pytest.mark.slow
 @pytest.mark.parametrize("optim", ["muon_cosine", "adamw_cosine"])
 def test_resume_is_bit_identical(train_config, tmp_path, optim):
     options = (*CACHES, f"optim={optim}")
