@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.atomic import atomic_path, write_text
+from ldm.atomic import atomic_directory, atomic_path, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,27 +41,23 @@ def run(command: list[str]) -> float:
 
 def write_data(target: Path, word: str, colour: str, new: int, keep: int, seed: int) -> None:
     """``new`` images of ``colour`` captioned with ``word``, ``keep`` ordinary ones; x.png + x.txt.
-    Written beside ``target`` and renamed to it when complete, so a killed run never trains on part of it."""
-    import shutil
-
+    Filled under a temporary name and renamed (``ldm.atomic.atomic_directory``): a killed run never
+    trains on part of it."""
     from ldm.data.toy import caption, render, sample_spec
 
-    folder = target.with_name(target.name + ".partial")
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    made = 0
-    while made < new:
-        spec = sample_spec(rng)
-        if spec.colour == colour:
-            render(spec).save(folder / f"new_{made:05d}.png")
-            (folder / f"new_{made:05d}.txt").write_text(caption(spec).replace(f"a {colour} ", f"a {word} ", 1))
-            made += 1
-    for i in range(keep):
-        spec = sample_spec(rng)
-        render(spec).save(folder / f"keep_{i:05d}.png")
-        (folder / f"keep_{i:05d}.txt").write_text(caption(spec))
-    folder.rename(target)
+    with atomic_directory(target) as folder:
+        made = 0
+        while made < new:
+            spec = sample_spec(rng)
+            if spec.colour == colour:
+                render(spec).save(folder / f"new_{made:05d}.png")
+                (folder / f"new_{made:05d}.txt").write_text(caption(spec).replace(f"a {colour} ", f"a {word} ", 1))
+                made += 1
+        for i in range(keep):
+            spec = sample_spec(rng)
+            render(spec).save(folder / f"keep_{i:05d}.png")
+            (folder / f"keep_{i:05d}.txt").write_text(caption(spec))
 
 
 def new_word_prompts(word: str) -> list[str]:
