@@ -1,7 +1,7 @@
 """The input images (and masks) of image-to-image and inpainting jobs: listed, fingerprinted, read per batch.
 
-``init_images`` is a folder (its image files, by name; not recursive) or webdataset shards (each
-sample's image member, in shard order). ``masks`` is one image file for every input, or a folder with
+``init_images`` is an image file, a folder (its image files, by name; not recursive) or webdataset
+shards (each sample's image member, in shard order). ``masks`` is one image file for every input, or a folder with
 one mask per input, matched by name stem (``cat.jpg`` <- ``cat.png``; for shards the sample key's last
 part). A mask is white (>= 50% grey) where the image is repainted and black where it is kept, and has
 its image's size.
@@ -66,10 +66,14 @@ def _is_image_name(name: str) -> bool:
 
 
 def list_images(spec: Any, what: str = "init_images") -> list[ImageRef]:
-    """The inputs named by ``spec``: a folder's image files sorted by name, or the image member of every
-    sample of the shards ``spec`` expands to (``ldm.data.shards``), in order. A one-line error if none."""
+    """The inputs named by ``spec``: one image file, a folder's image files sorted by name, or the image
+    member of every sample of the shards ``spec`` expands to (``ldm.data.shards``), in order. A one-line
+    error if none."""
     if isinstance(spec, str) and Path(spec).expanduser().is_dir():
         return _folder_images(Path(spec).expanduser(), what)
+    if isinstance(spec, str) and _is_image_name(spec) and Path(spec).expanduser().is_file():
+        path = Path(spec).expanduser()  # one image
+        return [ImageRef(path.name, path, path.stat().st_size, key=path.name.rsplit(".", 1)[0])]
     from ldm.data.shards import REMOTE_PREFIXES, expand_shards
 
     if isinstance(spec, str) and not Path(spec).expanduser().suffix == ".tar" and "{" not in spec and "*" not in spec:

@@ -51,6 +51,7 @@ def test_a_folder_lists_its_image_files_by_name_and_nothing_else(tmp_path):
     (tmp_path / ".hidden.png").write_bytes(b"x")
     (tmp_path / "sub.png").mkdir()
     assert [r.name for r in list_images(str(tmp_path))] == ["a.jpg", "b.png", "c.webp"]
+    assert [r.name for r in list_images(str(tmp_path / "b.png"))] == ["b.png"]  # one image
     with pytest.raises(UserError, match="no image files"):
         list_images(str(tmp_path / "sub.png"))
     with pytest.raises(UserError, match="no such folder"):
