@@ -17,9 +17,8 @@ from pytorch_lightning.callbacks import DeviceStatsMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import one_line_errors
-from ldm.errors import UserError
-from ldm.formats import load_weights_into
-from ldm.training.resume import prepare_run_directory
+from ldm.formats import detect_format, load_weights_into
+from ldm.training.resume import prepare_run_directory, say
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -29,6 +28,15 @@ def resume_path(cfg: DictConfig) -> str | None:
     checkpoint_dir = Path(cfg.paths.output_dir) / "checkpoints"
     found = prepare_run_directory(checkpoint_dir, cfg.resume, bool(cfg.get("overwrite", False)))
     return str(found.path) if found else None
+
+
+def warn_if_objective_differs(pretrained: str, stated: str, trained: str) -> None:
+    """One line when a model file that states its prediction type (a diffusers folder's scheduler, a
+    training checkpoint) is fine-tuned with another: deliberate (SD 2.x 768-v began as an eps model),
+    or a wrong model preset (``model=sd21_768`` is the v one), which would train without an error."""
+    if stated != trained and detect_format(pretrained) in ("diffusers", "training"):
+        say(f"{pretrained} predicts {stated}, and this run trains it to predict {trained} "
+            f"(objective.prediction_type): pick the model preset of the file if that is not meant", warning=True)
 
 
 def set_tf32(enabled: bool) -> None:
@@ -61,7 +69,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # fine-tuning: start from a model file; the EMA copy starts from it at the first update.
         # Also when resuming (resume=auto relaunches the same command): the checkpoint then replaces
         # the U-Net and EMA, and the frozen parts too big to store in it must come from this file
-        load_weights_into(task.unet, task.autoencoder, task.conditioner, cfg.model.pretrained)
+        bundle = load_weights_into(task.unet, task.autoencoder, task.conditioner, cfg.model.pretrained)
+        warn_if_objective_differs(cfg.model.pretrained, bundle.prediction_type, task.objective.prediction_type)
     callbacks = [instantiate(c, _convert_="all") for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]  # Lightning refuses both

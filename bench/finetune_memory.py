@@ -22,13 +22,13 @@ import argparse
 import torch
 from torch import nn
 
-from ldm.formats.bundle import sd1_text_config, sd2_text_config, sd_vae_config
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
-from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
+from ldm.models.unet import UNetModel
 from ldm.training.optimizers import MuonAdamW
+from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 
-CONFIGS = {"sd15": (sd15_unet_config, sd1_text_config), "sd21": (sd21_unet_config, sd2_text_config)}
+MODELS = {"sd15": "sd15", "sd21": "sd21_base"}  # --config NAME -> the model preset
 GIB = 2**30
 
 
@@ -59,11 +59,11 @@ def optimizer_state_bytes(unet: nn.Module, optim: str) -> int:
 
 
 def state_bytes(config: str, optim: str, ema: bool) -> dict[str, int]:
-    unet_config, text_config = CONFIGS[config]
+    networks = network_configs(MODELS[config])
     with torch.device("meta"):
-        unet = UNetModel(**unet_config())
-        vae = AutoencoderKL(**sd_vae_config())
-        text = OpenCLIPTextEncoder(**text_config())
+        unet = UNetModel(**networks["unet"])
+        vae = AutoencoderKL(**networks["vae"])
+        text = OpenCLIPTextEncoder(**networks["text"])
     weights = tensor_bytes(unet.state_dict().values())
     rows = {
         "U-Net weights (fp32)": weights,
@@ -79,11 +79,11 @@ def state_bytes(config: str, optim: str, ema: bool) -> dict[str, int]:
 
 def saved_activation_bytes(config: str, size: int, batch: int, checkpointing: bool, device: str) -> int:
     """Bytes of the distinct storages autograd saves for backward in one U-Net training forward."""
-    unet_config, _ = CONFIGS[config]
-    unet = UNetModel(**dict(unet_config(), gradient_checkpointing=checkpointing)).to(device)
+    unet_config = network_configs(MODELS[config])["unet"]
+    unet = UNetModel(**dict(unet_config, gradient_checkpointing=checkpointing)).to(device)
     x = torch.randn(batch, 4, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
-    context = torch.randn(batch, 77, unet_config()["context_dim"], device=device)
+    context = torch.randn(batch, 77, unet_config["context_dim"], device=device)
     seen: dict[tuple[int, int], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ def saved_activation_bytes(config: str, size: int, batch: int, checkpointing: bo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
+    parser.add_argument("--config", choices=sorted(MODELS), default="sd15")
     parser.add_argument("--optim", choices=("adamw", "muon"), default="adamw")
     parser.add_argument("--no-ema", action="store_true")
     parser.add_argument("--activations", action="store_true", help="also run a forward pass (slow on a CPU)")

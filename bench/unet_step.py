@@ -3,7 +3,7 @@
     python bench/unet_step.py [--config small|sd15|sd21] [--batch 8] [--size 32] [--repeats 7]
         [--device cpu|cuda] [--dtype fp32|bf16] [--channels-last] [--checkpointing]
 
-Both networks get identical weights (ours exported with ldm.models.diffusers_layout) and inputs, and
+Both networks get identical weights (ours exported with ldm.formats.diffusers_layout) and inputs, and
 are timed alternately in the same process (medians; the ratio is the figure to read, since these
 machines are noisy). On a GPU it also prints images/s and model-FLOPs utilisation of ours.
 """
@@ -16,13 +16,14 @@ import time
 
 import torch
 
-from ldm.models.diffusers_layout import unet_diffusers_config, unet_to_diffusers
-from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
+from ldm.formats.diffusers_layout import unet_diffusers_config, unet_to_diffusers
+from ldm.models.unet import UNetModel
+from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 
 CONFIGS = {
-    "small": dict(sd15_unet_config(), model_channels=64, num_heads=4, context_dim=256),
-    "sd15": sd15_unet_config(),
-    "sd21": sd21_unet_config(),
+    "small": dict(network_configs("sd15")["unet"], model_channels=64, num_heads=4, context_dim=256),
+    "sd15": network_configs("sd15")["unet"],
+    "sd21": network_configs("sd21_base")["unet"],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks

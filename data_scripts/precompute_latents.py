@@ -1,10 +1,11 @@
-"""Precompute VAE latents and text contexts of image-caption shards (see ``ldm.data.latents``).
+"""Precompute VAE latents and text contexts of image-caption shards (see ``ldm.data.latent_writer``).
 
     python data_scripts/precompute_latents.py model=sd21_base data=webdataset \
         "data.shards='/data/laion/{00000..09999}.tar'" data.image_size=512 out=/data/laion-latents
     torchrun --nproc-per-node 8 data_scripts/precompute_latents.py ...   # 8 GPUs, disjoint shards
 
-Then train with ``data=latents data.shards=/data/laion-latents/train-*.tar data.image_size=512``.
+Then train with ``data=latents data.shards=/data/laion-latents/train-*.tar data.image_size=512``
+(``flips=true`` here makes ``data.random_flip=true`` possible there).
 ``precompute(cfg)`` is importable for tests.
 """
 
@@ -18,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.cli import one_line_errors
-from ldm.data.latents import PrecomputeReport, precompute_latents
+from ldm.data.latent_writer import PrecomputeReport, precompute_latents
 from ldm.data.shards import expand_shards
 from ldm.errors import UserError
+from ldm.formats.text_encoder import load_text_weights
 from ldm.training.latent_diffusion import FROZEN
 
 
@@ -53,7 +55,7 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
 
         bundle = load_bundle(cfg.model.pretrained)
         autoencoder.load_state_dict(bundle.vae, strict=True)
-        conditioner.load_weights(bundle.text)
+        load_text_weights(conditioner, bundle.text)
     report = precompute_latents(
         autoencoder,
         conditioner,
@@ -71,6 +73,7 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
         seed=cfg.seed,
         configs={name: OmegaConf.to_container(cfg.model[name], resolve=True) for name in FROZEN},
         progress=cfg.progress,
+        flips=cfg.get("flips", False),
     )
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
     print(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ldm.atomic import atomic_path
 
 
 PACKAGE_PREFIX = "ldm:"
@@ -57,7 +57,7 @@ def save_safetensors(state: dict[str, Tensor], path: str | Path, metadata: dict[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
@@ -65,37 +65,8 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a half-written file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-class _atomic_path:
-    """Context manager yielding a temp path beside ``path``, renamed over it on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(self.tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def with_weights(module: nn.Module, path: str | None, prefix: str | None = None, strict: bool = True) -> nn.Module:

@@ -76,6 +76,7 @@ def test_guidance_interval_is_used_and_recorded(tiny_checkpoint, tmp_path):
     inside = sample(_sample_config(tiny_checkpoint, tmp_path / "inside", prompt, "guidance_interval=[0,999]"))
     outside = sample(_sample_config(tiny_checkpoint, tmp_path / "outside", prompt, "guidance_interval=[0,0]"))
     assert inside[0]["guidance_interval"] == [0, 999] and full[0]["guidance_interval"] is None
+    assert outside[0]["guidance_interval"] == [0, 0]
 
     def pixels(name):
         return np.asarray(Image.open(tmp_path / name / "000000.png"))
@@ -237,6 +238,7 @@ def test_bad_settings_are_one_line_errors(tiny_checkpoint, tmp_path, override, m
         sample(_sample_config(tiny_checkpoint, tmp_path / "out", PROMPT, override))
 
 
+@pytest.mark.slow
 def test_sample_py_prints_one_line_for_a_bad_image_size(tiny_checkpoint, tmp_path):
     import subprocess
     import sys

@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 from ldm.data.skips import CORRUPT_IMAGE, EMPTY_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, SkipSample
 from ldm.data.transforms import to_rgb
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members and files read for training, in order of preference
+# image files data_scripts/images_to_shards.py reads (it re-encodes what training cannot read)
+SOURCE_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SMALL_IMAGES = ("upscale", "skip")
 EXIF_ORIENTATION = 0x0112
 

@@ -15,7 +15,7 @@ image's header (not its pixels) is read then to assign its bucket. Every epoch i
 batches (each bucket's last batch filled up from its start, so every batch is full and every image
 seen), the batches shuffled and their count padded to a multiple of the world size, and batch i goes
 to rank i mod world_size. So every rank runs the same number of steps, and resuming at batch k of an
-epoch skips k batches of the plan without decoding them. An image that fails to decode is counted and
+epoch starts at batch k of the plan without decoding any before it (with any number of loader workers). An image that fails to decode is counted and
 replaced by another of its bucket, drawn from the batch's own seed, so batches stay full and a
 resumed stream stays identical. Files refused while indexing are counted once per epoch (rank 0).
 """
@@ -44,7 +44,8 @@ from ldm.data.skips import (
     FilteredOut, SkipSample,
 )
 from ldm.data.samples import collate
-from ldm.data.streams import PROCESS, batches_by_shape, stream_seed, worker_position
+from ldm.data.seeds import PROCESS, stream_seed
+from ldm.data.streams import StreamStart, batches_by_shape, worker_position
 from ldm.errors import UserError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -292,7 +293,7 @@ class FolderStream(IterableDataset):
     to_sample: raw sample (``load_raw``), rng -> training sample (``ToTrainingSample``, or
         ``BucketedSample`` when the index has buckets), raising ``SkipSample``/``FilteredOut``.
     train: the epoch plan (shuffled by (seed, epoch), ``repeats``, full batches, equal counts per
-        rank, exact resume from ``epoch`` and ``skip_batches`` as set by ``TrainingLoader``);
+        rank, exact resume from ``start`` (epoch, batches done) as ``TrainingLoader`` sets it);
         else validation: each image once, in index order, split across ranks then workers, the last
         partial batch of each bucket kept.
     """
@@ -306,8 +307,6 @@ class FolderStream(IterableDataset):
         train: bool,
         seed: int = 0,
         repeats: int = 1,
-        epoch: int = 0,
-        skip_batches: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -322,8 +321,7 @@ class FolderStream(IterableDataset):
         self.train = train
         self.seed = seed if seed is not None else 0
         self.repeats = repeats
-        self.epoch = epoch
-        self.skip_batches = skip_batches
+        self.start = StreamStart()
         self.rank = rank
         self.world_size = world_size
         self.counts = DataCounts()
@@ -341,17 +339,17 @@ class FolderStream(IterableDataset):
 
     def _training_batches(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         bucket_of = self.index.bucket_of()
-        plan = epoch_plan(bucket_of, self.batch_size, world_size, self.repeats, self.seed, self.epoch)
+        epoch, done = self.start.epoch, self.start.done
+        plan = epoch_plan(bucket_of, self.batch_size, world_size, self.repeats, self.seed, epoch)
         mine = plan[rank::world_size]
-        if rank == 0 and worker == 0 and self.skip_batches == 0:
+        if rank == 0 and worker == 0 and done == 0:
             for reason, where, detail in self.index.problems:  # refused while indexing: once per epoch
                 self.counts.skip(reason, f"{self.index.root}:{where}", detail)
-        # the loader takes batches from its workers in turn, starting with worker 0: whole rounds are
-        # skipped here (without decoding), ``TrainingLoader`` drops the rest
-        whole_rounds = self.skip_batches - self.skip_batches % num_workers
-        for number in range(whole_rounds + worker, len(mine), num_workers):
+        # the loader takes batches from its workers in turn, starting with worker 0: worker w makes
+        # batches done + w, done + w + num_workers, ... (nothing before ``done`` is read or decoded)
+        for number in range(done + worker, len(mine), num_workers):
             global_number = number * world_size + rank  # the batch's place in the epoch plan
-            rng = random.Random(stream_seed(self.seed, PROCESS, self.epoch, global_number))
+            rng = random.Random(stream_seed(self.seed, PROCESS, epoch, global_number))
             yield self._collate([self._filled(int(item), bucket_of, rng) for item in mine[number]])
 
     def _filled(self, item: int, bucket_of: np.ndarray, rng: random.Random) -> dict[str, Any]:

@@ -7,9 +7,9 @@ folder's exact epoch length (``batches_per_epoch``) in place of ``samples_per_ep
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from functools import partial
-from typing import Any, Sequence
+from typing import Sequence
 
 from torch.utils.data import DataLoader
 
@@ -18,7 +18,6 @@ from ldm.data.folder import (
     FolderError, FolderIndex, FolderStream, assign_buckets, check_files, index_folder, split_validation,
     problem_summary,
 )
-from ldm.data.streams import TrainingLoader
 from ldm.data.webdataset import ShardDataModule
 
 log = logging.getLogger("ldm.data")
@@ -35,7 +34,10 @@ class FolderDataModule(ShardDataModule):
         the seed), or a second folder of the same kind; not both.
     caption_column: the metadata's caption column (null: ``text``, else ``caption``).
     The others are ``ShardDataModule``'s (image_size, batch_size, buckets, ...).
+    Its epoch plan needs no stream state: a resume with any number of loader workers is exact.
     """
+
+    stateful_streams = False
 
     def __init__(
         self,
@@ -109,6 +111,18 @@ class FolderDataModule(ShardDataModule):
             raise FolderError("batches_per_epoch() before setup(): the folder is not indexed")
         return self._stream(True).batches_per_rank(world_size)
 
+    def data_digest(self) -> str:
+        """A short hash of the indexed images (paths and buckets) and ``repeats``: the epoch plan's input."""
+        digest = hashlib.sha256(f"{self.repeats}\0{len(self.train_index)}\0".encode())
+        digest.update("\0".join(self.train_index.paths).encode())
+        digest.update(self.train_index.bucket_of().tobytes())
+        return digest.hexdigest()[:16]
+
+    def train_stream(self) -> FolderStream:
+        if self.train_index is None:
+            raise FolderError("train_dataloader() before setup(): the folder is not indexed")
+        return self._stream(True)
+
     def _stream(self, train: bool) -> FolderStream:
         rank, world_size = self._place()
         if train:
@@ -117,13 +131,7 @@ class FolderDataModule(ShardDataModule):
         return FolderStream(self.val_index, self.val_sample, self.val_batch_size, train=False, seed=self.seed,
                             rank=rank, world_size=world_size)  # fmt: skip
 
-    def train_dataloader(self) -> TrainingLoader:
-        if self.train_index is None:
-            raise FolderError("train_dataloader() before setup(): the folder is not indexed")
-        make_loader = partial(self._loader, num_workers=self.num_workers, persistent=False)
-        return TrainingLoader(self._stream(True), make_loader, self.num_workers, self._position)
-
     def val_dataloader(self) -> DataLoader | list:
         if self.val_index is None or not len(self.val_index):
             return []
-        return self._loader(self._stream(False), self.num_workers)
+        return self.val_loader(self._loader(self._stream(False), self.num_workers))

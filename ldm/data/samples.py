@@ -96,9 +96,9 @@ def quarantined_call(
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Training samples -> a batch: "image" (B, 3, H, W) stacked, "caption" and "key" as lists."""
+    """Samples -> a batch: tensor fields stacked ("image" (B, 3, H, W); "latent" (B, C, h, w),
+    "context" (B, L, D)), the others ("caption", "key") as lists."""
     return {
-        "image": torch.stack([s["image"] for s in samples]),  # (B, 3, H, W)
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
+        name: torch.stack([s[name] for s in samples]) if isinstance(value, torch.Tensor) else [s[name] for s in samples]
+        for name, value in samples[0].items()
     }

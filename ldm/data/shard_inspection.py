@@ -40,12 +40,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+from ldm.data.decode import IMAGE_EXTENSIONS
 from ldm.data.shard_writing import ordered_map
 from ldm.data.transforms import to_rgb
 
-# Image members the loader reads, in its order of preference (ldm.data.decode.IMAGE_EXTENSIONS;
-# a test checks they agree).
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks close every tar archive
 
@@ -248,7 +246,7 @@ def _check_sample(
         except ValueError as error:
             reasons[UNREADABLE_JSON] = str(error)
 
-    image_key = next((ext for ext in IMAGE_KEYS if ext in members), None)
+    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
     from_header = None
     if image_key is None:
         reasons[MISSING_IMAGE] = ", ".join(sorted(members))

@@ -26,7 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Generator, Iterable, Iterator
 
 from ldm.data.skips import OVERSIZED_MEMBER, STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
 
@@ -38,6 +38,8 @@ END_OF_ARCHIVE = bytes(2 * TAR_BLOCK)
 MAX_DRAIN = 1 << 20
 # local files are read in chunks of this size by a helper thread (one hand-over per MiB: negligible)
 LOCAL_CHUNK = 1 << 20
+# ... and in chunks of this size where single samples are read at their offsets (a resume's buffer)
+RANDOM_ACCESS_CHUNK = 64 << 10
 # the largest member read by default: well above any training image (a 50-megapixel JPEG is
 # 10-25 MB, a 4096x4096 RGB PNG at most 50 MB) yet far below what a loader worker can hold
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
@@ -85,10 +87,11 @@ class LocalStream(_TrackedStream):
     hung network file system (or a FIFO nobody writes) blocks in the kernel, where nothing else can
     interrupt it. The stuck thread is a daemon and is abandoned (with its file) if it never returns."""
 
-    def __init__(self, path: str, timeout: float | None = None):
+    def __init__(self, path: str, timeout: float | None = None, chunk: int = LOCAL_CHUNK):
         super().__init__()
         self.path = path
         self.timeout = timeout
+        self.chunk = chunk
         self.buffer, self.offset = b"", 0
         self.file: Any = None
         if timeout is None:
@@ -100,14 +103,29 @@ class LocalStream(_TrackedStream):
         self._reply()  # the open itself may hang (a FIFO, a dead NFS server)
 
     def _serve(self) -> None:
-        """The helper thread: open the file, then answer each requested size with a read."""
+        """The helper thread: open the file, then answer each requested size with a read (and each
+        negative one, -1 - position, with a seek there)."""
         try:
             with open(self.path, "rb", buffering=0) as file:
                 self.replies.put(b"")
                 while (size := self.requests.get()) is not None:
-                    self.replies.put(file.read(size))
+                    if size < 0:
+                        file.seek(-1 - size)
+                        self.replies.put(b"")
+                    else:
+                        self.replies.put(file.read(size))
         except BaseException as error:  # noqa: BLE001 - handed to the reading thread
             self.replies.put(error)
+
+    def seek(self, position: int) -> None:
+        """Go to byte ``position`` of the file; the stream then counts its bytes from there."""
+        if self.file is not None:
+            self.file.seek(position)
+        else:
+            self.requests.put(-1 - position)
+            self._reply()
+        self.buffer, self.offset = b"", 0
+        self.total, self.tail = 0, b""
 
     def _reply(self) -> bytes:
         try:
@@ -120,8 +138,8 @@ class LocalStream(_TrackedStream):
 
     def _chunk(self) -> bytes:
         if self.file is not None:
-            return self.file.read(LOCAL_CHUNK)
-        self.requests.put(LOCAL_CHUNK)
+            return self.file.read(self.chunk)
+        self.requests.put(self.chunk)
         return self._reply()
 
     def _raw_read(self, size: int) -> bytes:
@@ -196,9 +214,14 @@ def open_shard(url: str, read_timeout: float | None = 300.0) -> _TrackedStream:
         command = ["curl", "--fail", "--silent", "--show-error", "--location", "--connect-timeout", "30",
                    "--retry", "3", url]
         return CommandStream(command, read_timeout)
-    if url.startswith("file:"):
-        url = re.sub(r"^file:(//)?", "", url)
-    return LocalStream(url, read_timeout)
+    return LocalStream(local_path(url), read_timeout)
+
+
+def local_path(url: str) -> str | None:
+    """The file a local shard URL names (plain path or ``file:``), or None for a command or remote URL."""
+    if url.startswith(("pipe:", "s3://", "gs://", "http://", "https://")):
+        return None
+    return re.sub(r"^file:(//)?", "", url)
 
 
 def split_name(name: str) -> tuple[str | None, str | None]:
@@ -215,13 +238,79 @@ def _is_meta(name: str) -> bool:
     return base.startswith("__") and base.endswith("__")
 
 
+class _Progress:
+    """How far ``_samples`` got: members seen (a shard that broke after some is truncated, not unreadable)."""
+
+    members = 0
+
+
+def _samples(
+    tar: tarfile.TarFile,
+    url: str,
+    counts: DataCounts,
+    max_member_bytes: int | None,
+    skip: int,
+    base: int | None,
+    progress: _Progress,
+) -> Generator[dict[str, Any], None, dict[str, Any] | None]:
+    """The samples of an open tar (stream mode), grouped by key, each yielded once the next key
+    begins; the last one is returned, not yielded (it is complete only if the archive ends properly).
+    With ``base`` (the byte position the tar was opened at, for a local uncompressed shard) each
+    carries ``__offset__`` (where its first member's header starts) and ``__end__`` (where the next
+    sample's does)."""
+    current: dict[str, Any] | None = None
+    oversized = False  # the current sample has an oversized member: counted, never yielded
+    passed = 0  # complete samples passed over (``skip``)
+    end = 0
+    for info in tar:
+        tar.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
+        if not info.isreg() or _is_meta(info.name):
+            continue
+        key, ext = split_name(info.name)
+        if key is None:
+            continue
+        if current is None or key != current["__key__"]:
+            if current is not None and not oversized:
+                if passed < skip:
+                    passed += 1
+                else:
+                    if base is not None:
+                        current["__end__"] = base + info.offset
+                    yield current  # a new key began: the previous sample is complete
+            current, oversized = {"__key__": key, "__url__": url}, False
+            if base is not None:
+                current["__offset__"] = base + info.offset
+        progress.members += 1
+        end = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
+        if max_member_bytes is not None and info.size > max_member_bytes:
+            if not oversized and passed >= skip:
+                counts.skip(OVERSIZED_MEMBER, f"{url}:{info.name}", f"{info.size} > {max_member_bytes} bytes")
+            oversized = True  # (tarfile skips the member's stored bytes without keeping them)
+            continue
+        if not oversized and passed >= skip:  # (a passed-over member's bytes are skipped by tarfile)
+            current[ext] = tar.extractfile(info).read()
+    if current is None or oversized or passed < skip:  # (a valid tar with no member is not an error)
+        return None
+    if base is not None:
+        current["__end__"] = base + end
+    return current
+
+
 def read_shard(
     url: str,
     counts: DataCounts,
     read_timeout: float | None = 300.0,
     max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
+    skip: int = 0,
+    offset: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of one shard; count and stop at the first problem.
+
+    ``skip``: the first ``skip`` samples (of those that would be yielded) are passed over without
+    their members' bytes being read or kept, and without counting oversized members again: a resumed
+    stream re-opens a shard at the sample it had reached (tar parsing only, no decoding).
+    ``offset``: start reading a local uncompressed shard at this byte (a sample's ``__offset__`` or
+    ``__end__``, which samples of such shards carry): a resumed stream goes straight there.
 
     A shard that cannot be opened or yields no member counts as ``unreadable_shard``; one that
     breaks after some members as ``truncated_shard`` (its complete samples are yielded; the sample
@@ -233,49 +322,68 @@ def read_shard(
     """
     try:
         stream = open_shard(url, read_timeout)
+        if offset:
+            stream.seek(offset)
     except ShardStalled as error:
         counts.skip(STALLED_SHARD, url, str(error))
         return
     except Exception as error:  # noqa: BLE001 - any failure to open is an unreadable shard
         counts.skip(UNREADABLE_SHARD, url, _describe(error))
         return
-    members = 0
-    current: dict[str, Any] | None = None
-    oversized = False  # the current sample has an oversized member: counted, never yielded
+    progress, last = _Progress(), None
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")  # type: ignore[call-overload]
-        for info in tar:
-            tar.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
-            if not info.isreg() or _is_meta(info.name):
-                continue
-            key, ext = split_name(info.name)
-            if key is None:
-                continue
-            if current is None or key != current["__key__"]:
-                if current is not None and not oversized:
-                    yield current  # a new key began: the previous sample is complete
-                current, oversized = {"__key__": key, "__url__": url}, False
-            members += 1
-            if max_member_bytes is not None and info.size > max_member_bytes:
-                if not oversized:
-                    counts.skip(OVERSIZED_MEMBER, f"{url}:{info.name}", f"{info.size} > {max_member_bytes} bytes")
-                oversized = True  # (tarfile skips the member's stored bytes without keeping them)
-                continue
-            if not oversized:
-                current[ext] = tar.extractfile(info).read()
+        tar = tarfile.open(fileobj=stream, mode="r|" if offset else "r|*")  # type: ignore[call-overload]
         compressed = getattr(tar.fileobj, "comptype", "tar") != "tar"
-        if members and not compressed and not stream.ended_cleanly():
+        local = isinstance(stream, LocalStream) and not compressed
+        last = yield from _samples(tar, url, counts, max_member_bytes, skip, (offset or 0) if local else None, progress)
+        if progress.members and not compressed and not stream.ended_cleanly():
             raise tarfile.ReadError("no end-of-archive marker")
     except ShardStalled as error:
         counts.skip(STALLED_SHARD, url, str(error))
         return
     except Exception as error:  # noqa: BLE001 - a broken shard must not end the run
-        counts.skip(TRUNCATED_SHARD if members else UNREADABLE_SHARD, url, _describe(error))
+        if progress.members or not offset:  # (from an offset, the shard may simply be read to its end)
+            counts.skip(TRUNCATED_SHARD if progress.members else UNREADABLE_SHARD, url, _describe(error))
         return
     finally:
         stream.close()
-    if current is not None and not oversized:  # (a valid tar with no member is not an error)
-        yield current
+    if last is not None:
+        yield last
+
+
+def read_samples_at(
+    url: str,
+    offsets: Iterable[int],
+    read_timeout: float | None = 300.0,
+    max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
+) -> dict[int, dict[str, Any]]:
+    """The samples that start at ``offsets`` (their ``__offset__``) of a local uncompressed shard,
+    each read on its own (a seek, its members' headers and bytes): a resumed stream's buffer, without
+    reading the shard. A sample that cannot be read is left out; nothing is counted (it was counted
+    when it was first read, if it was bad then)."""
+    found: dict[int, dict[str, Any]] = {}
+    try:
+        stream = LocalStream(local_path(url) or url, read_timeout, chunk=RANDOM_ACCESS_CHUNK)
+    except Exception:  # noqa: BLE001 - the caller reports what is missing
+        return found
+    counts = DataCounts()
+    try:
+        for offset in sorted(set(offsets)):
+            stream.seek(offset)
+            try:
+                tar = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
+                samples = _samples(tar, url, counts, max_member_bytes, 0, offset, _Progress())
+                try:
+                    sample = next(samples)
+                except StopIteration as end:  # the shard's last sample (its end was read before)
+                    sample = end.value
+            except Exception:  # noqa: BLE001
+                continue
+            if sample is not None and sample["__offset__"] == offset:
+                found[offset] = sample
+    finally:
+        stream.close()
+    return found
 
 
 def _describe(error: BaseException) -> str:

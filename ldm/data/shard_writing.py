@@ -28,7 +28,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,10 +38,11 @@ from typing import Any, TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm import atomic
+from ldm.data.decode import SOURCE_IMAGE_SUFFIXES
 from ldm.data.transforms import to_rgb
 from ldm.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Formats stored as they are, by PIL format name -> webdataset extension (all decoded by the loader).
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 JPEG_QUALITY = 95
@@ -148,7 +148,7 @@ def folder_items(root: str | os.PathLike) -> list[SourceItem]:
     relative = sorted(
         path.relative_to(root).as_posix()
         for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_EXTENSIONS
+        if path.suffix.lower() in SOURCE_IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in path.relative_to(root).parts)
         and path.is_file()
     )
@@ -320,7 +320,7 @@ def make_sample(item: SourceItem, max_side: int | None = None) -> dict[str, Any]
 class AtomicShardWriter:
     """Samples -> ``out_dir/{prefix}-NNNNNN.tar``, ``samples_per_shard`` each.
 
-    A shard is written as a hidden ``.{name}.*.partial`` file and renamed once closed and fsynced;
+    A shard is written under ``ldm.atomic``'s hidden temporary name and renamed once closed and fsynced;
     `abort` deletes the partial shard. Use as a context manager (an exception aborts).
     """
 
@@ -375,9 +375,8 @@ class AtomicShardWriter:
 
     def _open(self) -> None:
         name = self.shard_name(len(self.shards))
-        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=self.out_dir)
-        self._temp = Path(temp)
-        self._file = os.fdopen(fd, "wb")
+        self._temp = atomic.new_temporary(self.out_dir / name)
+        self._file = open(self._temp, "wb")
         self._tar = self._tar_writer(self._file, mtime=TAR_MTIME)
         self._count = 0
 
@@ -386,11 +385,9 @@ class AtomicShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.chmod(self._temp, 0o644)  # mkstemp makes it private; datasets are shared
-        name = self.shard_name(len(self.shards))
-        final = self.out_dir / name
-        os.replace(self._temp, final)
-        self.shards.append(ShardInfo(name, self._count, final.stat().st_size))
+        final = self.out_dir / self.shard_name(len(self.shards))
+        atomic.publish(self._temp, final)
+        self.shards.append(ShardInfo(final.name, self._count, final.stat().st_size))
         self._file = self._tar = self._temp = None
 
 
@@ -503,9 +500,7 @@ def write_shards(
             path.unlink(missing_ok=True)
     summary.seconds = time.perf_counter() - start
     manifest = {**summary.to_dict(), "samples_per_shard": samples_per_shard, "max_side": max_side}
-    temp = manifest_path(out_dir, prefix).with_suffix(".json.partial")
-    temp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    os.replace(temp, manifest_path(out_dir, prefix))
+    atomic.write_text(manifest_path(out_dir, prefix), json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 

@@ -33,19 +33,22 @@ CORRUPT_METADATA = "corrupt_metadata"  # a .json member that is needed (filters,
                                        # (invalid, or nested too deeply to parse)
 OVERSIZED_MEMBER = "oversized_member"  # a member whose tar header declares over max_member_bytes (never read)
 QUARANTINED = "quarantined"            # its key is in the quarantine list (a worker died on it; ldm.data.quarantine)
+CORRUPT_LATENT = "corrupt_latent"      # a latent shard's .npy member missing, unloadable, misshapen or non-finite
 ERROR = "error"                        # any other exception while turning a sample into tensors
 # shard-level reasons (count shards)
 UNREADABLE_SHARD = "unreadable_shard"  # could not be opened, or not a tar at all (nothing read)
 TRUNCATED_SHARD = "truncated_shard"    # ended early; its complete samples are kept, the last is dropped
 STALLED_SHARD = "stalled_shard"        # a read (pipe, remote or local file) sent no byte for read_timeout seconds
+NOT_LATENT_SHARD = "not_latent_shard"  # a latent shard that does not open with a readable __meta__ header
+FOREIGN_LATENT_SHARD = "foreign_latent_shard"  # its __meta__ says another VAE/text encoder/size made it than the first shard's
 # kept but cut (count samples, under truncated/<what>)
 CAPTION = "caption"                    # a caption longer than max_caption_chars, cut to it
 
 SAMPLE_REASONS = (
     NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_METADATA,
-    OVERSIZED_MEMBER, QUARANTINED, ERROR,
+    OVERSIZED_MEMBER, QUARANTINED, CORRUPT_LATENT, ERROR,
 )
-SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, STALLED_SHARD)
+SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, STALLED_SHARD, NOT_LATENT_SHARD, FOREIGN_LATENT_SHARD)
 
 # warnings printed per reason and process before going quiet (the counts keep going)
 WARNINGS_PER_REASON = 3

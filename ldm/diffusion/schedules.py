@@ -15,8 +15,10 @@ A schedule is a plain vector of betas; the ``*_betas`` functions build them and
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,6 +80,69 @@ def shift_snr(betas: Tensor, factor: float) -> Tensor:
     return 1 - shifted / previous
 
 
+BETA_FUNCTIONS = {"scaled_linear": scaled_linear_betas, "linear": linear_betas, "cosine": cosine_betas}
+# the arguments each beta function takes besides num_timesteps
+BETA_ARGUMENTS = {"scaled_linear": ("beta_start", "beta_end"), "linear": ("beta_start", "beta_end"),
+                  "cosine": ("offset", "max_beta")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A training schedule as plain data: the beta function by name (``kind``) with its arguments,
+    then the SNR options. The one description of a schedule: ``configs/schedule/*.yaml`` build a
+    ``NoiseSchedule`` through it, and checkpoints, SD single files' metadata and diffusers scheduler
+    configs are written from and read into it (``to_dict`` / ``from_dict``).
+
+    An argument left None is set to the beta function's default; ``zero_terminal_snr`` rescales the betas
+    (Lin et al. 2023), then ``snr_shift`` multiplies every step's SNR (Hoogeboom et al. 2023).
+    """
+
+    kind: str = "scaled_linear"
+    num_timesteps: int = 1000
+    beta_start: float | None = None
+    beta_end: float | None = None
+    offset: float | None = None
+    max_beta: float | None = None
+    zero_terminal_snr: bool = False
+    snr_shift: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in BETA_FUNCTIONS:
+            raise ValueError(f"schedule kind must be one of {', '.join(BETA_FUNCTIONS)}, got {self.kind!r}")
+        if not isinstance(self.num_timesteps, int) or isinstance(self.num_timesteps, bool) or self.num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be an integer >= 2, got {self.num_timesteps!r}")
+        foreign = [name for name in ("beta_start", "beta_end", "offset", "max_beta")
+                   if getattr(self, name) is not None and name not in BETA_ARGUMENTS[self.kind]]  # fmt: skip
+        if foreign:
+            raise ValueError(f"the {self.kind} schedule takes no {', '.join(foreign)}")
+        defaults = inspect.signature(BETA_FUNCTIONS[self.kind]).parameters
+        for name in BETA_ARGUMENTS[self.kind]:  # spelled out, so a stored spec never depends on our defaults
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, defaults[name].default)
+
+    def betas(self) -> Tensor:
+        """(T,) float64 betas of ``kind`` before the SNR options."""
+        arguments = {name: getattr(self, name) for name in BETA_ARGUMENTS[self.kind]}
+        return BETA_FUNCTIONS[self.kind](num_timesteps=self.num_timesteps, **arguments)
+
+    def build(self) -> NoiseSchedule:
+        """The ``NoiseSchedule`` this spec describes (it keeps the spec, for checkpoints)."""
+        schedule = NoiseSchedule.from_betas(self.betas(), self.zero_terminal_snr, self.snr_shift)
+        return NoiseSchedule(schedule.betas, spec=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the arguments the kind does not take omitted)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ScheduleSpec:
+        """The spec of ``to_dict``'s output (unknown keys are an error)."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown schedule key(s) {', '.join(map(str, unknown))}")
+        return cls(**values)
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
     """A discrete variance-preserving noise schedule over ``num_timesteps`` steps (float64, CPU).
@@ -87,6 +152,7 @@ class NoiseSchedule:
     """
 
     betas: Tensor  # (T,)
+    spec: ScheduleSpec | None = None  # what it was built from, when it was built from a spec
 
     def __post_init__(self) -> None:
         if self.betas.ndim != 1 or len(self.betas) < 2:
@@ -100,6 +166,11 @@ class NoiseSchedule:
         betas = betas.to(torch.float64)
         betas = rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
         return cls(shift_snr(betas, snr_shift) if snr_shift != 1.0 else betas)
+
+    @classmethod
+    def from_spec(cls, **spec: Any) -> NoiseSchedule:
+        """Build from ``ScheduleSpec`` fields (the ``_target_`` of ``configs/schedule/*.yaml``)."""
+        return ScheduleSpec(**spec).build()
 
     @property
     def num_timesteps(self) -> int:
@@ -133,8 +204,3 @@ class NoiseSchedule:
         """abar_t / (1 - abar_t); exactly 0 at the last step of a zero-terminal-SNR schedule."""
         abar = self.alphas_cumprod
         return self._gather(abar / (1 - abar), t, ndim, like)
-
-    def log_snr(self) -> Tensor:
-        """lambda_t = log(alpha_t / sigma_t) for every step, shape (T,); -inf at zero terminal SNR."""
-        abar = self.alphas_cumprod
-        return 0.5 * (abar.log() - (1 - abar).log())

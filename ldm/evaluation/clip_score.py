@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from ldm.checkpoints import load_state_dict_file
 from ldm.errors import UserError
-from ldm.evaluation.fid import ImageBatch, as_image_tensor, file_fingerprint
+from ldm.evaluation.file_identity import file_fingerprint
+from ldm.evaluation.image_sets import ImageBatch, as_image_tensor
 
 
 @dataclass(frozen=True)

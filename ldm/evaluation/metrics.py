@@ -29,26 +29,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ldm import atomic
 from ldm.checkpoints import resolve_path
 from ldm.cli import one_line_errors
 from ldm.data.shards import ShardSpecError, expand_shards
 from ldm.errors import UserError
 from ldm.evaluation.clip_score import CLIPScorer, clip_score, load_clip_scorer
-from ldm.evaluation.fid import (
-    FID_WEIGHTS_URL,
-    INCEPTION_VARIANTS,
-    FeatureExtractor,
-    ImageSet,
-    InceptionV3Features,
-    feature_statistics,
-    file_fingerprint,
-    folder_images,
-    frechet_distance,
-    gather,
-    read_images,
-    read_metadata,
-    reference_statistics,
-)
+from ldm.evaluation.fid import FeatureExtractor, feature_statistics, reference_statistics
+from ldm.evaluation.fid_inception import FID_WEIGHTS_URL, INCEPTION_VARIANTS, InceptionV3Features
+from ldm.evaluation.fid_statistics import frechet_distance, gather
+from ldm.evaluation.file_identity import file_fingerprint
+from ldm.evaluation.image_sets import ImageSet, folder_images, read_images, read_metadata
 from ldm.evaluation.toy_accuracy import score_folder
 
 PER_IMAGE_FIELDS = ("file", "prompt", "seed")  # never sampler settings
@@ -264,10 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
     if _rank_and_world()[0] == 0:
         out = Path(args.out) if args.out else Path(args.samples_dir) / "metrics.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, out)
+        atomic.write_text(out, json.dumps(results, indent=2) + "\n")
         print(_summary(results))
         print(f"wrote {out}")
     return results
@@ -281,7 +269,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("samples_dir", help="folder of samples with metadata.jsonl")
     p.add_argument("--reference", help="FID reference images: a folder or webdataset shards (brace/glob)")
     p.add_argument("--reference-stats", help="cache of the reference statistics (.npz): read if present, else written")
-    p.add_argument("--fid-weights", help="Inception-v3 weights file (pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--fid-weights", help="Inception-v3 weights file: pt_inception-2015-12-05-6726825d.pth, "
+                   f"downloaded by hand from {FID_WEIGHTS_URL}")  # fmt: skip
     p.add_argument("--fid-variant", default="fid", choices=sorted(INCEPTION_VARIANTS),
                    help="'torchvision': torchvision's ImageNet weights, a non-standard FID")  # fmt: skip
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, or an open_clip config .json")

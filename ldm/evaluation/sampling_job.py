@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoints import _atomic_path
+from ldm.atomic import atomic_path, temporary_target
 from ldm.errors import UserError
 from ldm.jsonl import jsonl_rows, text_lines
 
@@ -192,13 +192,13 @@ class FolderOutput:
         return {f"{item.name}.png" for item in mine}
 
     def write(self, item: JobItem, image: np.ndarray) -> None:
-        with _atomic_path(self.directory / f"{item.name}.png") as tmp:
+        with atomic_path(self.directory / f"{item.name}.png") as tmp:
             Image.fromarray(image).save(tmp, format="PNG")
 
     def finalize(self, items: Sequence[JobItem], row: Callable[[JobItem, str], dict[str, Any]]) -> int:
         """Write ``metadata.jsonl`` for the PNGs on disk; returns how many there are."""
         present = [item for item in items if self.done(item)]
-        with _atomic_path(self.directory / "metadata.jsonl") as tmp:
+        with atomic_path(self.directory / "metadata.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(row(i, f"{i.name}.png")) + "\n" for i in present))
         return len(present)
 
@@ -240,7 +240,7 @@ class ShardOutput:
             del self.pending[shard]
 
     def _write_shard(self, shard: int, entries: list[tuple[JobItem, np.ndarray]]) -> None:
-        with _atomic_path(self.path(shard)) as tmp, tarfile.open(tmp, "w") as tar:
+        with atomic_path(self.path(shard)) as tmp, tarfile.open(tmp, "w") as tar:
             for item, image in entries:
                 png = io.BytesIO()
                 Image.fromarray(image).save(png, format="PNG")
@@ -307,7 +307,7 @@ def remove_stale_temporaries(directory: Path, names: set[str]) -> int:
     removed = 0
     for path in directory.iterdir():
         name = path.name
-        if name.startswith(".") and name.endswith(".tmp") and name[1:].rsplit(".", 2)[0] in names:
+        if temporary_target(name) in names:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -419,9 +419,7 @@ def job_files(directory: Path) -> list[Path]:
         return []
     found = []
     for path in directory.iterdir():
-        name = path.name
-        if name.startswith(".") and name.endswith(".tmp"):
-            name = name[1:].rsplit(".", 2)[0]
+        name = temporary_target(path.name) or path.name
         if _JOB_FILE.fullmatch(name) and (path.is_file() or path.is_symlink()):
             found.append(path)
     return found
@@ -444,7 +442,7 @@ def claim_out_dir(directory: Path, manifest: dict[str, Any], overwrite: bool = F
                         f"its {len(samples)} sample file(s) first")  # fmt: skip
     for path in leftovers:
         path.unlink(missing_ok=True)
-    with _atomic_path(directory / MANIFEST) as tmp:
+    with atomic_path(directory / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 

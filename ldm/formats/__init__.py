@@ -11,6 +11,7 @@ from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
 from ldm.formats.diffusers_folder import export_diffusers, import_diffusers, is_diffusers_folder
 from ldm.formats.single_file import export_single_file, import_single_file
+from ldm.formats.text_encoder import load_text_weights
 from ldm.formats.training import bundle_from_training_checkpoint
 
 MAX_SOURCE_DEPTH = 3  # a run fine-tuned from a run fine-tuned from ...: bounded, so no reference loops
@@ -79,7 +80,7 @@ def load_weights_into(unet, autoencoder, conditioner, path: str | Path, use_ema:
             first = str(error).strip().splitlines()[1:2] or [""]
             raise UserError(f"{path}: its {name} does not fit model.{name} ({first[0].strip()})") from error
     try:
-        conditioner.load_weights(bundle.text)
+        load_text_weights(conditioner, bundle.text)
     except (KeyError, RuntimeError) as error:
         raise UserError(f"{path}: its text encoder does not fit model.conditioner ({error})") from error
     return bundle

@@ -13,52 +13,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.schedules import NoiseSchedule, cosine_betas, linear_betas, scaled_linear_betas
+from ldm.diffusion.schedules import NoiseSchedule, ScheduleSpec
 from ldm.errors import UserError
+from ldm.formats.text_encoder import load_text_weights
 from ldm.formats.spec import NETWORKS, checked_model_fields, checked_network_config, checked_schedule
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
-from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
+from ldm.models.unet import UNetModel
 
 FAMILIES = ("sd1", "sd2", "custom")
 
 
-BETA_FUNCTIONS = {"scaled_linear": scaled_linear_betas, "linear": linear_betas, "cosine": cosine_betas}
-
-
 def sd_schedule(zero_terminal_snr: bool = False) -> dict[str, Any]:
-    """Stable Diffusion's training schedule (scaled_linear, 0.00085 -> 0.012, T = 1000)."""
-    return dict(
-        kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        zero_terminal_snr=zero_terminal_snr,
-    )  # fmt: skip
+    """Stable Diffusion's training schedule (scaled_linear, 0.00085 -> 0.012, T = 1000), as a spec dict."""
+    return ScheduleSpec("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=zero_terminal_snr).to_dict()
 
 
 def schedule_from_spec(spec: dict[str, Any]) -> NoiseSchedule:
-    """The ``NoiseSchedule`` a bundle's schedule spec describes."""
-    arguments = {k: v for k, v in spec.items() if k not in ("kind", "zero_terminal_snr", "snr_shift")}
-    betas = BETA_FUNCTIONS[spec.get("kind", "scaled_linear")](**arguments)
-    return NoiseSchedule.from_betas(
-        betas, bool(spec.get("zero_terminal_snr", False)), float(spec.get("snr_shift", 1.0))
-    )
-
-
-def sd_vae_config() -> dict[str, Any]:
-    """SD 1.x / 2.x's KL-f8 VAE: the ``AutoencoderKL`` defaults, spelled out."""
-    return dict(
-        base_channels=128, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, attention_resolutions=(),
-        resolution=256, z_channels=4, embed_dim=4, scaling_factor=0.18215,
-    )  # fmt: skip
-
-
-def sd1_text_config() -> dict[str, Any]:
-    """OpenAI CLIP ViT-L/14's text model, last layer, EOT padding (SD 1.x's FrozenCLIPEmbedder)."""
-    return dict(model_name="ViT-L-14", quick_gelu=True, layer="last", pad_token_id=49407)
-
-
-def sd2_text_config() -> dict[str, Any]:
-    """OpenCLIP ViT-H/14's text tower, penultimate layer, zero padding (SD 2.x's FrozenOpenCLIPEmbedder)."""
-    return dict(model_name="ViT-H-14", quick_gelu=False, layer="penultimate", pad_token_id=0)
+    """The ``NoiseSchedule`` a bundle's schedule spec (``ScheduleSpec.to_dict()``) describes."""
+    return ScheduleSpec.from_dict(spec).build()
 
 
 @dataclass
@@ -118,7 +91,7 @@ class ModelBundle:
         unet.load_state_dict(_float32(self.unet), strict=True, assign=True)
         autoencoder.load_state_dict(_float32(self.vae), strict=True, assign=True)
         conditioner = OpenCLIPTextEncoder(**self.text_config)
-        conditioner.load_weights(self.text)
+        load_text_weights(conditioner, self.text)
         modules = (unet, autoencoder, conditioner)
         for module in modules:
             module.requires_grad_(False).eval().to(device)
@@ -130,15 +103,6 @@ class ModelBundle:
 
 def _float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def sd_bundle_configs(family: str) -> dict[str, Any]:
-    """The constructor configs and defaults of an original SD 1.x / 2.x model."""
-    if family == "sd1":
-        return dict(unet_config=sd15_unet_config(), vae_config=sd_vae_config(), text_config=sd1_text_config())
-    if family == "sd2":
-        return dict(unet_config=sd21_unet_config(), vae_config=sd_vae_config(), text_config=sd2_text_config())
-    raise ValueError(f"no preset for family {family!r}")
 
 
 def bundle_from_modules(

@@ -7,7 +7,7 @@
     tokenizer/{vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json}
     scheduler/scheduler_config.json
 
-Weights are renamed by ``ldm.models.diffusers_layout`` and ``ldm.models.clip_layouts``; configs are
+Weights are renamed by ``ldm.formats.diffusers_layout`` and ``ldm.formats.clip_layouts``; configs are
 written so that ``diffusers.StableDiffusionPipeline.from_pretrained(folder)`` loads the export.
 """
 
@@ -22,10 +22,12 @@ import torch
 from torch import Tensor
 
 from ldm.checkpoints import load_state_dict_file, save_safetensors
+from ldm.diffusion.schedules import ScheduleSpec
 from ldm.errors import UserError
-from ldm.formats.bundle import ModelBundle, sd1_text_config, sd2_text_config
-from ldm.models.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
-from ldm.models.diffusers_layout import (
+from ldm.formats.architecture import FAMILIES
+from ldm.formats.bundle import ModelBundle
+from ldm.formats.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
+from ldm.formats.diffusers_layout import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_from_diffusers,
@@ -132,20 +134,20 @@ def _text_config(hf_config: dict[str, Any], pad_token_id: int, family: str) -> d
         text_cfg["layers"] += 1
         layer = "penultimate"
     if family in ("sd1", "sd2"):
-        preset = (sd1_text_config if family == "sd1" else sd2_text_config)()
-        named = open_clip.get_model_config(preset["model_name"])["text_cfg"]
+        conventions = FAMILIES[family]
+        named = open_clip.get_model_config(conventions["text_model"])["text_cfg"]
         if all(text_cfg[k] == v for k, v in named.items()) and text_cfg["mlp_ratio"] == 4:
-            return preset
+            return dict(model_name=conventions["text_model"], **conventions["text"])
     return dict(model_name=None, text_cfg=text_cfg, quick_gelu=quick_gelu, layer=layer, pad_token_id=pad_token_id)
 
 
 def _schedule_spec(scheduler: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers scheduler config as our ``ScheduleSpec`` dict (diffusers' cosine has fixed constants)."""
     kind = _SCHEDULE_KINDS[scheduler.get("beta_schedule", "scaled_linear")]
-    spec: dict[str, Any] = dict(kind=kind, num_timesteps=int(scheduler.get("num_train_timesteps", 1000)))
-    if kind != "cosine":
-        spec.update(beta_start=float(scheduler.get("beta_start", 0.00085)), beta_end=float(scheduler.get("beta_end", 0.012)))
-    spec["zero_terminal_snr"] = bool(scheduler.get("rescale_betas_zero_snr", False))
-    return spec
+    betas = {} if kind == "cosine" else dict(beta_start=float(scheduler.get("beta_start", 0.00085)),
+                                             beta_end=float(scheduler.get("beta_end", 0.012)))  # fmt: skip
+    return ScheduleSpec(kind, int(scheduler.get("num_train_timesteps", 1000)), **betas,
+                        zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False))).to_dict()  # fmt: skip
 
 
 def _pad_token_id(tokenizer_dir: Path) -> int:
@@ -262,14 +264,19 @@ def _write_tokenizer(folder: Path, bundle: ModelBundle) -> None:
 
 
 def _scheduler_config(bundle: ModelBundle) -> dict[str, Any]:
-    zero_snr = bool(bundle.schedule.get("zero_terminal_snr", False))
+    spec = ScheduleSpec.from_dict(bundle.schedule)
+    zero_snr = spec.zero_terminal_snr
+    if spec.kind == "cosine" and (spec.offset, spec.max_beta) != (0.008, 0.999):
+        raise UserError(f"diffusers' cosine schedule has offset 0.008 and max_beta 0.999, this model's "
+                        f"{spec.offset} and {spec.max_beta}: export it with --to sd instead")  # fmt: skip
+    betas = dict(beta_start=0.00085, beta_end=0.012) if spec.kind == "cosine" else dict(beta_start=spec.beta_start,
+                                                                                          beta_end=spec.beta_end)  # fmt: skip
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
-        "beta_start": bundle.schedule.get("beta_start", 0.00085),
-        "beta_end": bundle.schedule.get("beta_end", 0.012),
-        "beta_schedule": {v: k for k, v in _SCHEDULE_KINDS.items()}[bundle.schedule.get("kind", "scaled_linear")],
-        "num_train_timesteps": bundle.schedule["num_timesteps"],
+        **betas,  # (unused by diffusers' cosine, but its config requires them)
+        "beta_schedule": {v: k for k, v in _SCHEDULE_KINDS.items()}[spec.kind],
+        "num_train_timesteps": spec.num_timesteps,
         "prediction_type": {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[bundle.prediction_type],
         "rescale_betas_zero_snr": zero_snr,
         "timestep_spacing": "trailing" if zero_snr else "leading",

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ldm.checkpoints import load_state_dict_file, save_safetensors
 from ldm.errors import UserError
-from ldm.formats.bundle import ModelBundle, sd_bundle_configs, sd_schedule
-from ldm.models.clip_layouts import count_blocks, find_text_encoder, hf_to_open_clip, open_clip_to_hf
+from ldm.formats.architecture import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
+from ldm.formats.bundle import ModelBundle, sd_schedule
+from ldm.formats.clip_layouts import count_blocks, find_text_encoder, hf_to_open_clip, open_clip_to_hf
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -38,15 +39,18 @@ def detect_family(state: dict[str, Tensor]) -> str:
     if not is_single_file(keys):
         sample = ", ".join(sorted(keys)[:3])
         raise UserError(f"not a Stable Diffusion checkpoint: no '{UNET_PREFIX}*' keys (found {sample}, ...)")
-    context = state.get(f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    # SD 1.x holds OpenAI CLIP in the HF layout, SD 2.x OpenCLIP in open_clip's; the U-Net reads its width
+    context = next((v for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
     context_dim = None if context is None else context.shape[1]
-    if any(k.startswith(SD1_TEXT_PREFIX) for k in keys) and context_dim == 768:
-        return "sd1"
-    if any(k.startswith(SD2_TEXT_PREFIX) for k in keys) and context_dim == 1024:
-        return "sd2"
+    for family, prefix, width_key in (("sd1", SD1_TEXT_PREFIX, "embeddings.token_embedding.weight"),
+                                      ("sd2", SD2_TEXT_PREFIX, "token_embedding.weight")):  # fmt: skip
+        token_embedding = state.get(prefix + width_key)
+        if token_embedding is not None and token_embedding.shape[1] == context_dim:
+            return family
     raise UserError(
-        f"unrecognised Stable Diffusion variant (cross-attention context {context_dim}); "
-        "expected SD 1.x (768, CLIP ViT-L) or SD 2.x (1024, OpenCLIP ViT-H)"
+        f"unrecognised Stable Diffusion variant (cross-attention context {context_dim}, no text encoder of that "
+        "width): expected SD 1.x (CLIP under cond_stage_model.transformer.text_model.) or SD 2.x (OpenCLIP under "
+        "cond_stage_model.model.)"
     )
 
 
@@ -95,7 +99,8 @@ def import_single_file(
         bundle = ModelBundle.from_metadata(metadata, unet, vae, text)
     else:
         bundle = ModelBundle(
-            **sd_bundle_configs(family), unet=unet, vae=vae, text=text, family=family,
+            unet_config=unet_config_from_weights(unet, family), vae_config=vae_config_from_weights(vae),
+            text_config=text_config_from_weights(text, family), unet=unet, vae=vae, text=text, family=family,
             prediction_type="eps", image_size=512, schedule=sd_schedule(),
         )  # fmt: skip
     if prediction_type is not None:

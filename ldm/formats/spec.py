@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ldm.diffusion.schedules import ScheduleSpec
 from ldm.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
@@ -21,10 +22,9 @@ from ldm.models.unet import UNetModel
 
 NETWORKS = {"unet_config": UNetModel, "vae_config": AutoencoderKL, "text_config": OpenCLIPTextEncoder}
 PREDICTION_TYPES = ("eps", "v", "x0")
-SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
-SCHEDULE_KEYS = ("kind", "num_timesteps", "beta_start", "beta_end", "offset", "max_beta", "zero_terminal_snr", "snr_shift")
-# constructor arguments a stored spec may not set: weights arrive as tensors or through a FrozenSource
-# (an open_clip ``pretrained`` tag would make the loader fetch from a hub)
+# arguments a stored spec may not set: weights arrive as tensors or through a FrozenSource (an open_clip
+# ``pretrained`` tag, which older specs could carry, would make the loader fetch from a hub); a null one
+# (what specs of the time held) is dropped
 NOT_FROM_FILES = {"text_config": ("pretrained",)}
 MAX_DEPTH = 4  # nesting of plain values in a constructor argument (text_cfg is a dict of scalars)
 
@@ -55,14 +55,15 @@ def checked_network_config(field_name: str, config: Any) -> dict[str, Any]:
     cls = NETWORKS[field_name]
     if not isinstance(config, dict):
         raise UserError(f"model spec: {field_name} is not a mapping of constructor arguments")
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(config) - accepted)
-    if unknown:
-        raise UserError(f"model spec: {cls.__name__} takes no argument(s) {', '.join(map(str, unknown[:5]))}")
-    for name in NOT_FROM_FILES.get(field_name, ()):
+    for name in NOT_FROM_FILES.get(field_name, ()):  # first: the refusal names why
         if config.get(name) is not None:
             raise UserError(f"model spec: {field_name}.{name} may not be set by a model file ({config[name]!r})")
-    checked = {name: _plain(value, f"{field_name}.{name}") for name, value in config.items()}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - accepted - set(NOT_FROM_FILES.get(field_name, ())))
+    if unknown:
+        raise UserError(f"model spec: {cls.__name__} takes no argument(s) {', '.join(map(str, unknown[:5]))}")
+    dropped = NOT_FROM_FILES.get(field_name, ())
+    checked = {name: _plain(value, f"{field_name}.{name}") for name, value in config.items() if name not in dropped}
     if field_name == "text_config":
         _check_local_text_tower(checked)
     return checked
@@ -85,19 +86,21 @@ def _check_local_text_tower(config: dict[str, Any]) -> None:
 
 
 def checked_schedule(schedule: Any) -> dict[str, Any]:
-    """A schedule spec (``kind`` + the beta function's arguments + the SNR options), checked."""
+    """A stored schedule, checked into a ``ScheduleSpec`` (``kind`` + the beta function's arguments + the
+    SNR options) and returned as its plain dict."""
     if not isinstance(schedule, dict):
         raise UserError("model spec: schedule is not a mapping")
-    unknown = sorted(set(schedule) - set(SCHEDULE_KEYS))
-    if unknown:
-        raise UserError(f"model spec: unknown schedule key(s) {', '.join(map(str, unknown[:5]))}")
-    if schedule.get("kind", "scaled_linear") not in SCHEDULE_KINDS:
-        raise UserError(f"model spec: schedule kind must be one of {SCHEDULE_KINDS}, got {schedule.get('kind')!r}")
-    checked = {key: _plain(value, f"schedule.{key}") for key, value in schedule.items()}
+    checked = {str(key): _plain(value, f"schedule.{key}") for key, value in schedule.items()}
     steps = checked.get("num_timesteps", 1000)
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100_000:
-        raise UserError(f"model spec: schedule.num_timesteps must be an integer in 1..100000, got {steps!r}")
-    return checked
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 2 <= steps <= 100_000:
+        raise UserError(f"model spec: schedule.num_timesteps must be an integer in 2..100000, got {steps!r}")
+    for name in ("beta_start", "beta_end", "offset", "max_beta", "snr_shift"):
+        if name in checked and not (isinstance(checked[name], (int, float)) and not isinstance(checked[name], bool)):
+            raise UserError(f"model spec: schedule.{name} must be a number, got {checked[name]!r}")
+    try:
+        return ScheduleSpec.from_dict(checked).to_dict()
+    except (TypeError, ValueError) as error:
+        raise UserError(f"model spec: {error}") from None
 
 
 def checked_model_fields(prediction_type: Any, image_size: Any) -> None:
@@ -116,7 +119,7 @@ class FrozenSource:
 
     kind: ``model`` (a model file that ``load_bundle`` reads: SD single file, diffusers folder,
         training checkpoint), ``weights`` (a weights file of this module alone, ``prefix`` selecting
-        its keys; for the text encoder any layout ``OpenCLIPTextEncoder.load_weights`` knows), or
+        its keys; for the text encoder any layout ``ldm.formats.text_encoder.load_text_weights`` knows), or
         ``seeded`` (the text encoder's seeded random init, rebuilt from the spec alone).
     path: a local path (``ldm:`` names a file shipped in the package); never a hub tag.
     fingerprint: ``ldm.checkpoints.fingerprint_state`` of the weights the run trained with.

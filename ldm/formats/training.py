@@ -8,6 +8,7 @@ builds our own classes from the checked spec; nothing stored in a checkpoint is 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +25,8 @@ from ldm.checkpoints import (
 )
 from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
-from ldm.formats.spec import FrozenSource, stored_path
+from ldm.formats.text_encoder import load_text_weights
+from ldm.formats.spec import FrozenSource, checked_schedule, stored_path
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
 
@@ -33,9 +35,12 @@ BUNDLE_PART = {"autoencoder": "vae", "conditioner": "text"}
 CLASS_TARGETS = {
     "unet": "ldm.models.unet.UNetModel",
     "autoencoder": "ldm.models.autoencoder.AutoencoderKL",
-    "conditioner": "ldm.models.conditioners.OpenCLIPTextEncoder",
+    "conditioner": "ldm.formats.text_encoder.open_clip_text_encoder",
 }
+# what runs from before the text encoder's loading moved to ldm.formats stored in their config
+LEGACY_TARGETS = {"conditioner": "ldm.models.conditioners.OpenCLIPTextEncoder"}
 WITH_WEIGHTS = "ldm.checkpoints.with_weights"
+SPEC_TARGET = "ldm.diffusion.schedules.NoiseSchedule.from_spec"
 BETA_TARGETS = {f"ldm.diffusion.schedules.{kind}_betas": kind for kind in ("scaled_linear", "linear", "cosine")}
 _NOT_KWARGS = ("_target_", "_partial_", "_convert_", "_recursive_")
 
@@ -47,13 +52,21 @@ def _network_node(config: dict[str, Any], name: str) -> dict[str, Any]:
     node = config["model"][name]
     if isinstance(node, dict) and node.get("_target_") == WITH_WEIGHTS:
         node = node.get("module")
-    if not isinstance(node, dict) or node.get("_target_") != CLASS_TARGETS[name]:
+    if not isinstance(node, dict) or node.get("_target_") not in (CLASS_TARGETS[name], LEGACY_TARGETS.get(name)):
         found = node.get("_target_") if isinstance(node, dict) else type(node).__name__
         raise UserError(f"model.{name} must build {CLASS_TARGETS[name]} to be saved in a checkpoint, found {found!r}")
     return {k: v for k, v in node.items() if k not in _NOT_KWARGS}
 
 
-def _schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
+def schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
+    """The ``ScheduleSpec`` dict of a run's ``schedule`` config node: ``NoiseSchedule.from_spec``'s
+    fields, or (runs from before the spec) a ``from_betas`` node naming one of our beta functions."""
+    if isinstance(node, dict) and node.get("_target_") == SPEC_TARGET:
+        return checked_schedule({k: v for k, v in node.items() if k not in _NOT_KWARGS})
+    return _legacy_schedule_spec(node)
+
+
+def _legacy_schedule_spec(node: dict[str, Any]) -> dict[str, Any]:
     betas = node.get("betas") if isinstance(node, dict) else None
     if not isinstance(betas, dict) or betas.get("_target_") not in BETA_TARGETS:
         found = betas.get("_target_") if isinstance(betas, dict) else None
@@ -79,7 +92,7 @@ def model_spec(config: dict[str, Any]) -> dict[str, Any]:
             family=config["model"].get("family", "custom"),
             prediction_type=config["objective"]["prediction_type"],
             image_size=int(config["task"]["image_size"]),
-            schedule=_schedule_spec(config["schedule"]),
+            schedule=schedule_spec(config["schedule"]),
         )  # fmt: skip
     except (KeyError, TypeError, AttributeError) as error:
         raise UserError(f"the run's config does not describe a text-to-image model ({type(error).__name__}: {error})")
@@ -134,7 +147,17 @@ def bundle_from_training_checkpoint(
         if name == "conditioner":
             embedded = submodule_state(embedded, "model.")
         frozen[name] = embedded or _from_source(path, record, name, spec, (sources or {}).get(name), load_model)
-    return ModelBundle.from_metadata(spec, submodule_state(state, prefix), frozen["autoencoder"], frozen["conditioner"])
+    bundle = ModelBundle.from_metadata(spec, submodule_state(state, prefix), frozen["autoencoder"], frozen["conditioner"])
+    return dataclasses.replace(bundle, text=_used_text_state(bundle.text, bundle.text_config))
+
+
+def _used_text_state(tower_state: dict[str, Tensor], text_config: dict[str, Any]) -> dict[str, Tensor]:
+    """The text tower tensors the model runs (``text_config`` already checked by ``ModelBundle``):
+    blocks it never runs (SD 2.x's last, seeded when the run loaded a 23-block diffusers encoder)
+    are not part of the model it exports."""
+    with torch.device("meta"):
+        encoder = OpenCLIPTextEncoder(**text_config)
+    return encoder.used_state(tower_state)
 
 
 def _from_source(
@@ -183,6 +206,6 @@ def _read_source(
         return submodule_state(state, prefix)
     encoder = OpenCLIPTextEncoder(**spec["text_config"])  # seeded init; a local file only, never a hub tag
     if source.kind == "weights":
-        encoder.load_weights(load_state_dict_file(path))
+        load_text_weights(encoder, load_state_dict_file(path))
     return dict(encoder.model.state_dict())
 

@@ -5,13 +5,13 @@ tensor means (eps, v or x0) is the training objective's business, not the networ
 
 Parameter names follow the original single-file layout (`openaimodel.py` in CompVis/stable-diffusion
 and Stability-AI/stablediffusion): under the checkpoint prefix `model.diffusion_model.`, an SD 1.x or
-2.x U-Net state dict loads into `UNetModel(**sd15_unet_config())` / `sd21_unet_config()` with
-strict=True.
+2.x U-Net state dict loads with strict=True into the `UNetModel` of `configs/model/sd15.yaml` /
+`sd21_base.yaml` (the published sizes are written down there only; ``ldm.formats.architecture``
+reads them back from a file's weights).
 """
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,28 +19,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.attention import GroupNorm32, SpatialTransformer
-
-
-def sd15_unet_config() -> dict[str, Any]:
-    """Keyword arguments of the SD 1.x U-Net (860M parameters; CLIP ViT-L/14 context)."""
-    return dict(
-        in_channels=4,
-        out_channels=4,
-        model_channels=320,
-        channel_multipliers=(1, 2, 4, 4),
-        num_res_blocks=2,
-        attention_resolutions=(4, 2, 1),
-        num_heads=8,
-        head_dim=None,
-        transformer_depth=1,
-        context_dim=768,
-        use_linear_in_transformer=False,
-    )
-
-
-def sd21_unet_config() -> dict[str, Any]:
-    """Keyword arguments of the SD 2.x U-Net (865M parameters; OpenCLIP ViT-H/14 context), 512 and 768."""
-    return dict(sd15_unet_config(), num_heads=None, head_dim=64, context_dim=1024, use_linear_in_transformer=True)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -179,7 +157,7 @@ class UNetModel(nn.Module):
     with cross-attention to the context at the levels in `attention_resolutions`, skip connections by
     concatenation (Rombach et al., 2022; Ronneberger et al., 2015).
 
-    Defaults are SD 1.x (`sd15_unet_config()`). Heads are given either as a count per block
+    Defaults are SD 1.x's. Heads are given either as a count per block
     (`num_heads`, SD 1.x: 8) or as a width (`head_dim`, SD 2.x: 64 channels); exactly one must be set.
     `attention_resolutions` lists downsampling factors (1 = full latent resolution), as in SD configs.
     `context_pooling` adds an attention-pooled summary of the context to the time embedding

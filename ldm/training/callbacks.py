@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from ldm.pipeline import Sampler
+from ldm.training.sharding import is_sharded
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -81,11 +82,6 @@ class StepProgressBar(TQDMProgressBar):
         bar.unit = "step"
         bar.set_description("train")
 
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the logger's version number is noise in a progress bar
-        return metrics
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         bar = self.train_progress_bar
@@ -99,7 +95,9 @@ class SampleGrid(pl.Callback):
     """Sample a grid of images for fixed prompts and seeds every ``every_n_steps`` and at the end.
 
     Rows are prompts, columns seeds; grids go to ``<run dir>/samples/step_XXXXXXX.png`` (with the
-    prompts beside them in a .json) and to the logger as images. Runs on global rank 0 only.
+    prompts beside them in a .json) and to the logger as images. Runs on global rank 0 only, except
+    where the U-Net is sharded (FSDP2): then every forward is a collective, so every rank samples the
+    same grid and rank 0 writes it.
     """
 
     def __init__(
@@ -139,13 +137,16 @@ class SampleGrid(pl.Callback):
     @torch.no_grad()
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_step or not self.prompts:
+        sharded = is_sharded(pl_module.unet) if hasattr(pl_module, "unet") else False
+        if not (trainer.is_global_zero or sharded) or step == self._last_step or not self.prompts:
             return None
         self._last_step = step
         pipeline = pl_module.pipeline(use_ema=self.use_ema)
         prompts = [p for p in self.prompts for _ in range(self.images_per_prompt)]
         seeds = [self.seed + i for _ in self.prompts for i in range(self.images_per_prompt)]
         images = pipeline(prompts, seeds, self.sampler, self.num_steps, self.guidance_scale)
+        if not trainer.is_global_zero:
+            return None
         grid = make_grid(images, nrow=self.images_per_prompt, padding=2, pad_value=1.0)
         path = Path(trainer.default_root_dir) / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,11 +252,17 @@ class RunSummary(pl.Callback):
             f"({steps / max(seconds, 1e-9):.2f} steps/s, {samples / max(seconds, 1e-9):.1f} samples/s over "
             f"{trainer.world_size} device(s)); global step {trainer.global_step}",
             "  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/"))),
+            f"  U-Net weights sharded over {trainer.world_size} ranks (FSDP2)" if _sharded(pl_module) else
             f"  U-Net weights identical on all ranks: {'yes' if in_sync else 'NO (desynchronised!)'}",
             f"  run directory: {Path(trainer.default_root_dir).resolve()}",
             "-" * 72,
         ]
         print("\n".join(lines))
+
+
+def _sharded(pl_module: pl.LightningModule) -> bool:
+    network = getattr(pl_module, "unet", None)
+    return network is not None and is_sharded(network)
 
 
 def _weights_in_sync(pl_module: pl.LightningModule) -> bool:
@@ -265,8 +272,8 @@ def _weights_in_sync(pl_module: pl.LightningModule) -> bool:
     from ldm.training.latent_diffusion import fingerprint
 
     network = getattr(pl_module, "unet", None) or getattr(pl_module, "autoencoder", None)
-    if network is None or not (dist.is_available() and dist.is_initialized()):
-        return True
+    if network is None or not (dist.is_available() and dist.is_initialized()) or is_sharded(network):
+        return True  # (a sharded U-Net is one copy: each rank holds its own part)
     prints: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(prints, fingerprint(network))
     return len(set(prints)) == 1

@@ -31,7 +31,6 @@ from ldm.diffusion.parameterization import add_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.errors import UserError
 from ldm.formats.spec import _plain, checked_schedule
-from ldm.formats.training import _schedule_spec
 from ldm.models.classifier import NoisyClassifier
 from ldm.training.caches import PosteriorCache
 
@@ -141,7 +140,7 @@ class NoisyClassifierTraining(pl.LightningModule):
 
     def classifier_spec(self) -> dict[str, Any]:
         """The plain-data spec a checkpoint stores: constructor arguments, class names, schedule, VAE."""
-        schedule = _schedule_spec(self.run_config["schedule"]) if "schedule" in self.run_config else None
+        schedule = self.schedule.spec.to_dict() if self.schedule.spec is not None else None
         return {
             "config": _plain(self.classifier.config, "classifier"),
             "classes": TOY_CLASSES,

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from ldm.training.sharding import local_tensors
+
 
 class EMADecay:
     """The multi-tensor update of ``AveragedModel``: ema <- d ema + (1 - d) param.
@@ -40,7 +42,8 @@ class EMAModel(AveragedModel):
     call: ~12 ms a step for the toy's 324 tensors on a CPU, more than the update itself. Here the
     pairs of tensors are collected once (Parameter objects survive ``.to()``, so the lists stay
     valid) and re-collected only when the model's parameters are no longer those collected (a
-    wrapper such as FSDP replaced them).
+    wrapper such as FSDP replaced them). Under FSDP2 both are sharded alike
+    (``ldm.training.sharding``) and the pairs are the local shards: the update needs no communication.
     """
 
     def update_parameters(self, model: nn.Module) -> None:
@@ -60,8 +63,9 @@ class EMAModel(AveragedModel):
         cached = self.__dict__.get("_pairs")
         first = next(model.parameters(), None)
         if cached is None or cached[0] is not first:
-            ema_tensors = [*self.module.parameters(), *self.module.buffers()]
-            model_tensors = [*model.parameters(), *model.buffers()]
+            # sharded (FSDP2) copies pair shard for shard: the EMA is sharded like the model
+            ema_tensors = local_tensors([*self.module.parameters(), *self.module.buffers()])
+            model_tensors = local_tensors([*model.parameters(), *model.buffers()])
             if len(ema_tensors) != len(model_tensors):
                 raise ValueError(f"EMA holds {len(ema_tensors)} tensors but the model has {len(model_tensors)}")
             groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}

@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ldm.errors import UserError
+from ldm.training.sharding import full
 
 
 class RunGuard(pl.Callback):
@@ -95,7 +96,7 @@ class RunGuard(pl.Callback):
     # ------------------------------------------------------------------ numerics
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else None
+        norm = full(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) if grads else None  # (FSDP2: of every shard)
         if norm is not None and self.log_grad_norm:
             pl_module.log("train/grad_norm", norm, batch_size=1)
         # every rank takes part (even one without gradients), and any rank's NaN skips the step on

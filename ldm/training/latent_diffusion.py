@@ -21,6 +21,7 @@ from ldm.training.caches import ContextCache, PosteriorCache
 from ldm.training.ema import build_ema
 from ldm.training.optimizers import MuonAdamW
 from ldm.training.rng import rng_state, set_rng_state
+from ldm.training.sharding import is_sharded, shard_blocks
 
 FROZEN = ("autoencoder", "conditioner")
 
@@ -107,6 +108,25 @@ class LatentDiffusion(pl.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- training
+    def configure_model(self) -> None:
+        """Under a strategy that shards parameters (``strategy=fsdp2``): the U-Net and its EMA copy
+        sharded block by block over the data-parallel ranks, the frozen parts left whole
+        (``ldm.training.sharding``). Lightning calls it before the optimiser is built; a no-op otherwise."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not getattr(strategy, "shards_parameters", False) or is_sharded(self.unet):
+            return
+        from ldm.training.strategies import fsdp_block_classes
+
+        mesh = self.device_mesh["data_parallel"]
+        for network in (self.unet,) + ((self.ema.module,) if self.ema is not None else ()):
+            # FSDP2 shards parameters along their first dimension and wants them contiguous:
+            # with channels_last, the activations stay NHWC (``memory_format``), the weights NCHW
+            network.to(memory_format=torch.contiguous_format)
+            shard_blocks(network, mesh, fsdp_block_classes(), strategy.reshard_after_forward)
+        # the strategy loads checkpoints before on_load_checkpoint, which restores the frozen parts a
+        # checkpoint leaves out and checks that nothing else is missing
+        self.strict_loading = False
+
     def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
         for name in FROZEN:
@@ -245,6 +265,7 @@ class LatentDiffusion(pl.LightningModule):
         ]  # fmt: skip
         for key in [k for k in state if k.split(".", 1)[0] in left_out]:
             del state[key]
+        _make_contiguous(checkpoint)
         fingerprints = {name: fingerprint(getattr(self, name)) for name in left_out}
         checkpoint["ldm"] = {
             "spec": self.model_spec,  # what sample.py and ldm.convert build the model from
@@ -257,6 +278,11 @@ class LatentDiffusion(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.context_cache.clear()  # the frozen encoders may be about to change
         self.posterior_cache.clear()
+        trained = [k for k in self.state_dict() if k.split(".", 1)[0] not in FROZEN]
+        missing = [k for k in trained if k not in checkpoint["state_dict"]]
+        if missing:
+            raise UserError(f"the checkpoint lacks {len(missing)} weights of this model (e.g. {missing[0]}): "
+                            f"it was trained with another model config")  # fmt: skip
         stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
         for name in stored:
             expected, actual = stored[name], fingerprint(getattr(self, name))
@@ -267,6 +293,8 @@ class LatentDiffusion(pl.LightningModule):
                 )
             for key, value in getattr(self, name).state_dict().items():
                 checkpoint["state_dict"].setdefault(f"{name}.{key}", value)
+        if self.memory_format == torch.channels_last and not is_sharded(self.unet):  # FSDP2 keeps them contiguous
+            _match_channels_last(checkpoint)
         states = checkpoint.get("ldm", {}).get("rng", [])
         # applied at the first resumed step, after Lightning and the data loader have drawn their
         # own numbers, so the step sees exactly the generator state the uninterrupted run had
@@ -297,6 +325,35 @@ def check_prediction_at_zero_snr(schedule: NoiseSchedule, prediction_type: str) 
                         "last step implies x_0 / 0): use objective=v or objective=x0, or zero_terminal_snr=false")  # fmt: skip
 
 
+def _make_contiguous(checkpoint: dict[str, Any]) -> None:
+    """Weights and optimiser state in the standard layout (channels_last ones copied), in place.
+
+    Readers need not know the memory format a run trained in, and FSDP2's loader needs it: torch
+    2.14's ``set_model_state_dict(broadcast_from_rank0=True)`` gives the other ranks wrong values for
+    a channels_last tensor read from a file (``ldm.training.strategies.FSDP2Strategy``)."""
+    def contiguous(value: Any) -> Any:
+        return value.contiguous() if isinstance(value, Tensor) else value
+
+    checkpoint["state_dict"] = {key: contiguous(value) for key, value in checkpoint["state_dict"].items()}
+    for optimizer in checkpoint.get("optimizer_states", []):
+        # new dicts: an optimiser's state_dict() hands out its live per-parameter state
+        optimizer["state"] = {index: {key: contiguous(value) for key, value in per_param.items()}
+                              for index, per_param in optimizer.get("state", {}).items()}  # fmt: skip
+
+
+def _match_channels_last(checkpoint: dict[str, Any]) -> None:
+    """Optimiser state back in the layout of the parameters it belongs to: with ``task.channels_last``
+    every 4-D parameter is channels_last, and checkpoints store its state contiguous. A fused AdamW
+    step over mixed layouts takes another vectorised path and rounds differently: the resume would
+    no longer be bit-identical. (Weights need nothing: ``load_state_dict`` copies into the live ones.)"""
+    def channels_last(value: Any) -> Any:
+        return value.contiguous(memory_format=torch.channels_last) if isinstance(value, Tensor) and value.ndim == 4 else value
+
+    for optimizer in checkpoint.get("optimizer_states", []):
+        optimizer["state"] = {index: {key: channels_last(value) for key, value in per_param.items()}
+                              for index, per_param in optimizer.get("state", {}).items()}  # fmt: skip
+
+
 def _megabytes(module: nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values()) / 2**20
 
@@ -312,5 +369,7 @@ def _gather_rng_states() -> list[dict[str, Any]]:
 
 
 def _shards_parameters(strategy: pl.strategies.Strategy) -> bool:
-    """FSDP and DeepSpeed (ZeRO) hand the optimiser flat shards instead of whole weight matrices."""
-    return isinstance(strategy, (pl.strategies.FSDPStrategy, pl.strategies.DeepSpeedStrategy))
+    """FSDP, FSDP2 and DeepSpeed (ZeRO) hand the optimiser shards instead of whole weight matrices."""
+    return getattr(strategy, "shards_parameters", False) or isinstance(
+        strategy, (pl.strategies.FSDPStrategy, pl.strategies.DeepSpeedStrategy)
+    )

@@ -8,7 +8,6 @@ code (``torch.load(weights_only=True)``, memory-mapped so a multi-GB file costs 
 from __future__ import annotations
 
 import pickle
-import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -17,12 +16,11 @@ from typing import Any
 
 import torch
 
+from ldm.atomic import temporary_target
 from ldm.errors import UserError
 
 # entries Lightning needs to resume a fit (a weights-only export lacks them)
 EXPECTED_ENTRIES = ("state_dict", "global_step", "loops")
-# the temporary files of ldm.checkpoints._atomic_path: mkstemp(prefix=".{name}.", suffix=".tmp")
-TEMP_FILE = re.compile(r"\.[^/]+\.ckpt\.[A-Za-z0-9_]+\.tmp")
 
 
 @dataclass(frozen=True)
@@ -87,14 +85,14 @@ def check_resume_file(resume: str) -> Resume:
 def remove_stale_temp_files(directory: Path) -> list[Path]:
     """Delete the temporary files of saves that were killed midway (full size, never renamed).
 
-    Only names made by ``ldm.checkpoints._atomic_path`` for a ``.ckpt`` (``.{name}.ckpt.XXXX.tmp``) and
+    Only names ``ldm.atomic`` gives a ``.ckpt`` while writing it (``.{name}.ckpt.XXXX.tmp``) and
     only regular files; call it at start, on one rank, when no save of this run can be in flight.
     """
     removed = []
     if not directory.is_dir():
         return removed
     for path in sorted(directory.iterdir()):
-        if TEMP_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+        if (temporary_target(path.name) or "").endswith(".ckpt") and path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

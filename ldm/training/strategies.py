@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
 
 
 def auto() -> str:
@@ -39,3 +43,71 @@ def fsdp(state_dict_type: str = "full", sharding_strategy: str = "FULL_SHARD", c
         use_orig_params=True,
         **kwargs,
     )  # fmt: skip
+
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as pure data-parallel FSDP2: one mesh dimension, every
+    rank (``fsdp2`` builds it from config)."""
+
+    shards_parameters = True  # read by the task (configure_model) and the data (equal validation batches)
+
+    def __init__(self, reshard_after_forward: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # all ranks shard the model: data_parallel = world size, tensor_parallel = 1
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, which puts the weights into the shards and takes them out of the
+        checkpoint it returns; here the hooks (``on_load_checkpoint``) still see which weights the file
+        held, memory-mapped, as under every other strategy."""
+        path = Path(checkpoint_path)
+        if path.is_file():
+            _refuse_strided(path)
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
+        if "state_dict" not in checkpoint and path.is_file():
+            checkpoint["state_dict"] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        elif "state_dict" not in checkpoint and path.is_dir():  # a sharded checkpoint: its index names them
+            from torch.distributed.checkpoint import FileSystemReader
+
+            names = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            checkpoint["state_dict"] = {k[len("state_dict."):]: None for k in names if k.startswith("state_dict.")}
+        return checkpoint
+
+
+def _refuse_strided(path: Path) -> None:
+    """torch 2.14's ``set_model_state_dict(broadcast_from_rank0=True)``, which Lightning loads FSDP2
+    checkpoints with, hands ranks other than 0 wrong values for a tensor stored non-contiguous
+    (channels_last): checkpoints of this project are written contiguous; an older one is refused."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    tensors = list(checkpoint.get("state_dict", {}).items())
+    for optimizer in checkpoint.get("optimizer_states", []):
+        tensors += [(f"optimizer state {key}", v) for state in optimizer.get("state", {}).values() for key, v in state.items()]
+    strided = next((name for name, value in tensors if isinstance(value, torch.Tensor) and not value.is_contiguous()), None)
+    if strided is not None:
+        from ldm.errors import UserError
+
+        raise UserError(f"{path} holds non-contiguous (channels_last) tensors ({strided}), which strategy=fsdp2 "
+                        f"cannot load exactly: resume it once with strategy=ddp, whose checkpoints are contiguous")  # fmt: skip
+
+
+def fsdp2(reshard_after_forward: bool = True, save_distributed_checkpoint: bool = False, **kwargs: Any) -> FSDP2Strategy:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's ``ModelParallelStrategy``:
+    the U-Net and its EMA copy sharded per ``ResBlock`` / ``SpatialTransformer`` over every rank (no
+    tensor parallelism), the frozen VAE and text encoder whole on every rank. Runs on GPUs (nccl) and
+    on CPUs (gloo), unlike Lightning's FSDP1 strategy (``strategy=fsdp``).
+
+    reshard_after_forward: free each unit's gathered weights after its forward (ZeRO-3; False keeps
+        them until the backward: ZeRO-2-like, more memory, one all-gather less per step).
+    save_distributed_checkpoint: False (default): one consolidated ``.ckpt`` written by rank 0,
+        loadable anywhere (a single device, ``ldm.convert``, ``sample.py``); True: a folder of per-rank
+        shards (torch.distributed.checkpoint), faster to write at scale, loadable by this strategy.
+    The sharding itself is applied by the task (``LatentDiffusion.configure_model``, ``ldm.training.sharding``).
+    """
+    return FSDP2Strategy(reshard_after_forward=reshard_after_forward,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)  # fmt: skip

@@ -1,7 +1,7 @@
 """A 2-process DDP run on the CPU (gloo) over uneven shards, recording the sample keys each rank sees.
 
-Run by tests/data/test_distributed.py as a script (Lightning's ``ddp`` launcher starts rank 1 by
-running this same script again): ``python ddp_run.py OUT_DIR TRAIN_SPEC VAL_SPEC``. Each rank writes
+Run by tests/data/test_distributed.py as a script, once per rank (``ldm_testing.launch_ranks``):
+``python ddp_run.py OUT_DIR TRAIN_SPEC VAL_SPEC``. Each rank writes
 ``OUT_DIR/rank<r>.json``; rank 0 also writes the DataSkipReport's report to ``OUT_DIR/report.txt``.
 """
 

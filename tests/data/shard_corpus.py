@@ -149,3 +149,4 @@ def bad_corpus(directory: Path) -> tuple[list[str], set[str], dict[str, int]]:
         "skipped/stalled_shard": 1,       # the sleeping pipe
     }
     return urls, good, counts
+

@@ -17,7 +17,8 @@ from ldm.data.metadata import MetadataFilter, SampleMembers
 from ldm.data.quarantine import Quarantine
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import Source
-from ldm.data.streams import ImageCaptionStream, NoReadableShard
+from ldm.data.streams import ShardStream
+from ldm.data.worker_stream import NoReadableShard
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
 from shard_corpus import bad_corpus, good_sample, image_bytes, write_good_shard, write_tar
@@ -33,8 +34,8 @@ def _to_sample() -> ToTrainingSample:
     return ToTrainingSample(ImageTransform(8), CaptionPicker(["txt"]), filters, max_pixels=1_000_000)
 
 
-def _validation(urls, batch_size=4, **options) -> ImageCaptionStream:
-    return ImageCaptionStream([Source(urls)], _to_sample(), batch_size, train=False, read_timeout=0.5, **options)
+def _validation(urls, batch_size=4, **options) -> ShardStream:
+    return ShardStream([Source(urls)], _to_sample(), batch_size, train=False, read_timeout=0.5, **options)
 
 
 def _drain(batches) -> tuple[list[str], Counter]:
@@ -63,14 +64,14 @@ def test_counts_travel_with_the_batches_of_worker_processes(corpus):
 def test_training_stream_goes_on_past_bad_shards(corpus):
     urls, good, expected = corpus
     fast = [url for url in urls if "sleep" not in url]  # (the stalled pipe costs 0.5 s a draw)
-    stream = ImageCaptionStream([Source(fast)], _to_sample(), 4, train=True, shuffle_buffer=8, read_timeout=0.5)
+    stream = ShardStream([Source(fast)], _to_sample(), 4, train=True, shuffle_buffer=8, read_timeout=0.5)
     keys, counts = _drain(itertools.islice(iter(stream), 25))
     assert len(keys) == 100 and set(keys) <= good
     assert set(counts) <= set(expected) and counts["skipped/unreadable_shard"] > 0
 
 
 def test_a_source_with_no_readable_shard_fails_with_a_clear_error(tmp_path):
-    stream = ImageCaptionStream([Source([str(tmp_path / "gone-1.tar"), str(tmp_path / "gone-2.tar")], spec="gone-*")],
+    stream = ShardStream([Source([str(tmp_path / "gone-1.tar"), str(tmp_path / "gone-2.tar")], spec="gone-*")],
                                 _to_sample(), 4, train=True)
     with pytest.raises(NoReadableShard, match=r"none of 16 shards drawn from gone-\* could be read.*gone-") as error:
         next(iter(stream))
@@ -86,14 +87,14 @@ def test_unexpected_errors_are_counted_but_a_systematic_one_is_raised(tmp_path):
             raise RuntimeError("a bug that only some samples trigger")
         return decode(sample, rng)
 
-    keys, counts = _drain(ImageCaptionStream([Source([shard])], sometimes_broken, 8, train=False))
+    keys, counts = _drain(ShardStream([Source([shard])], sometimes_broken, 8, train=False))
     assert len(keys) == 118 and dict(counts) == {"skipped/error": 2}
 
     def always_broken(sample, rng):
         raise RuntimeError("a bug that every sample triggers")
 
     with pytest.raises(RuntimeError, match="every sample"):
-        list(ImageCaptionStream([Source([shard])], always_broken, 8, train=False))
+        list(ShardStream([Source([shard])], always_broken, 8, train=False))
 
 
 def test_deeply_nested_json_is_corrupt_metadata_and_never_ends_the_stream(tmp_path):
@@ -135,7 +136,7 @@ class _DiesOn:
 
 def _attempt(shard: str, quarantine: Path, out: Path) -> None:
     to_sample = ToTrainingSample(_DiesOn((13, 11)), CaptionPicker(["txt"]), quarantine=Quarantine(quarantine))
-    keys, counts = _drain(ImageCaptionStream([Source([shard])], to_sample, 2, train=False))
+    keys, counts = _drain(ShardStream([Source([shard])], to_sample, 2, train=False))
     out.write_text(json.dumps({"keys": keys, "counts": counts}))
 
 
@@ -169,5 +170,5 @@ def test_a_quarantine_list_written_by_hand_skips_keys_in_any_shard(tmp_path):
     (tmp_path / "quarantine").mkdir()
     (tmp_path / "quarantine" / "quarantine.jsonl").write_text('{"key": "k1"}\n{"url": "elsewhere.tar", "key": "k2"}\n')
     to_sample = ToTrainingSample(ImageTransform(8), quarantine=Quarantine(tmp_path / "quarantine"))
-    keys, counts = _drain(ImageCaptionStream([Source([shard])], to_sample, 2, train=False))
+    keys, counts = _drain(ShardStream([Source([shard])], to_sample, 2, train=False))
     assert keys == ["k0", "k2"] and dict(counts) == {"skipped/quarantined": 1}

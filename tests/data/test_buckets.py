@@ -12,7 +12,7 @@ from PIL import Image
 from ldm.data.buckets import BucketedSample, auto_buckets, header_size, nearest_bucket, resolve_buckets
 from ldm.data.shards import Source
 from ldm.data.skips import TOO_SMALL, SkipSample
-from ldm.data.streams import ImageCaptionStream
+from ldm.data.streams import POSITION_KEY, ShardStream, StreamStart
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import ShardDataModule
 from ldm.errors import UserError
@@ -95,27 +95,31 @@ def _shape_of_key(key: str) -> tuple[int, int, int]:
 
 def test_shard_streams_batch_one_bucket_at_a_time(mixed_shards):
     to_sample = BucketedSample(BUCKETS_32)
-    train = ImageCaptionStream([Source(mixed_shards)], to_sample, 4, train=True, shuffle_buffer=10, seed=1)
+    train = ShardStream([Source(mixed_shards)], to_sample, 4, train=True, shuffle_buffer=10, seed=1)
     batches = list(itertools.islice(iter(train), 9))
     assert {tuple(b["image"].shape[1:]) for b in batches} == {(3, 24, 40), (3, 32, 32), (3, 40, 24)}
     for batch in batches:
         assert len(batch["key"]) == 4 and {_shape_of_key(k) for k in batch["key"]} == {tuple(batch["image"].shape[1:])}
-    again = list(itertools.islice(iter(ImageCaptionStream([Source(mixed_shards)], to_sample, 4, train=True,
+    again = list(itertools.islice(iter(ShardStream([Source(mixed_shards)], to_sample, 4, train=True,
                                                           shuffle_buffer=10, seed=1)), 9))  # fmt: skip
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))
-    # resuming 5 batches in skips exactly those 5 (the grouping is a function of the stream)
-    resumed = list(itertools.islice(iter(ImageCaptionStream([Source(mixed_shards)], to_sample, 4, train=True,
-                                                            shuffle_buffer=10, seed=1, skip_batches=5)), 4))
+    # resuming from the position after 5 batches goes on with exactly the next ones: the samples of
+    # other buckets that were waiting for a batch are read and decoded again, nothing else
+    stream = ShardStream([Source(mixed_shards)], to_sample, 4, train=True, shuffle_buffer=10, seed=1)
+    stream.start = StreamStart(0, 5, [batches[4][POSITION_KEY].state])
+    assert batches[4][POSITION_KEY].state["pending"]  # (some were waiting)
+    resumed = list(itertools.islice(iter(stream), 4))
     assert [b["key"] for b in resumed] == [b["key"] for b in batches[5:]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, batches[5:]))
     # samples_per_epoch still gives every rank the same number of batches
-    per_rank = [len(list(ImageCaptionStream([Source(mixed_shards[:rank + 1])], to_sample, 4, train=True,
+    per_rank = [len(list(ShardStream([Source(mixed_shards[:rank + 1])], to_sample, 4, train=True,
                                             shuffle_buffer=10, samples_per_epoch=40, rank=rank, world_size=2)))
                 for rank in (0, 1)]  # fmt: skip
     assert per_rank == [5, 5]
 
 
 def test_validation_keeps_each_buckets_last_partial_batch(mixed_shards):
-    val = ImageCaptionStream([Source(mixed_shards)], BucketedSample(BUCKETS_32), 5, train=False)
+    val = ShardStream([Source(mixed_shards)], BucketedSample(BUCKETS_32), 5, train=False)
     batches = list(val)
     assert sum(len(b["key"]) for b in batches) == 48  # each sample once
     sizes = sorted(len(b["key"]) for b in batches)

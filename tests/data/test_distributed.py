@@ -4,50 +4,23 @@ together cover the validation set, and nothing hangs."""
 
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ldm_testing import launch_ranks
 from shard_corpus import write_good_shard
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-TIMEOUT = 240  # seconds; most of the run is each rank importing Lightning (~10 s of CPU each)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(out: Path, train: list[str], val: list[str]) -> str:
-    """Both ranks started at once, as torchrun would (Lightning's own launcher would start rank 1 only
-    once rank 0 has imported everything: twice the wall time, for nothing this test looks at)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    command = [sys.executable, str(HERE / "ddp_run.py"), str(out), json.dumps(train), json.dumps(val)]
-    ranks = [subprocess.Popen(command, cwd=out, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for rank in (0, 1)]
-    try:
-        outputs = [rank.communicate(timeout=TIMEOUT)[0] for rank in ranks]
-    except subprocess.TimeoutExpired:
-        for rank in ranks:
-            os.killpg(rank.pid, signal.SIGKILL)  # the loader workers too
-        outputs = [rank.communicate()[0] for rank in ranks]
-        raise AssertionError(f"the DDP run hung (> {TIMEOUT} s):\n{outputs[0][-3000:]}") from None
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    return outputs[0]
+    """Both ranks of ddp_run.py started at once, as torchrun would; rank 0's output."""
+    return launch_ranks([sys.executable, str(HERE / "ddp_run.py"), str(out), json.dumps(train), json.dumps(val)], out)[0]
 
 
-@pytest.mark.slow  # 10-15 s on an idle 2-core machine
+@pytest.mark.slow
 def test_ddp_ranks_run_equal_steps_on_uneven_shards(tmp_path):
     shards = [write_good_shard(tmp_path / f"part{i}.tar", [f"p{i}-{j:03d}" for j in range(n)], size=(8, 8))
               for i, n in enumerate((5, 17, 40))]

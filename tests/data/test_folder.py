@@ -18,7 +18,8 @@ from ldm.data.folder import FolderError, FolderStream, assign_buckets, check_fil
 from ldm.data.folder_datamodule import FolderDataModule
 from ldm.data.samples import ToTrainingSample
 from ldm.data.captions import CaptionPicker
-from ldm.data.streams import TrainingLoader
+from ldm.data.streams import StreamStart
+from ldm.data.training_loader import TrainingLoader
 from ldm.data.transforms import ImageTransform
 from ldm_testing import compose_config
 
@@ -181,7 +182,8 @@ def test_repeats_and_epochs(txt_folder):
     assert thrice.batches_per_rank(1) == 12 and once.batches_per_rank(1) == 4  # 45 / 4 and 15 / 4, rounded up
     seen = Counter(k for b in thrice for k in b["key"])
     assert min(seen.values()) >= 3 and sum(seen.values()) == 48
-    second = _stream(index, epoch=1)
+    second = _stream(index)
+    second.start = StreamStart(epoch=1)
     assert [b["key"] for b in once] != [b["key"] for b in second]  # each epoch its own order
 
 
@@ -229,12 +231,13 @@ def test_resume_deep_into_an_epoch_is_bit_identical_and_decodes_nothing_skipped(
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
     if workers == 0:  # (a worker's calls are not seen from here)
         counting = CountingSample(_samples(buckets) if buckets else _samples(None))
-        list(itertools.islice(iter(FolderStream(index, counting, 2, train=True, seed=9, repeats=2, epoch=1,
-                                                skip_batches=7)), 1))  # fmt: skip
+        stream = FolderStream(index, counting, 2, train=True, seed=9, repeats=2)
+        stream.start = StreamStart(1, 7)
+        list(itertools.islice(iter(stream), 1))
         assert counting.calls <= 3  # the first batch after the skipped 7 (+ a replacement), nothing before
 
 
-@pytest.mark.slow  # about 1-2 min: three tiny training runs
+@pytest.mark.slow
 def test_training_from_a_folder_with_buckets_resumes_bit_identically(txt_folder, tmp_path):
     """Stopped at step 10 of a 14-batch epoch, resumed, through the epoch's end to step 16 (no
     validation: see the report on validation at the checkpoint's step)."""

@@ -17,19 +17,14 @@ import webdataset as wds
 from hydra.utils import instantiate
 
 from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config, run_script
-from ldm.checkpoints import save_safetensors
-from ldm.data.latents import (
-    LatentShardDataModule,
-    LatentsMismatchError,
-    check_latents_match,
-    precompute_latents,
-    read_shard_meta,
-)
+from ldm.checkpoints import fingerprint, save_safetensors
+from ldm.data.latent_format import LatentsMismatchError, check_latents_match, read_shard_meta
+from ldm.data.latent_writer import precompute_latents
+from ldm.data.latents import LatentShardDataModule
 from ldm.data.webdataset import ShardDataModule
 from ldm.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
-from ldm.training.latent_diffusion import fingerprint
 
 SIZE = 32  # TINY_TRAINING's data.image_size: 16x16 latents with the tiny VAE (f = 2)
 NAMES = ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
@@ -299,3 +294,54 @@ def test_train_refuses_latents_of_another_text_encoder(model_overrides, latents_
     cfg = _train_config(model_overrides, latents_dir, tmp_path, "model.conditioner.init_seed=1")
     with pytest.raises(LatentsMismatchError, match="different conditioner"):
         train(cfg)
+
+
+@pytest.fixture(scope="module")
+def flipped_latents_dir(model_overrides, toy_data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flipped_latents")
+    report = script.precompute(precompute_config(model_overrides, toy_data_dir, out, "flips=true"))
+    assert [p.name for p in report.written] == NAMES
+    return out
+
+
+def test_flips_store_the_flipped_images_posterior_beside_the_image_one(flipped_latents_dir, latents_dir, frozen, toy_data_dir):
+    autoencoder, _ = frozen
+    toy = toy_data_dir / "toy"
+    images = ShardDataModule(shards=str(toy / "train-*.tar"), val_shards=str(toy / "val-*.tar"), image_size=SIZE,
+                             batch_size=32, num_workers=0)  # fmt: skip
+    images.setup("fit")
+    batch = images.on_after_batch_transfer(next(iter(images.val_dataloader())), 0)
+    samples = _raw_samples(flipped_latents_dir / "val-000000.tar")
+    assert json.loads(samples[0]["json"])["flipped"] is True
+    unflipped = _raw_samples(latents_dir / "val-000000.tar")[1:]
+    with torch.no_grad():
+        posterior = autoencoder.encode(batch["image"].flip(-1))  # the image pipeline's random_flip, then the VAE
+    stored = torch.from_numpy(np.stack([_npy(s["mean_flipped.npy"]) for s in samples[1:]]))
+    assert torch.equal(stored, posterior.mean)
+    assert all(s["mean.npy"] == u["mean.npy"] for s, u in zip(samples[1:], unflipped))  # the image's own: unchanged
+    assert not torch.allclose(stored, stored.flip(-1))  # (not a flipped latent: the VAE is not mirror-symmetric)
+
+
+def test_random_flip_on_latents_needs_flipped_shards(latents_dir):
+    datamodule = LatentShardDataModule(shards=str(latents_dir / "train-*.tar"), image_size=SIZE, random_flip=True,
+                                       num_workers=0)  # fmt: skip
+    with pytest.raises(UserError, match="flips=true"):
+        datamodule.setup("fit")
+
+
+@pytest.mark.slow
+def test_training_on_latents_resumes_bit_identically_deep_into_an_epoch(model_overrides, flipped_latents_dir, tmp_path):
+    """10-batch epochs (40 samples, 2 workers x batch 4), stopped at step 7, resumed to step 12."""
+    from train import train
+
+    def run(out, *extra):
+        cfg = _train_config(model_overrides, flipped_latents_dir, out, "data.random_flip=true", "data.num_workers=2",
+                            "data.samples_per_epoch=40", "trainer.max_steps=12",
+                            "callbacks.checkpoint.every_n_train_steps=7", *extra)  # fmt: skip
+        return train(cfg)["task"]
+
+    straight = run(tmp_path / "straight")
+    checkpoint = tmp_path / "straight" / "run" / "checkpoints" / "step_0000007.ckpt"
+    resumed = run(tmp_path / "resumed", f"resume={checkpoint}")
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name

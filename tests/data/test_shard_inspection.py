@@ -128,12 +128,6 @@ def test_contact_sheet(corpus: list[str], tmp_path: Path) -> None:
     assert width == 8 + 4 * (48 + 8) and height == 8 + 2 * (48 + 2 + 3 * layout.line_height + 8)
 
 
-def test_image_members_are_those_the_loader_reads() -> None:
-    from ldm.data import decode, shard_inspection
-
-    assert shard_inspection.IMAGE_KEYS == tuple(decode.IMAGE_EXTENSIONS)
-
-
 def test_wrap_text_fits_and_cuts() -> None:
     font = SheetLayout().font
     lines = wrap_text("a fairly long caption " * 10 + "x" * 80, font, width=100, max_lines=4)

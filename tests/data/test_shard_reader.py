@@ -125,3 +125,30 @@ def test_local_reads_with_a_timeout_give_the_same_samples(tmp_path):
     shard = write_good_shard(tmp_path / "s.tar", keys)
     assert _read(shard, read_timeout=5.0) == (keys, {})
     assert _read(shard, read_timeout=None) == (keys, {})
+
+
+def test_a_shard_reopens_at_a_sample_by_count_or_by_offset_and_single_samples_read_at_their_offsets(tmp_path):
+    from ldm.data.shard_reader import read_samples_at
+
+    keys = [f"k{i:02d}" for i in range(7)]
+    members = [m for key in keys for m in good_sample(key)]
+    members.insert(4, ("k01.json", b"{}"))  # (samples of 2 and 3 members)
+    url = str(tmp_path / "plain.tar")
+    (tmp_path / "plain.tar").write_bytes(tar_bytes(members))
+    whole = list(read_shard(url, DataCounts()))
+    assert [s["__key__"] for s in whole] == keys and whole[0]["__offset__"] == 0
+    assert all(a["__end__"] == b["__offset__"] for a, b in zip(whole, whole[1:]))
+    for start in (1, 3, 6, 7):
+        by_count = list(read_shard(url, DataCounts(), skip=start))
+        offset = whole[start - 1]["__end__"]
+        counts = DataCounts()
+        by_offset = list(read_shard(url, counts, offset=offset))
+        assert by_count == by_offset == whole[start:] and counts.take() == {}  # (the end: nothing, no error)
+    wanted = [whole[5]["__offset__"], whole[1]["__offset__"], whole[6]["__offset__"], 12345]
+    found = read_samples_at(url, wanted)
+    assert found == {whole[i]["__offset__"]: whole[i] for i in (1, 5, 6)}  # an offset that is no sample: left out
+    # a compressed shard or a command carries no offsets: a resume counts samples there
+    with gzip.open(tmp_path / "packed.tar.gz", "wb") as packed:
+        packed.write(tar_bytes(members))
+    for other in (str(tmp_path / "packed.tar.gz"), f"pipe:cat {url}"):
+        assert all("__offset__" not in s for s in read_shard(other, DataCounts()))

@@ -8,10 +8,11 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from ldm_testing import compose_config
+from ldm_testing import compose_config, run_training_loader
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpecError, Source
-from ldm.data.streams import TrainingLoader, ImageCaptionStream
+from ldm.data.streams import ShardStream, StreamStart
+from ldm.data.training_loader import TrainingLoader
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import ShardDataModule, image_caption_pipeline
 from shard_corpus import write_good_shard
@@ -25,13 +26,15 @@ def uneven(tmp_path_factory) -> list[str]:
             for i, n in enumerate((5, 17, 40))]
 
 
-def _train(urls, seed=0, **options) -> ImageCaptionStream:
+def _train(urls, seed=0, epoch=0, **options) -> ShardStream:
     options.setdefault("shuffle_buffer", 10)
-    return ImageCaptionStream([Source(urls)], ToTrainingSample(ImageTransform(8)), 4, train=True, seed=seed, **options)
+    stream = ShardStream([Source(urls)], ToTrainingSample(ImageTransform(8)), 4, train=True, seed=seed, **options)
+    stream.start = StreamStart(epoch)
+    return stream
 
 
-def _val(urls, **options) -> ImageCaptionStream:
-    return ImageCaptionStream([Source(urls)], ToTrainingSample(ImageTransform(8)), 4, train=False, **options)
+def _val(urls, **options) -> ShardStream:
+    return ShardStream([Source(urls)], ToTrainingSample(ImageTransform(8)), 4, train=False, **options)
 
 
 def _keys(batches, n=None) -> list[str]:
@@ -63,17 +66,59 @@ def test_the_seed_makes_streams_reproducible_and_each_rank_different(uneven):
         assert _keys(iter(other), 10) != first
 
 
+class CountingSample:
+    """A to_sample that counts its calls (decodes), to show a resume decodes nothing it had read."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, raw, rng):
+        self.calls += 1
+        return self.inner(raw, rng)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resumed_stream_continues_where_it_stopped(uneven, workers):
-    def batches(skip):
-        def make_loader(stream):
-            return DataLoader(stream, batch_size=None, num_workers=workers)
+def test_resumed_stream_continues_where_it_stopped_without_decoding_what_it_read(uneven, workers):
+    def make_stream():
+        return ShardStream([Source(uneven[:2], 2.0), Source(uneven[2:])], ToTrainingSample(ImageTransform(8)), 4,
+                           train=True, seed=3, shuffle_buffer=20, rank=0, world_size=1)  # fmt: skip
 
-        loader = TrainingLoader(_train(uneven, rank=0, world_size=1), make_loader, workers, lambda: (0, skip))
-        return [b["key"] for b in itertools.islice(loader, 12 - skip)]
+    straight, saved = run_training_loader(make_stream, workers, 0, None, 24, save_at=13)  # 13: mid-round with 2 workers
+    assert saved["done"] == 13 and len(saved["workers"]) == max(workers, 1)
+    resumed, _ = run_training_loader(make_stream, workers, 13, saved["workers"], 11)
+    assert [b["key"] for b in resumed] == [b["key"] for b in straight[13:]]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, straight[13:]))
 
-    straight = batches(0)
-    assert batches(5) == straight[5:]  # the loader takes batches from its workers in turn
+    # the first batch after a resume deep into the stream decodes its own samples, nothing before
+    deep, deep_state = run_training_loader(make_stream, 0, 0, None, 200, save_at=199)
+    counting = CountingSample(ToTrainingSample(ImageTransform(8)))
+    stream = ShardStream([Source(uneven[:2], 2.0), Source(uneven[2:])], counting, 4, train=True, seed=3,
+                         shuffle_buffer=20, rank=0, world_size=1)  # fmt: skip
+    stream.start = StreamStart(0, 199, deep_state["workers"])
+    assert next(iter(stream))["key"] == deep[199]["key"] and counting.calls == 4
+
+
+def test_changing_the_number_of_workers_starts_a_new_epoch_with_one_warning(uneven, tmp_path, capsys):
+    from ldm.data.stream_datamodule import POSITION_FORMAT
+
+    datamodule = ShardDataModule(shards=uneven, image_size=8, batch_size=4, num_workers=0, shuffle_buffer=10, seed=3)
+    datamodule.setup("fit")
+
+    class Trainer:  # what the DataModule reads of Lightning's trainer
+        global_step, accumulate_grad_batches, world_size, global_rank = 7, 1, 1, 0
+
+    datamodule.trainer = Trainer()
+    shape = {**datamodule.shape(), "num_workers": 2}  # the checkpoint's run had two workers
+    datamodule.load_state_dict({"format": POSITION_FORMAT, "shape": shape, "epoch_base": [0, 0],
+                                "ranks": [{"epoch": 0, "done": 7, "workers": [None, None]}]})  # fmt: skip
+    loader = datamodule.train_dataloader()
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "loader workers per rank: 2 then, 1 now" in warning[0] and "new epoch (1)" in warning[0]
+    assert datamodule._position() == (1, 0) and loader.position_state()["epoch"] == 1
+    # epoch 1's streams: not those of epoch 0, which the run had started with
+    first = next(iter(loader))["key"]
+    assert first == next(iter(_train(uneven, seed=3, epoch=1, rank=0, world_size=1)))["key"]
+    assert first != next(iter(_train(uneven, seed=3, epoch=0, rank=0, world_size=1)))["key"]
 
 
 def test_each_worker_draws_its_own_stream(uneven):
@@ -106,7 +151,7 @@ def test_sources_mix_in_proportion_to_their_weights(tmp_path):
         urls = [write_good_shard(tmp_path / f"{name}{i}.tar", [f"{name}{i}-{j:02d}" for j in range(20)], size=(8, 8))
                 for i in range(3)]
         sources.append(Source(urls, weight))
-    stream = ImageCaptionStream(sources, ToTrainingSample(ImageTransform(8)), 20, train=True, shuffle_buffer=50)
+    stream = ShardStream(sources, ToTrainingSample(ImageTransform(8)), 20, train=True, shuffle_buffer=50)
     keys = _keys(iter(stream), 80)
     share = Counter(key.rstrip("0123456789-") for key in keys)["big"] / len(keys)
     assert 0.70 < share < 0.80  # 3 : 1 (1600 draws: 3 standard deviations is 0.03)

@@ -5,6 +5,7 @@ import torch
 
 from ldm.diffusion.schedules import (
     NoiseSchedule,
+    ScheduleSpec,
     cosine_betas,
     linear_betas,
     rescale_zero_terminal_snr,
@@ -125,3 +126,26 @@ def test_sampling_timesteps_rejects_bad_input():
         sampling_timesteps(1000, 0)
     with pytest.raises(ValueError, match="spacing"):
         sampling_timesteps(1000, 10, "karras-ish")
+
+
+@pytest.mark.parametrize("kind, function", [("scaled_linear", scaled_linear_betas), ("linear", linear_betas), ("cosine", cosine_betas)])
+@pytest.mark.parametrize("zero_snr, shift", [(False, 1.0), (True, 1.0), (False, 4.0)])
+def test_a_spec_builds_the_schedule_its_fields_describe(kind, function, zero_snr, shift):
+    spec = ScheduleSpec(kind, 1000, zero_terminal_snr=zero_snr, snr_shift=shift)
+    expected = NoiseSchedule.from_betas(function(1000), zero_terminal_snr=zero_snr, snr_shift=shift)
+    built = spec.build()
+    assert torch.equal(built.betas, expected.betas) and built.spec == spec
+    assert ScheduleSpec.from_dict(spec.to_dict()) == spec  # what checkpoints store reads back the same
+    assert torch.equal(NoiseSchedule.from_spec(**spec.to_dict()).betas, expected.betas)  # the configs' target
+
+
+def test_a_spec_spells_out_its_defaults_and_refuses_what_its_kind_does_not_take():
+    assert ScheduleSpec("linear").to_dict() == dict(kind="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                                    zero_terminal_snr=False, snr_shift=1.0)  # fmt: skip
+    assert "beta_start" not in ScheduleSpec("cosine").to_dict()
+    with pytest.raises(ValueError, match="takes no offset"):
+        ScheduleSpec("scaled_linear", offset=0.1)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ScheduleSpec("sigmoid")
+    with pytest.raises(ValueError, match="unknown schedule key"):
+        ScheduleSpec.from_dict({"kind": "linear", "betas": [0.1]})

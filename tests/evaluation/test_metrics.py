@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
+import pytorch_fid
 import torch
+from pytorch_fid_reference import PytorchFidRun
 from torch import Tensor, nn
 
 from ldm.checkpoints import save_safetensors
 from ldm.data.toy import caption, render, sample_spec
-from ldm.evaluation.fid import FeatureStatistics, build_inception_v3
+from ldm.evaluation.fid_statistics import FeatureStatistics
 from ldm.evaluation.metrics import evaluate, main
 
 SETTINGS = {"sampler": "euler", "steps": 20, "guidance_scale": 3.0, "negative_prompt": "", "spacing": "trailing"}
@@ -43,14 +45,12 @@ def _toy_folder(folder: Path, n: int, seed: int, checkpoint: Path | None = None)
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Random-weight stand-ins for the FID Inception and an open_clip model (config + weights)."""
+    """A random-weight stand-in for an open_clip model (config + weights)."""
     directory = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
-    save_safetensors(build_inception_v3("fid").state_dict(), directory / "pt_inception.safetensors")
     (directory / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
     save_safetensors(open_clip.CLIP(**TINY_CLIP).state_dict(), directory / "tiny_clip.safetensors")
-    return {"fid": directory / "pt_inception.safetensors", "clip_config": directory / "tiny_clip.json",
-            "clip": directory / "tiny_clip.safetensors"}  # fmt: skip
+    return {"clip_config": directory / "tiny_clip.json", "clip": directory / "tiny_clip.safetensors"}
 
 
 def test_cli_writes_the_configured_metrics(tmp_path: Path, weights: dict[str, Path]) -> None:
@@ -80,24 +80,32 @@ def identity_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()[: 64 * 2**20]).hexdigest()[:16]
 
 
-@pytest.mark.slow  # 15-30 s on one loaded core: the 2048-d Fréchet distance in float64 dominates
-def test_cli_fid_with_random_inception_weights_writes_and_reuses_the_cache(
-    tmp_path: Path, weights: dict[str, Path]
+@pytest.mark.slow
+def test_cli_fid_equals_pytorch_fids_and_writes_and_checks_its_cache(
+    tmp_path: Path, pytorch_fid_run: PytorchFidRun, pytorch_fid_value: float
 ) -> None:
-    _toy_folder(tmp_path / "samples", 3, seed=0)
-    _toy_folder(tmp_path / "reference", 3, seed=1)
+    """The command's FID against pytorch-fid's on the same folders and (random) weights."""
+    samples, reference = tmp_path / "samples", tmp_path / "reference"
+    shutil.copytree(pytorch_fid_run.folders.samples, samples)
+    shutil.copytree(pytorch_fid_run.folders.reference, reference)
     cache = tmp_path / "cache" / "ref.npz"
-    common = ["--fid-weights", str(weights["fid"]), "--reference-stats", str(cache), "--device", "cpu", "--no-progress"]
-    assert main([str(tmp_path / "samples"), "--reference", str(tmp_path / "reference"), *common]) == 0
-    fid = json.loads((tmp_path / "samples" / "metrics.json").read_text())["fid"]  # the default output path
-    assert math.isfinite(fid["value"]) and fid["value"] > 0
-    assert (fid["num_generated"], fid["num_reference"]) == (3, 3)
-    expected = f"inception_v3-fid sha256:{identity_of(weights['fid'])} 299px-bicubic-antialias-float pool3"
-    assert fid["extractor"] == expected
-    assert FeatureStatistics.load(cache, extractor=fid["extractor"], source=fid["reference"]).count == 3
+    weights = pytorch_fid_run.weights
+    common = ["--fid-weights", str(weights), "--reference-stats", str(cache), "--device", "cpu", "--no-progress"]
+    assert main([str(samples), "--reference", str(reference), *common]) == 0
+    fid = json.loads((samples / "metrics.json").read_text())["fid"]  # the default output path
+    assert pytorch_fid_value > 0.1  # large enough for the tolerance to mean something
+    assert abs(fid["value"] - pytorch_fid_value) <= 1e-3
+    assert (fid["num_generated"], fid["num_reference"]) == (4, 4)
+    version = pytorch_fid.__version__
+    assert fid["extractor"] == f"inception_v3-fid sha256:{identity_of(weights)} pytorch-fid-{version} pool3"
+    cached = FeatureStatistics.load(cache, extractor=fid["extractor"], source=fid["reference"])
+    theirs = pytorch_fid_run.features["reference"]  # (4, 2048)
+    assert cached.count == 4
+    np.testing.assert_allclose(cached.mean.numpy(), theirs.mean(axis=0), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cached.covariance.numpy(), np.cov(theirs, rowvar=False), rtol=0, atol=1e-6)
     # another reference with the same cache file is refused in one line
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "samples"), "--reference", str(tmp_path / "samples"), *common])
+        main([str(samples), "--reference", str(samples), *common])
 
 
 class ColourStats(nn.Module):

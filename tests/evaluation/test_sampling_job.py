@@ -1,9 +1,6 @@
 """The sampling job: rank shares, prompt sources, and 2 CPU ranks (gloo) killed midway and finished by a rerun."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -11,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_testing import ROOT, compose_config
+from ldm_testing import ROOT, compose_config, start_ranks, kill_ranks, wait_ranks
 from ldm.errors import UserError
 from ldm.evaluation.sampling_job import JobItem, Ranks, job_items, read_prompt_records
 from sample import sample
@@ -19,23 +16,10 @@ from sample import sample
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom left"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(checkpoint, out_dir, prompts_file, world_size=2, extra=()):
-    port = _free_port()
-    processes = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        command = [sys.executable, "sample.py", f"checkpoint={checkpoint}", f"prompts_file={prompts_file}",
-                   "num_images_per_prompt=4", "steps=2", "batch_size=2", f"out_dir={out_dir}", *extra]
-        processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
-    return processes
+def _start(checkpoint, out_dir, prompts_file, extra=()):
+    command = [sys.executable, "sample.py", f"checkpoint={checkpoint}", f"prompts_file={prompts_file}",
+               "num_images_per_prompt=4", "steps=2", "batch_size=2", f"out_dir={out_dir}", *extra]
+    return start_ranks(command, ROOT)
 
 
 def test_job_items_and_rank_split_are_disjoint_and_complete():
@@ -48,24 +32,21 @@ def test_job_items_and_rank_split_are_disjoint_and_complete():
     assert items[5] == JobItem(5, PROMPTS[1], 15, {})
 
 
+@pytest.mark.slow
 def test_two_ranks_killed_midway_then_rerun_write_the_whole_set_once(tiny_checkpoint, tmp_path):
     # one multi-process test for both properties: each ~10 s rank start-up is most of its cost
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS * 4) + "\n")  # 48 images
     out = tmp_path / "out"
-    processes = _launch(tiny_checkpoint, out, prompts, extra=["steps=4"])
+    ranks = _start(tiny_checkpoint, out, prompts, extra=["steps=4"])
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("0*.png"))) < 6:
         time.sleep(0.2)
-    for p in processes:
-        p.kill()
-        p.wait()
+    kill_ranks(ranks)
     made_before = len(list(out.glob("0*.png")))
     assert 0 < made_before < 48
 
-    processes = _launch(tiny_checkpoint, out, prompts, extra=["steps=4"])
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    wait_ranks(_start(tiny_checkpoint, out, prompts, extra=["steps=4"]), timeout=600)
     names = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
     assert names == [f"{i:06d}.png" for i in range(48)]
     assert not list(out.glob(".*.tmp"))  # no leftovers of the killed writes
@@ -100,23 +81,22 @@ def test_prompt_sources(tmp_path):
 def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
     from ldm.evaluation.sampling_job import FolderOutput, remove_stale_temporaries
 
-    for name in (".000000.png.ab12cd.tmp", ".000001.png.xy.tmp", ".000000.png", "000000.png", ".other.tmp"):
+    for name in (".000000.png.ab12cd34.tmp", ".000001.png.xy_9ab00.tmp", ".000000.png", "000000.png", ".other.tmp"):
         (tmp_path / name).write_text("x")
     items = job_items([{"prompt": p} for p in PROMPTS], 1, seed=0)  # indices 0, 1, 2
     mine = Ranks(0, 2, 0).mine(items)  # this rank: 0 and 2; rank 1 may be writing 000001 right now
     assert remove_stale_temporaries(tmp_path, FolderOutput(tmp_path).files_of(mine, items)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy.tmp", ".other.tmp", "000000.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy_9ab00.tmp", ".other.tmp", "000000.png"]
 
 
+@pytest.mark.slow
 def test_two_ranks_write_every_item_of_shard_output_exactly_once(tiny_checkpoint, tmp_path):
     import tarfile
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")  # 12 items in shards of 5: 5 + 5 + 2
     out = tmp_path / "out"
-    processes = _launch(tiny_checkpoint, out, prompts, extra=["output=shards", "samples_per_shard=5", "steps=1"])
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    outputs = wait_ranks(_start(tiny_checkpoint, out, prompts, extra=["output=shards", "samples_per_shard=5", "steps=1"]), timeout=600)
     assert "12/12 images" in outputs[0]
     indices = []
     for shard in sorted(out.glob("samples-*.tar")):
@@ -163,7 +143,7 @@ def test_claim_out_dir_deletes_only_sampling_job_files(tmp_path):
     manifest = {"checkpoint": "c", "prompts": "p", "num_prompts": 1, "settings": {"steps": 20}}
     claim_out_dir(tmp_path, manifest)
     keep = ["notes.txt", "000001.jpg", "12.png", "samples-000000.tar.gz", ".hidden"]
-    drop = ["000000.png", "000001.png", "samples-000003.tar", "metadata.jsonl", "grid.png", ".000002.png.x1y2.tmp"]
+    drop = ["000000.png", "000001.png", "samples-000003.tar", "metadata.jsonl", "grid.png", ".000002.png.x1y2_3z4.tmp"]
     for name in keep + drop:
         (tmp_path / name).write_text("x")
     (tmp_path / "000009.png").mkdir()  # a directory is never deleted

@@ -8,7 +8,7 @@ import torch
 
 from bundles import TEXT_CFG, assert_same_tensors, make_bundle
 from ldm.errors import UserError
-from ldm.formats.bundle import sd1_text_config, sd2_text_config
+from bench.presets import network_configs
 from ldm.formats.diffusers_folder import _text_config, export_diffusers, import_diffusers, text_family
 
 diffusers = pytest.importorskip("diffusers")
@@ -111,9 +111,9 @@ SD21_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden
 
 def test_full_size_text_encoders_get_the_family_presets():
     assert text_family(SD15_TEXT, 49407, 768) == "sd1"
-    assert _text_config(SD15_TEXT, 49407, "sd1") == sd1_text_config()
+    assert _text_config(SD15_TEXT, 49407, "sd1") == network_configs("sd15")["text"]
     assert text_family(SD21_TEXT, 0, 1024) == "sd2"
-    assert _text_config(SD21_TEXT, 0, "sd2") == sd2_text_config()  # ViT-H-14, penultimate: 24 blocks, 23 run
+    assert _text_config(SD21_TEXT, 0, "sd2") == network_configs("sd21_base")["text"]  # ViT-H-14, penultimate: 24 blocks, 23 run
 
 
 @pytest.mark.parametrize("config, pad, context", [

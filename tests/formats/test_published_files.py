@@ -199,7 +199,8 @@ FULL_SIZE = {
 def test_full_size_sd15_and_sd21_keys_survive_diffusers_converters(family):
     """Full-size SD 1.5 / 2.1 on the meta device (names and shapes, no memory): folder -> our single
     file -> diffusers' converters gives every original tensor back, the shapes unchanged."""
-    from ldm.formats.bundle import sd_bundle_configs
+    from bench.presets import network_configs
+    from ldm.formats.architecture import text_config_from_weights, unet_config_from_weights, vae_config_from_weights
     from ldm.formats.diffusers_folder import bundle_from_diffusers
     from ldm.formats.single_file import single_file_state
 
@@ -212,10 +213,14 @@ def test_full_size_sd15_and_sd21_keys_survive_diffusers_converters(family):
     weights["text_encoder"].pop("text_model.embeddings.position_ids", None)  # a buffer transformers 4.x may list
     configs = dict(configs, unet=dict(unet.config), vae=dict(vae.config), text_encoder=text.config.to_dict())
     bundle = bundle_from_diffusers(configs, weights, 49407 if family == "sd1" else 0)
-    preset = json.loads(json.dumps(sd_bundle_configs(family)))  # what an SD 1.5 / 2.1 single file imports as
-    assert bundle.family == family and bundle.text_config == preset["text_config"]  # ViT-L-14 / ViT-H-14
-    unet_preset = {k: v for k, v in preset["unet_config"].items() if v is not None}
-    assert json.loads(json.dumps({k: bundle.unet_config[k] for k in unet_preset})) == unet_preset
+    # what the folder's configs say is what a published single file's weights import as, and our preset
+    plain = lambda config: json.loads(json.dumps(config))  # noqa: E731 (tuples as lists)
+    preset = network_configs("sd15" if family == "sd1" else "sd21_base")
+    assert bundle.family == family and bundle.text_config == preset["text"]  # ViT-L-14 / ViT-H-14
+    assert text_config_from_weights(bundle.text, family) == preset["text"]
+    assert plain(unet_config_from_weights(bundle.unet, family)) == plain(bundle.unet_config)
+    assert {k: bundle.unet_config[k] for k in preset["unet"]} == preset["unet"]
+    assert plain(vae_config_from_weights(bundle.vae)) == plain({**bundle.vae_config, "resolution": 256})
     state = single_file_state(bundle)
     assert len(state) == {"sd1": 686 + 248 + 197, "sd2": 686 + 248 + 4 + 23 * 12}[family]  # SD 1.5: 1,131 tensors
     converted = {

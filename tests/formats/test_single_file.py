@@ -5,10 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bundles import assert_same_tensors, make_bundle
+from bundles import TEXT_CFG, assert_same_tensors, make_bundle
 from ldm.errors import UserError
+from ldm.formats import load_bundle
 from ldm.formats.bundle import schedule_from_spec
-from ldm.formats.single_file import SD1_TEXT_PREFIX, detect_family, export_single_file, import_single_file
+from ldm.formats.single_file import (
+    SD1_TEXT_PREFIX, detect_family, export_single_file, import_single_file, single_file_state,
+)
 
 
 def test_round_trip_is_bit_identical(bundle, tmp_path):
@@ -51,18 +54,40 @@ def test_half_precision_file_imports_as_is(bundle, tmp_path):
     assert back.metadata() == bundle.metadata()
 
 
-def test_file_without_our_metadata_uses_the_family_preset(tmp_path):
-    # a foreign SD 1.x file: detection by keys and shapes (here on a fake state of the real shapes)
+def test_the_family_is_the_text_encoder_layout_whose_width_the_unet_reads():
+    # a foreign SD 1.x / 2.x file: detection by keys and shapes (here on a fake state of the real shapes)
     state = {
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(49408, 768),
     }
     assert detect_family(state) == "sd1"
     state2 = {
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
-        "cond_stage_model.model.token_embedding.weight": torch.zeros(1),
+        "cond_stage_model.model.token_embedding.weight": torch.zeros(49408, 1024),
     }
     assert detect_family(state2) == "sd2"
+
+
+def test_a_foreign_sd1_shaped_file_of_any_width_imports_with_the_architecture_of_its_weights(tmp_path):
+    # no metadata: widths, levels, blocks, attention and context come from the tensors, heads from
+    # SD 1.x's convention (8 everywhere), so the tiny model reads back with 8 heads instead of its 2
+    bundle = make_bundle("sd1")
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: v.contiguous() for k, v in single_file_state(bundle).items()}, str(path))  # no metadata
+    back = load_bundle(path)
+    assert back.family == "sd1" and back.unet_config == {**bundle.unet_config, "num_heads": 8, "transformer_depth": 1,
+                                                                  "dropout": 0.0, "norm_groups": 32}
+    assert back.vae_config == {**bundle.vae_config, "attention_resolutions": [], "resolution": 256,
+                               "scaling_factor": 0.18215, "norm_groups": 32, "in_channels": 3, "out_channels": 3}  # SD's: no tensor holds them
+    assert back.text_config["text_cfg"] == {**TEXT_CFG, "heads": 1, "mlp_ratio": 4.0}  # 32 wide: one 64-wide head
+    back.build()  # and the networks build from it and take its weights (strict)
+
+
+def test_a_foreign_file_whose_widths_do_not_fit_its_familys_heads_is_one_line(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: v.contiguous() for k, v in single_file_state(make_bundle("sd2")).items()}, str(path))
+    with pytest.raises(UserError, match=r"attention widths \[32, 64\] do not split into sd2's 64-channel heads"):
+        load_bundle(path)
 
 
 @pytest.mark.parametrize("state, message", [

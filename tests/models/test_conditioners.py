@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from ldm.checkpoints import save_safetensors
 from ldm.models.conditioners import OpenCLIPTextEncoder, _pad_after_eot
 
 TINY = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=3)
@@ -74,28 +73,6 @@ def test_last_layer_matches_open_clip_text_intermediates():
             tokens, normalize_intermediates=True, intermediates_only=True, output_fmt="NLC"
         )
         assert torch.allclose(encoder.encode_tokens(tokens), out["text_intermediates"][-1], atol=1e-6)
-
-
-def test_pretrained_weights_from_local_files(tmp_path):
-    source = tiny(init_seed=7)
-    full_model_state = {f"{k}": v for k, v in source.model.state_dict().items()}
-    full_model_state["visual.conv1.weight"] = torch.zeros(1)  # a full CLIP file also holds the image tower
-    full_model_state["logit_scale"] = torch.ones(())
-    path = tmp_path / "clip.safetensors"
-    save_safetensors(full_model_state, path)
-    loaded = tiny(pretrained=str(path))
-    with torch.no_grad():
-        assert torch.equal(loaded(PROMPTS), source(PROMPTS))
-    torch.save({"state_dict": {f"model.{k}": v for k, v in source.model.state_dict().items()}}, tmp_path / "clip.pt")
-    with torch.no_grad():
-        assert torch.equal(tiny(pretrained=str(tmp_path / "clip.pt"))(PROMPTS), source(PROMPTS))
-
-
-def test_missing_weights_are_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found: .*nope.bin"):
-        OpenCLIPTextEncoder(model_name=None, text_cfg=TINY, pretrained=str(tmp_path / "nope.bin"))
-    with pytest.raises(FileNotFoundError, match="neither a local file nor a cached open_clip tag"):
-        OpenCLIPTextEncoder("ViT-B-32", pretrained="no_such_tag")
 
 
 def test_named_config_builds_offline():

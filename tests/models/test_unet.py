@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config, timestep_embedding
+from bench.presets import network_configs
+from ldm.models.unet import UNetModel, timestep_embedding
 
 TINY = dict(model_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
             num_heads=4, context_dim=64)  # fmt: skip
@@ -93,10 +94,10 @@ def test_heads_must_be_given_exactly_one_way() -> None:
         UNetModel(**dict(TINY, num_heads=None))
 
 
-@pytest.mark.parametrize(("config", "num_params"), [(sd15_unet_config, 859_520_964), (sd21_unet_config, 865_910_724)])
-def test_presets_have_the_published_sizes(config: Any, num_params: int) -> None:
+@pytest.mark.parametrize(("preset", "num_params"), [("sd15", 859_520_964), ("sd21_base", 865_910_724)])
+def test_presets_have_the_published_sizes(preset: str, num_params: int) -> None:
     with torch.device("meta"):
-        model = UNetModel(**config())
+        model = UNetModel(**network_configs(preset)["unet"])
     assert sum(p.numel() for p in model.parameters()) == num_params
     assert len(model.state_dict()) == 686  # U-Net keys under model.diffusion_model. in SD 1.x / 2.x checkpoints
 

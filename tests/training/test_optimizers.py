@@ -75,10 +75,15 @@ def test_flat_parameters_alone_are_refused_with_a_reason():
 
 def test_a_net_of_matrices_only_needs_no_adamw():
     net = nn.Linear(4, 3, bias=False)
+    start = net.weight.detach().clone()
     optimizer = MuonAdamW(net.parameters(), lr=1e-2)
+    assert [len(group["params"]) for group in optimizer.param_groups] == [1]  # Muon's group alone, no AdamW group
     net.weight.grad = torch.ones_like(net.weight)
     optimizer.step()
-    optimizer.load_state_dict(optimizer.state_dict())
+    assert not torch.equal(net.weight, start)  # Muon moved it
+    state = copy.deepcopy(optimizer.state_dict())
+    optimizer.load_state_dict(state)  # a checkpoint round trip keeps the momentum
+    assert torch.equal(optimizer.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
 
 
 def test_vectors_follow_torch_adamw_exactly():

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import open_dict
 
@@ -23,13 +24,18 @@ def _run(train_config, out: Path, max_steps: int, *extra: str):
 CACHES = ("task.channels_last=true", "task.posterior_cache_size=64", "task.context_cache_size=64")
 
 
-def test_resume_is_bit_identical(train_config, tmp_path):
-    straight = _run(train_config, tmp_path / "straight", STEPS, *CACHES)["task"]
-    _run(train_config, tmp_path / "interrupted", STEPS, *CACHES, "+callbacks.stop._target_=ldm_testing.StopAfterStep",
+# the toy's Muon (its filters' momentum is reshaped per matrix) and fused AdamW on every parameter, whose
+# state must come back in its parameter's memory format (channels_last filters, contiguous in the file)
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["muon_cosine", "adamw_cosine"])
+def test_resume_is_bit_identical(train_config, tmp_path, optim):
+    options = (*CACHES, f"optim={optim}")
+    straight = _run(train_config, tmp_path / "straight", STEPS, *options)["task"]
+    _run(train_config, tmp_path / "interrupted", STEPS, *options, "+callbacks.stop._target_=ldm_testing.StopAfterStep",
          f"+callbacks.stop.step={STEPS // 2}")  # fmt: skip
     half = tmp_path / "interrupted" / "checkpoints" / "step_0000003.ckpt"
     assert load_training_checkpoint(half)["global_step"] == STEPS // 2
-    resumed = _run(train_config, tmp_path / "interrupted", STEPS, *CACHES, f"resume={half}")["task"]
+    resumed = _run(train_config, tmp_path / "interrupted", STEPS, *options, f"resume={half}")["task"]
     assert len(resumed.posterior_cache.entries) < len(straight.posterior_cache.entries)  # it did start empty
 
     for name, a in straight.state_dict().items():

@@ -1,6 +1,7 @@
 """A run directory is someone's work: refusals, resume=auto's choice, temp files, resume= errors."""
 
 import shutil
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_resume_auto_skips_a_corrupt_last_and_removes_killed_saves(train_config,
     intact = directory / "step_0000002.ckpt"
     shutil.copy(tiny_checkpoint, intact)
     (directory / "last.ckpt").write_bytes(tiny_checkpoint.read_bytes()[:5000])  # a torn copy
-    killed = directory / ".last.ckpt.k2x_9abc.tmp"  # ldm.checkpoints._atomic_path's name for last.ckpt
+    killed = directory / ".last.ckpt.k2x_9abc.tmp"  # ldm.atomic's temporary name for last.ckpt
     killed.write_bytes(b"\0" * 1000)
     others = [directory / "notes.tmp", directory / ".hidden.tmp", directory.parent / ".last.ckpt.abcd1234.tmp"]
     for other in others:
@@ -120,6 +121,7 @@ def test_resume_auto_loads_pretrained_weights_on_the_first_launch(train_config, 
         with torch.no_grad():
             for p in unet.parameters():
                 p.fill_(0.01)
+        return SimpleNamespace(prediction_type="x0")  # the bundle load_weights_into returns
 
     monkeypatch.setattr(train_module, "load_weights_into", fake_load_weights_into)
     overrides = ("~callbacks.sample_grid", f"+model.pretrained={tmp_path / 'sd.safetensors'}", "resume=auto",

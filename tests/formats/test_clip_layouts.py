@@ -5,12 +5,13 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoints import save_safetensors
-from ldm.models.clip_layouts import (
+from ldm.formats.clip_layouts import (
     find_text_encoder,
     hf_to_open_clip,
     open_clip_text_cfg,
     open_clip_to_hf,
 )
+from ldm.formats.text_encoder import load_text_weights_hf, open_clip_text_encoder, text_config_hf, text_state_hf
 from ldm.models.conditioners import OpenCLIPTextEncoder
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center!", ""]
@@ -40,7 +41,7 @@ def tiny_hf(seed: int = 0, **overrides) -> CLIPTextModel:
 def sd1_encoder(hf: CLIPTextModel, **kwargs) -> OpenCLIPTextEncoder:
     text_cfg, quick_gelu = open_clip_text_cfg(hf.config.to_dict())
     kwargs = dict(quick_gelu=quick_gelu, layer="last", pad_token_id=EOT) | kwargs
-    return OpenCLIPTextEncoder(model_name=None, text_cfg=text_cfg, **kwargs).eval()
+    return open_clip_text_encoder(model_name=None, text_cfg=text_cfg, **kwargs).eval()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +51,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_sd1_hf_text_model_parity():
     hf = tiny_hf()
     encoder = sd1_encoder(hf)
-    encoder.load_state_dict_hf(hf.state_dict())
+    load_text_weights_hf(encoder, hf.state_dict())
     tokens = encoder.tokenize(PROMPTS)  # padded with EOT, as SD 1.x's CLIPTokenizer does
     assert tokens[0, -1].item() == EOT
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_sd1_hf_text_model_parity():
         # the check can fail: q and k exchanged is far off
         swapped = {k.replace("q_proj", "@").replace("k_proj", "q_proj").replace("@", "k_proj"): v
                    for k, v in hf.state_dict().items()}
-        encoder.load_state_dict_hf(swapped)
+        load_text_weights_hf(encoder, swapped)
         assert max_diff(encoder(PROMPTS), expected) > 1e-2
 
 
@@ -96,19 +97,19 @@ def sd2_encoder(seed: int | None, **kwargs) -> OpenCLIPTextEncoder:
 
 def test_sd2_export_to_hf_drops_the_unused_last_block():
     encoder = sd2_encoder(seed=2)  # gelu, 3 blocks, context = penultimate block then ln_final
-    config = encoder.hf_config()
+    config = text_config_hf(encoder)
     assert config["num_hidden_layers"] == 2 and config["hidden_act"] == "gelu"
     hf = CLIPTextModel(CLIPTextConfig(**config)).eval()
-    hf.load_state_dict(encoder.state_dict_hf(), strict=True)
+    hf.load_state_dict(text_state_hf(encoder), strict=True)
     tokens = encoder.tokenize(PROMPTS)  # zero padding, as SD 2.x and diffusers' SD 2.x tokenizer
     with torch.no_grad():
         ours = encoder.encode_tokens(tokens)
         assert max_diff(hf(input_ids=tokens).last_hidden_state, ours) <= 1e-4
         # back: a full tower whose unused last block keeps its own init, or a tower one block short
         full = sd2_encoder(seed=None, init_seed=5)
-        full.load_state_dict_hf(hf.state_dict())
+        load_text_weights_hf(full, hf.state_dict())
         short = sd2_encoder(seed=None, text_cfg={**OC_TINY, "layers": 2}, layer="last")
-        short.load_state_dict_hf(hf.state_dict())
+        load_text_weights_hf(short, hf.state_dict())
         assert torch.equal(full.encode_tokens(tokens), ours)
         assert torch.equal(short.encode_tokens(tokens), ours)
 
@@ -116,15 +117,15 @@ def test_sd2_export_to_hf_drops_the_unused_last_block():
 def test_loading_requires_every_block_that_runs():
     hf_two_layers = tiny_hf(num_hidden_layers=2).state_dict()
     with pytest.raises(KeyError, match="missing .*resblocks.2"):
-        sd2_encoder(seed=None, layer="last").load_state_dict_hf(hf_two_layers)
+        load_text_weights_hf(sd2_encoder(seed=None, layer="last"), hf_two_layers)
     with pytest.raises(KeyError, match="unexpected .*resblocks.3"):
-        sd2_encoder(seed=None).load_state_dict_hf(tiny_hf(num_hidden_layers=4).state_dict())
+        load_text_weights_hf(sd2_encoder(seed=None), tiny_hf(num_hidden_layers=4).state_dict())
 
 
 def test_sd_checkpoints_load_from_either_layout(tmp_path):
     hf = tiny_hf(seed=3)
     reference = sd1_encoder(hf)
-    reference.load_state_dict_hf(hf.state_dict())
+    load_text_weights_hf(reference, hf.state_dict())
     unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}
     sd1 = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in hf.state_dict().items()}
     sd1["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
@@ -171,11 +172,11 @@ def test_real_configs_map_one_to_one(name):
     kwargs, published = REAL[name]
     with torch.device("meta"):  # structure only: no 350M-parameter init on CPU
         encoder = OpenCLIPTextEncoder(**kwargs)
-        config = encoder.hf_config()
+        config = text_config_hf(encoder)
         hf_state = CLIPTextModel(CLIPTextConfig(**config)).state_dict()
     assert published.items() <= config.items()
     assert config["max_position_embeddings"] == 77 and config["vocab_size"] == 49408
-    exported = encoder.state_dict_hf()
+    exported = text_state_hf(encoder)
     assert exported.keys() == hf_state.keys()
     assert all(exported[k].shape == hf_state[k].shape for k in hf_state)
     imported, tower = hf_to_open_clip(hf_state), encoder.model.state_dict()

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from ldm.models import diffusers_layout
+from ldm.formats import diffusers_layout
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.models.diffusers_layout import (
+from ldm.formats.diffusers_layout import (
     unet_config_from_diffusers,
     unet_diffusers_config,
     unet_from_diffusers,
@@ -23,7 +23,8 @@ from ldm.models.diffusers_layout import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from ldm.models.unet import UNetModel, sd15_unet_config, sd21_unet_config
+from bench.presets import network_configs
+from ldm.models.unet import UNetModel
 
 # SD's structure (four levels, attention at factors 4/2/1, two ResBlocks per level) at a tenth of its width.
 SD_SHAPED = dict(model_channels=32, channel_multipliers=(1, 2, 2, 2), num_res_blocks=2,
@@ -292,7 +293,7 @@ def test_keys_outside_the_config_are_refused() -> None:
 
 @pytest.mark.parametrize("name", [*sorted(UNETS), "sd15", "sd21"])
 def test_unet_config_round_trips(name: str) -> None:
-    config = {"sd15": sd15_unet_config(), "sd21": sd21_unet_config()}.get(name) or UNETS[name]
+    config = network_configs({"sd15": "sd15", "sd21": "sd21_base"}[name])["unet"] if name in ("sd15", "sd21") else UNETS[name]
     config = dict(config, dropout=0.1, norm_groups=16, transformer_depth=2) if name == "sd1" else config
     assert unet_config_from_diffusers(unet_diffusers_config(config, 64)) == _unet_architecture(config)
 
@@ -306,10 +307,10 @@ def test_vae_config_round_trips(name: str) -> None:
 def test_published_sd_configs_import_as_our_presets() -> None:
     """The quirk: SD 1.5's attention_head_dim 8 is a head count (num_heads); SD 2.1's [5, 10, 20, 20]
     are per-level head counts of 64-wide heads (head_dim)."""
-    assert unet_config_from_diffusers(SD15_UNET_JSON) == _unet_architecture(sd15_unet_config())
-    assert unet_config_from_diffusers(SD21_UNET_JSON) == _unet_architecture(sd21_unet_config())
+    assert unet_config_from_diffusers(SD15_UNET_JSON) == _unet_architecture(network_configs("sd15")["unet"])
+    assert unet_config_from_diffusers(SD21_UNET_JSON) == _unet_architecture(network_configs("sd21_base")["unet"])
     assert vae_config_from_diffusers(SD_VAE_JSON) == _vae_architecture(dict(resolution=512))
-    exported = unet_diffusers_config(sd21_unet_config(), sample_size=96)
+    exported = unet_diffusers_config(network_configs("sd21_768")["unet"], sample_size=96)
     assert all(exported[k] == v for k, v in SD21_UNET_JSON.items() if not k.startswith("_") and k != "upcast_attention")
 
 
@@ -337,18 +338,18 @@ def test_unsupported_diffusers_configs_are_refused() -> None:
     with pytest.raises(ValueError, match="z_channels == embed_dim"):
         vae_diffusers_config(dict(z_channels=4, embed_dim=3))
     with pytest.raises(ValueError, match=r"channel_multipliers\[0\] == 1"):
-        unet_diffusers_config(dict(sd15_unet_config(), channel_multipliers=(2, 4)), 64)
+        unet_diffusers_config(dict(network_configs("sd15")["unet"], channel_multipliers=(2, 4)), 64)
 
 
 # ------------------------------------------------------------------------- (5) full-size maps
 
 
-@pytest.mark.parametrize("preset", [sd15_unet_config, sd21_unet_config])
-def test_full_size_unet_maps_one_to_one(preset: Any) -> None:
+@pytest.mark.parametrize("preset", ["sd15", "sd21_base"])
+def test_full_size_unet_maps_one_to_one(preset: str) -> None:
     diffusers = _diffusers()
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    config = preset()
+    config = network_configs(preset)["unet"]
     with torch.device("meta"):
         state = UNetModel(**config).state_dict()
         reference = diffusers.UNet2DConditionModel(**unet_diffusers_config(config, sample_size=64)).state_dict()
