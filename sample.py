@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ldm.cli import one_line_errors
-from ldm.errors import UserError
 from ldm.diffusion.timesteps import SPACINGS
+from ldm.errors import UserError
 from ldm.evaluation.classifier_labels import ClassifierJob
 from ldm.evaluation.init_images import InitImageJob
 from ldm.evaluation.sampling_job import (

@@ -119,7 +119,7 @@ class LatentBlending:
         for k in range(up, down):
             x0 = self.denoise(x, self.steps[k])
             a_t, s_t, a_n, s_n = self.alphas[k], self.sigmas[k], self.alphas[k + 1], self.sigmas[k + 1]
-            x = self.blend(ddpm_step(x, x0, a_t, s_t, a_n, s_n, lambda: self._fresh_noise(x)), k + 1)
+            x = self.blend(ddpm_step(x, x0, a_t, s_t, a_n, s_n, lambda like=x: self._fresh_noise(like)), k + 1)
         return x
 
     def _fresh_noise(self, like: Tensor) -> Tensor:

@@ -120,7 +120,7 @@ def sample_ddpm(
     for i, t in enumerate(timesteps.tolist()):
         a_t, s_t, a_n, s_n = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
         x0 = denoise(x, t)
-        x = ddpm_step(x, x0, a_t, s_t, a_n, s_n, lambda: _noise(noise_sampler, x))
+        x = ddpm_step(x, x0, a_t, s_t, a_n, s_n, lambda like=x: _noise(noise_sampler, like))
         x = _after_step(callback, i, t, x, x0)
     return x
 

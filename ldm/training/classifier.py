@@ -183,7 +183,7 @@ def load_classifier(path: str | Path) -> tuple[NoisyClassifier, dict[str, Any]]:
         classifier = NoisyClassifier(heads, **spec["config"])
         classifier.load_state_dict(submodule_state(checkpoint["state_dict"], "classifier."))
     except (TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: the classifier's weights do not fit its spec ({str(error).splitlines()[0]})")
+        raise UserError(f"{path}: the classifier's weights do not fit its spec ({str(error).splitlines()[0]})") from None
     return classifier.requires_grad_(False).eval(), spec
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_samplers import ALL, MU, SCHEDULE, ZSNR, GaussianNetwork, S
 
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.img2img import check_strength, noised_start, strength_timesteps
 from ldm.diffusion.timesteps import sampling_timesteps
-from test_samplers import ALL, MU, S, SCHEDULE, ZSNR, GaussianNetwork
 
 
 @pytest.fixture(autouse=True)

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from test_samplers import ALL, MU, SCHEDULE, GaussianNetwork, S
 
 from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.inpainting import LatentBlending, latent_mask, network_calls
 from ldm.diffusion.samplers import PerSampleNoise, sample_ddim, sample_ddpm
 from ldm.diffusion.timesteps import sampling_timesteps
-from test_samplers import ALL, MU, S, SCHEDULE, GaussianNetwork
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
