@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -23,30 +24,30 @@ def _config(checkpoint, out_dir, *overrides):
                                      "batch_size=3", "sampler=ddim", *overrides])  # fmt: skip
 
 
-def write_classifier_checkpoint(path, autoencoder, schedule_node, seed=0):
+def write_classifier_checkpoint(path, autoencoder, schedule, seed=0):
     """A tiny toy classifier's checkpoint as the classifier task writes it (its own spec writer), untrained:
     guidance only needs a differentiable log p(y | z_t)."""
     torch.manual_seed(seed)
     heads = {name: len(names) for name, names in TOY_CLASSES.items()}
     classifier = NoisyClassifier(heads, model_channels=8, channel_multipliers=[1, 2], norm_groups=4, pool_size=2)
-    task = NoisyClassifierTraining(classifier, autoencoder, None, optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
-                                   image_size=32, run_config={"schedule": schedule_node})  # fmt: skip
+    task = NoisyClassifierTraining(classifier, autoencoder, schedule, optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
+                                   image_size=32)  # fmt: skip
     checkpoint = {"state_dict": {f"classifier.{k}": v for k, v in classifier.state_dict().items()}}
     task.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
 
 
-def _tiny_schedule_node(*overrides):
-    cfg = compose_config("train", [*TINY_MODEL, *overrides])
-    return OmegaConf.to_container(cfg.schedule, resolve=True)
+def _tiny_schedule(*overrides):
+    """The noise schedule train.py builds for the tiny model (from its typed spec, as checkpoints store it)."""
+    return instantiate(compose_config("train", [*TINY_MODEL, *overrides]).schedule)
 
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tiny_checkpoint, tmp_path_factory):
     pipeline, _ = pipeline_from_checkpoint(str(tiny_checkpoint))
     path = tmp_path_factory.mktemp("classifier") / "classifier.ckpt"
-    return write_classifier_checkpoint(path, pipeline.autoencoder, _tiny_schedule_node())
+    return write_classifier_checkpoint(path, pipeline.autoencoder, _tiny_schedule())
 
 
 def _pixels(path):
@@ -101,7 +102,7 @@ def test_other_classifier_settings_refuse_the_folder_and_a_copied_classifier_res
     copy.write_bytes(tiny_classifier.read_bytes())
     (out / "000001.png").unlink()
     sample(_config(tiny_checkpoint, out, PROMPT, f"classifier={copy}", "classifier_scale=2"))  # same content: resumed
-    other = write_classifier_checkpoint(tmp_path / "other.ckpt", load_vae(tiny_checkpoint), _tiny_schedule_node(), seed=1)
+    other = write_classifier_checkpoint(tmp_path / "other.ckpt", load_vae(tiny_checkpoint), _tiny_schedule(), seed=1)
     with pytest.raises(UserError, match=r"another job \(classifier\)"):
         sample(_config(tiny_checkpoint, out, PROMPT, f"classifier={other}", "classifier_scale=2"))
 
@@ -113,14 +114,14 @@ def load_vae(checkpoint):
 def test_a_classifier_of_other_latents_is_refused_in_one_line(tiny_checkpoint, tmp_path):
     vae = load_vae(tiny_checkpoint)
     other_vae = type(vae)(**{**_vae_arguments(), "scaling_factor": vae.scaling_factor})  # fresh weights
-    wrong_vae = write_classifier_checkpoint(tmp_path / "vae.ckpt", other_vae, _tiny_schedule_node())
+    wrong_vae = write_classifier_checkpoint(tmp_path / "vae.ckpt", other_vae, _tiny_schedule())
     with pytest.raises(UserError, match=r"classifier=.*vae.ckpt was trained on another VAE's latents than the model's \(VAE fingerprint"):
         sample(_config(tiny_checkpoint, tmp_path / "a", PROMPT, f"classifier={wrong_vae}"))
-    wrong_schedule = write_classifier_checkpoint(tmp_path / "schedule.ckpt", vae, _tiny_schedule_node("schedule.zero_terminal_snr=false"))
+    wrong_schedule = write_classifier_checkpoint(tmp_path / "schedule.ckpt", vae, _tiny_schedule("schedule.zero_terminal_snr=false"))
     with pytest.raises(UserError, match=r"schedule.ckpt was trained with another noise schedule than the model's"):
         sample(_config(tiny_checkpoint, tmp_path / "b", PROMPT, f"classifier={wrong_schedule}"))
     vae.scaling_factor *= 2
-    wrong_scale = write_classifier_checkpoint(tmp_path / "scale.ckpt", vae, _tiny_schedule_node())
+    wrong_scale = write_classifier_checkpoint(tmp_path / "scale.ckpt", vae, _tiny_schedule())
     with pytest.raises(UserError, match=r"scale.ckpt was trained on latents scaled by"):
         sample(_config(tiny_checkpoint, tmp_path / "c", PROMPT, f"classifier={wrong_scale}"))
     _, spec = load_classifier(wrong_scale)
