@@ -110,7 +110,8 @@ def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
     for number, row in jsonl_rows(path, MAX_JSONL_LINE_BYTES):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: each line must be a JSON object")
-        text = row.pop("prompt", None) or row.pop("caption", None)
+        prompt = row.pop("prompt", None)  # "" is a prompt: the unconditional model (e.g. guided by a classifier)
+        text = prompt if isinstance(prompt, str) else row.pop("caption", None)
         if not isinstance(text, str):
             raise UserError(f"{path}:{number}: no 'prompt' or 'caption' string")
         _add_record(records, {"prompt": text, **row}, path)
@@ -314,12 +315,13 @@ def remove_stale_temporaries(directory: Path, names: set[str]) -> int:
 
 def run_job(
     items: Sequence[JobItem],
-    generate: Callable[[list[str], list[int]], torch.Tensor],
+    generate: Callable[[list[JobItem]], torch.Tensor],
     output: FolderOutput | ShardOutput,
     ranks: Ranks,
     batch_size: int,
 ) -> dict[str, Any]:
     """Make this rank's missing items in batches; returns counts (made, skipped, failed, seconds).
+    ``generate(batch)`` makes the images (B, 3, H, W) in [0, 1] of a batch of items (prompt, seed, ...).
 
     An image with a non-finite pixel (NaN/Inf, e.g. an fp16 overflow) is not written: a warning
     names the item, it counts as failed, and a rerun makes it again (it is still missing)."""
@@ -334,7 +336,7 @@ def run_job(
     made = failed = 0
     with tqdm(total=len(todo), desc=f"sampling (rank {ranks.rank})", unit="img", disable=ranks.rank != 0) as bar:
         for batch in batches_of(todo, batch_size):
-            pixels = generate([item.prompt for item in batch], [item.seed for item in batch])  # (B, 3, H, W)
+            pixels = generate(batch)  # (B, 3, H, W)
             finite = torch.isfinite(pixels.flatten(1)).all(dim=1).tolist()
             for item, image, ok in zip(batch, _to_uint8(pixels), finite):
                 if not ok:
