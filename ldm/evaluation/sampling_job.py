@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.atomic import atomic_path, temporary_target
+from ldm.data.shard_reader import read_shard
+from ldm.data.shard_writer import ShardWriter
+from ldm.data.shards import expand_shards
+from ldm.data.skips import DataCounts
 from ldm.errors import UserError
 from ldm.jsonl import jsonl_rows, text_lines
 
@@ -119,24 +122,28 @@ def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _records_from_shards(spec: Any) -> list[dict[str, Any]]:
-    from ldm.data.shards import expand_shards
-
+    """The ``.txt`` caption of each sample of tar shards (read by ``ldm.data.shard_reader``: member size
+    caps, timeouts), in order. A shard that cannot be read whole is an error: the job's prompts would
+    depend on where it broke."""
     records: list[dict[str, Any]] = []
+    counts = DataCounts()
     for url in expand_shards(spec):
-        try:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        key = member.name[: -len(".txt")]
-                        data = tar.extractfile(member).read(MAX_PROMPT_LINE_BYTES)  # a huge member is not read whole
-                        try:  # a caption cut by the cap may end inside a character: that one is dropped
-                            text = codecs.getincrementaldecoder("utf-8")().decode(data, final=member.size <= len(data))
-                        except UnicodeDecodeError:
-                            raise UserError(f"{url}: {member.name} is not UTF-8 text") from None
-                        _add_record(records, {"prompt": text.strip(), "key": key, "shard": Path(url).name}, url)
-        except tarfile.TarError as error:
-            raise UserError(f"{url}: not a readable tar ({error})") from None
+        for sample in read_shard(url, counts):
+            if "txt" in sample:
+                text = _caption_text(sample["txt"], f"{url}: {sample['__key__']}.txt")
+                _add_record(records, {"prompt": text, "key": sample["__key__"], "shard": Path(url).name}, url)
+        if counts.take():
+            reason, where, detail = counts.last_skip
+            raise UserError(f"{where or url}: {reason.replace('_', ' ')} ({detail}): the job's prompts would be incomplete")
     return records
+
+
+def _caption_text(data: bytes, where: str) -> str:
+    """A caption's text, its first MAX_PROMPT_LINE_BYTES bytes (a cut that ends inside a character drops it)."""
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data[:MAX_PROMPT_LINE_BYTES], final=len(data) <= MAX_PROMPT_LINE_BYTES).strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text") from None
 
 
 def prompts_digest(records: Sequence[dict[str, Any]]) -> str:
@@ -240,21 +247,19 @@ class ShardOutput:
             del self.pending[shard]
 
     def _write_shard(self, shard: int, entries: list[tuple[JobItem, np.ndarray]]) -> None:
-        with atomic_path(self.path(shard)) as tmp, tarfile.open(tmp, "w") as tar:
+        writer = ShardWriter(self.path(shard))  # published whole, or deleted
+        try:
             for item, image in entries:
                 png = io.BytesIO()
                 Image.fromarray(image).save(png, format="PNG")
-                _add_member(tar, f"{item.name}.png", png.getvalue())
-                _add_member(tar, f"{item.name}.json", json.dumps(self.row(item)).encode())
+                writer.write({"__key__": item.name, "png": png.getvalue(), "json": json.dumps(self.row(item))})
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
     def finalize(self, items: Sequence[JobItem], row: Callable[[JobItem, str], dict[str, Any]]) -> int:
         return sum(1 for item in items if self.done(item))
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 # ---------------------------------------------------------------- distribution
