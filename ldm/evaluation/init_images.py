@@ -16,7 +16,6 @@ shard members' offsets are kept.
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.data.decode import IMAGE_EXTENSIONS, decode_image
+from ldm.data.shard_reader import UnreadableShard, member_index
 from ldm.data.skips import SkipSample
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
@@ -105,20 +105,18 @@ def _shard_images(path: Path, what: str, room: int) -> list[ImageRef]:
     """One image per sample key (the first image member), in the order of the tar."""
     refs, keys = [], set()
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile() or not _is_image_name(member.name):
-                    continue
-                key = member.name.split(".", 1)[0]  # webdataset: the key is the name up to its first dot
-                if key in keys:
-                    continue
-                if len(refs) >= room:
-                    raise UserError(f"{what}: more than {MAX_IMAGES:,} images: split them into several jobs")
-                keys.add(key)
-                refs.append(ImageRef(f"{path.name}/{member.name}", path, member.size, member.offset_data,
-                                     key.rsplit("/", 1)[-1]))  # fmt: skip
-    except tarfile.TarError as error:
-        raise UserError(f"{what}: {path}: not a readable tar ({error})") from None
+        for member in member_index(path):
+            if not _is_image_name(member.name):
+                continue
+            key = member.name.split(".", 1)[0]  # webdataset: the key is the name up to its first dot
+            if key in keys:
+                continue
+            if len(refs) >= room:
+                raise UserError(f"{what}: more than {MAX_IMAGES:,} images: split them into several jobs")
+            keys.add(key)
+            refs.append(ImageRef(f"{path.name}/{member.name}", path, member.size, member.offset, key.rsplit("/", 1)[-1]))
+    except UnreadableShard as error:
+        raise UserError(f"{what}: {error}") from None
     return refs
 
 

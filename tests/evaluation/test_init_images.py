@@ -69,8 +69,13 @@ def test_shards_give_one_image_per_sample_read_by_offset(tmp_path):
     assert images.shape == (2, 3, 16, 16) and masks is None
     assert images[0, 0].min() > 0.75 and images[1, 1].min() > 0.75  # red, then green
     (tmp_path / "bad.tar").write_bytes(b"\0" * 100 + b"not a tar" * 200)
-    with pytest.raises(UserError, match="bad.tar: not a readable tar"):
+    with pytest.raises(UserError, match="bad.tar: not a readable uncompressed tar"):
         list_images(str(tmp_path / "bad.tar"))
+    import gzip
+
+    (tmp_path / "zipped.tar").write_bytes(gzip.compress(shard.read_bytes()))  # offsets into it would be wrong
+    with pytest.raises(UserError, match="zipped.tar: not a readable uncompressed tar"):
+        list_images(str(tmp_path / "zipped.tar"))
 
 
 def test_masks_match_their_images_by_stem_or_one_file_serves_all(tmp_path):
