@@ -4,6 +4,8 @@ MODEL is a training checkpoint, an SD 1.x/2.x single file or a diffusers folder.
 image, `metadata.jsonl`, `grid.png` and `job.json` to `out_dir` (or webdataset shards with
 output=shards). Under torchrun or srun every rank samples a disjoint share; a rerun of the same job
 makes only what is missing, a different job refuses the folder unless `overwrite=true`.
+`init_images=DIR|SHARDS strength=S` samples from input images (image-to-image), with `masks=...`
+inpaints them; `classifier=CKPT classifier_scale=S [labels=...]` adds classifier guidance.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from ldm.cli import one_line_errors
-from ldm.errors import UserError
 from ldm.diffusion.timesteps import SPACINGS
+from ldm.errors import UserError
+from ldm.evaluation.classifier_labels import ClassifierJob
+from ldm.evaluation.init_images import InitImageJob
 from ldm.evaluation.sampling_job import (
     FolderOutput,
     JobItem,
     Ranks,
     ShardOutput,
     check_positive,
+    checkpoint_fingerprint,
     claim_out_dir_on_rank_zero,
     init_process_group,
     job_items,
@@ -89,6 +94,31 @@ def job_settings(cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
+def input_settings(cfg: DictConfig, init: InitImageJob | None) -> dict[str, Any]:
+    """The classifier guidance and input image settings of a job that uses them (stored with every image)."""
+    settings: dict[str, Any] = {}
+    if cfg.get("classifier") is not None:
+        settings.update(classifier=str(cfg.classifier), classifier_scale=cfg.classifier_scale)
+    if init is not None:
+        settings.update(init_images=str(cfg.init_images), masks=None if cfg.masks is None else str(cfg.masks), **init.settings())
+    return settings
+
+
+def input_manifest(cfg: DictConfig, init: InitImageJob | None) -> dict[str, Any]:
+    """job.json's record of the inputs, by content: the classifier's fingerprint, the labels as given, the
+    digests of the init images and masks (a rerun with other ones refuses the folder)."""
+    manifest = {k: v for k, v in input_settings(cfg, init).items() if k not in ("classifier", "init_images", "masks")}
+    if cfg.get("classifier") is not None:
+        manifest.update(classifier=checkpoint_fingerprint(cfg.classifier), labels=_plain(cfg.labels))
+    if init is not None:
+        manifest.update(init.manifest())
+    return manifest
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def check_config(cfg: DictConfig) -> None:
     """One-line errors for settings, before anything is read, loaded or written."""
     if str(cfg.precision) not in PRECISIONS:
@@ -102,6 +132,26 @@ def check_config(cfg: DictConfig) -> None:
     check_positive(**{k: cfg.get(k) for k in ("width", "height", "image_size") if cfg.get(k) is not None})
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    check_input_config(cfg)
+
+
+def check_input_config(cfg: DictConfig) -> None:
+    """One-line errors for the classifier guidance and input image keys."""
+    if cfg.get("classifier") is None and cfg.get("labels") is not None:
+        raise UserError("labels=... chooses the classes of classifier guidance: give classifier=CKPT too")
+    scale = cfg.get("classifier_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+        raise UserError(f"classifier_scale must be a number >= 0, got {scale!r}")
+    if cfg.get("init_images") is None:
+        for key in ("masks", "strength"):
+            if cfg.get(key) is not None:
+                raise UserError(f"{key}=... needs init_images=DIR|SHARDS (the images to start from)")
+        return
+    strength = cfg.get("strength")
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                 or not 0 <= strength <= 1):  # fmt: skip
+        raise UserError(f"strength must be a number in [0, 1], got {strength!r}")
+    check_positive(**{f"inpaint.{k}": cfg.inpaint.get(k) for k in ("resample_steps", "jump_length")})
 
 
 def image_size_of(cfg: DictConfig, pipeline: TextToImage) -> tuple[int, int]:
@@ -129,13 +179,17 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     check_config(cfg)
     interval = guidance_interval(cfg.guidance_interval)
     records = read_prompt_records(cfg.prompt, cfg.prompts_file, cfg.get("prompts_shards"))
+    init = init_image_job(cfg)
+    if init is not None:
+        records = init.pair(records, "prompt" if cfg.prompt is not None else "prompts_file/prompts_shards")
+    classifier = load_classifier_job(cfg, records)
     items = job_items(records, cfg.num_images_per_prompt, cfg.seed)
     ranks = Ranks.from_environment()
     device = pick_device(cfg.device, ranks)
     distributed = init_process_group(ranks, device)
     out_dir = Path(cfg.out_dir)
     loras = lora_list(cfg)
-    claim_out_dir_on_rank_zero(out_dir, lambda: job_manifest(cfg.checkpoint, records, job_settings(cfg), loras),
+    claim_out_dir_on_rank_zero(out_dir, lambda: job_manifest(cfg.checkpoint, records, {**job_settings(cfg), **input_manifest(cfg, init)}, loras),
                                bool(cfg.get("overwrite", False)), ranks, device)  # fmt: skip
     pipeline, _ = pipeline_from_checkpoint(
         cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)], cfg.prediction_type, cfg.image_size, loras
@@ -143,15 +197,27 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.steps > pipeline.schedule.num_timesteps:
         raise UserError(f"steps={cfg.steps} is more than the model's {pipeline.schedule.num_timesteps} timesteps")
     height, width = image_size_of(cfg, pipeline)
+    if classifier is not None:
+        from ldm.training.classifier import check_classifier_fits
+
+        check_classifier_fits(classifier.spec, cfg.classifier, pipeline.autoencoder, pipeline.schedule)
+        classifier.classifier.to(device)
     sampler = instantiate(cfg.sampler)
-    settings = {**sampler_settings(cfg), "height": height, "width": width}
+    settings = {**sampler_settings(cfg), **input_settings(cfg, init), "height": height, "width": width}
+
+    def record_of(item: JobItem) -> int:
+        return item.index // cfg.num_images_per_prompt
 
     def row(item: JobItem, file: str | None = None) -> dict[str, Any]:
-        return metadata_row(item, settings, file)
+        fields = {**(init.fields(record_of(item)) if init else {}), **(classifier.fields(record_of(item)) if classifier else {})}
+        return metadata_row(item, {**settings, **fields}, file)
 
-    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return pipeline(prompts, seeds, sampler, cfg.steps, cfg.guidance_scale, cfg.negative_prompt,
-                        cfg.spacing, cfg.guidance_rescale, interval, (height, width))  # fmt: skip
+    def generate(batch: list[JobItem]) -> torch.Tensor:
+        records_of_batch = [record_of(item) for item in batch]
+        return pipeline([i.prompt for i in batch], [i.seed for i in batch], sampler, cfg.steps, cfg.guidance_scale,
+                        cfg.negative_prompt, cfg.spacing, cfg.guidance_rescale, interval, (height, width),
+                        init=init.inputs(records_of_batch, height, width) if init else None,
+                        classifier=classifier.guide(records_of_batch) if classifier else None)  # fmt: skip
 
     if cfg.output == "shards":
         output = ShardOutput(out_dir, cfg.samples_per_shard, row)
@@ -175,6 +241,24 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     if isinstance(output, FolderOutput):
         return [row(i, f"{i.name}.png") for i in items]
     return [row(i) for i in items]
+
+
+def init_image_job(cfg: DictConfig) -> InitImageJob | None:
+    """The input images (and masks) of an image-to-image or inpainting job, listed (not yet read)."""
+    if cfg.get("init_images") is None:
+        return None
+    return InitImageJob.from_settings(_plain(cfg.init_images), _plain(cfg.masks), cfg.strength,
+                                      cfg.inpaint.resample_steps, cfg.inpaint.jump_length)  # fmt: skip
+
+
+def load_classifier_job(cfg: DictConfig, records: list[dict[str, Any]]) -> ClassifierJob | None:
+    """The guidance classifier (on the CPU) and the classes each prompt record is guided to."""
+    if cfg.get("classifier") is None:
+        return None
+    from ldm.training.classifier import load_classifier
+
+    network, spec = load_classifier(cfg.classifier)
+    return ClassifierJob(network, spec, cfg.classifier_scale, records, _plain(cfg.labels))
 
 
 def _sum_over_ranks(counts: dict[str, float], distributed: bool, device: torch.device) -> dict[str, float]:

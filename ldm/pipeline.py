@@ -1,14 +1,20 @@
-"""Text-to-image sampling with a latent diffusion model: prompts -> context -> sampler -> VAE decode."""
+"""Text-to-image sampling with a latent diffusion model: prompts -> context -> sampler -> VAE decode;
+also from input images (image-to-image, inpainting) and guided by a noise-aware classifier."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ldm.diffusion.classifier_guidance import ClassifierGuidance, ClassLogLikelihood
 from ldm.diffusion.denoiser import ClassifierFreeGuidance, Conditioned, Denoiser, sampling_network
+from ldm.diffusion.img2img import noised_start, strength_timesteps
+from ldm.diffusion.inpainting import LatentBlending, latent_mask
 from ldm.diffusion.parameterization import PredictionType
 from ldm.diffusion.samplers import PerSampleNoise
 from ldm.diffusion.schedules import NoiseSchedule
@@ -17,6 +23,35 @@ from ldm.errors import UserError
 
 # sample_x(denoise, x, timesteps, schedule, *, noise_sampler, callback) -> x0, options already bound
 Sampler = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What image-to-image (SDEdit) and inpainting start from, for one batch.
+
+    images:   (B, 3, H, W) in [0, 1], already at the size being sampled
+    strength: the share of the sampler's grid to run (``ldm.diffusion.img2img``): 0 returns the
+              input through the VAE, 1 starts from pure noise
+    masks:    (B, 1, H, W), 1 (white) = repaint, 0 = keep; None = image-to-image
+    resample_steps, jump_length: RePaint's U and j (``ldm.diffusion.inpainting``); 1 = blending alone
+    """
+
+    images: Tensor
+    strength: float
+    masks: Tensor | None = None
+    resample_steps: int = 1
+    jump_length: int = 1
+
+
+@dataclass(frozen=True)
+class ClassifierGuide:
+    """Classifier guidance for one batch (Dhariwal & Nichol 2021): a noise-aware classifier returning
+    {attribute: logits (B, classes)} for (z_t, t), the wanted class indices {attribute: (B,)} (-1 = any)
+    and the scale s of eps' = eps - s sigma_t grad log p(y | z_t)."""
+
+    classifier: nn.Module
+    labels: Mapping[str, Tensor]
+    scale: float
 
 
 class TextToImage:
@@ -85,15 +120,19 @@ class TextToImage:
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[int, int] | None = None,
         size: tuple[int, int] | None = None,
+        *,
+        init: ImageInputs | None = None,
+        classifier: ClassifierGuide | None = None,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1], float32, one per (prompt, seed) pair.
 
-        size: (H, W) in pixels, multiples of ``size_multiple``; None = the model's square."""
+        size: (H, W) in pixels, multiples of ``size_multiple``; None = the model's square.
+        init: start from these images (image-to-image; inpainting with masks). classifier: guide by it."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         latents = self.sample_latents(
             prompts, seeds, sampler, num_steps, guidance_scale, negative_prompt, spacing, guidance_rescale,
-            guidance_interval, size,
+            guidance_interval, size, init=init, classifier=classifier,
         )
         return self.decode(latents)
 
@@ -110,12 +149,26 @@ class TextToImage:
         guidance_rescale: float = 0.0,
         guidance_interval: tuple[int, int] | None = None,
         size: tuple[int, int] | None = None,
+        *,
+        init: ImageInputs | None = None,
+        classifier: ClassifierGuide | None = None,
     ) -> Tensor:
-        """Scaled latents (B, C, h, w) from the sampler, before decoding (h, w = size / VAE factor)."""
+        """Scaled latents (B, C, h, w) from the sampler, before decoding (h, w = size / VAE factor).
+
+        Every image's noise comes from its seed: the first draw is its starting noise eps (also what
+        image-to-image noises the input with), later draws feed stochastic samplers and, when
+        inpainting, the known region's noise at each step and RePaint's jumps."""
         device = self.device
         shape = self.latent_shape if size is None else self.latent_shape_for(*size)
         noise = PerSampleNoise(list(seeds), device=device)
-        x = noise(torch.empty(len(prompts), *shape, device=device))  # (B, C, h, w)
+        eps = noise(torch.empty(len(prompts), *shape, device=device))  # (B, C, h, w)
+        timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing, self.schedule)
+        x, known = eps, None
+        if init is not None:
+            known = self.encode(_checked_images(init.images, len(prompts), shape, self.size_factor))  # z_0
+            grid = timesteps
+            timesteps = strength_timesteps(grid, init.strength)
+            x = noised_start(known, eps, timesteps, len(timesteps) == len(grid), self.schedule)
         with self._autocast():
             context = self.conditioner(list(prompts))  # (B, L, D)
             network = sampling_network(self.unet, self.schedule, self.prediction_type)
@@ -126,9 +179,33 @@ class TextToImage:
                 model_fn = ClassifierFreeGuidance(
                     network, context, uncond, guidance_scale, guidance_rescale, guidance_interval
                 )
-            denoise = Denoiser(_float32_output(model_fn), self.schedule, self.prediction_type)
-            timesteps = sampling_timesteps(self.schedule.num_timesteps, num_steps, spacing, self.schedule)
-            return sampler(denoise, x, timesteps, self.schedule, noise_sampler=noise)
+            model_fn = _float32_output(model_fn)
+            if classifier is not None:
+                log_likelihood = ClassLogLikelihood(classifier.classifier, classifier.labels)
+                model_fn = ClassifierGuidance(model_fn, log_likelihood, classifier.scale, self.schedule, self.prediction_type)
+            denoise = Denoiser(model_fn, self.schedule, self.prediction_type)
+            blend = None
+            if init is not None and init.masks is not None:
+                mask = latent_mask(init.masks.to(device), shape[1:])  # (B, 1, h, w), 1 = repaint
+                blend = LatentBlending(known, mask, timesteps, self.schedule, noise, resample_steps=init.resample_steps,
+                                       jump_length=init.jump_length, denoise=denoise)  # fmt: skip
+                x = blend.start(x, eps)
+            if len(timesteps) == 0:  # strength 0: nothing to sample, the input's latent
+                return x
+            return sampler(denoise, x, timesteps, self.schedule, noise_sampler=noise, callback=blend)
+
+    @property
+    def size_factor(self) -> int:
+        """Pixels per latent cell along each side (the VAE's downsampling)."""
+        return getattr(self.autoencoder, "downsampling_factor", 1)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> scaled latents z_0 (B, C, H/f, W/f): the VAE posterior's mean
+        times the scaling factor, in float32 (the mean, not a draw: the input's latent, with no seed)."""
+        with torch.autocast(images.device.type, enabled=False):
+            posterior = self.autoencoder.encode(images.to(self.device, torch.float32) * 2 - 1)
+        return self.autoencoder.scaling_factor * posterior.mode()
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -136,6 +213,14 @@ class TextToImage:
         with torch.autocast(latents.device.type, enabled=False):
             images = self.autoencoder.decode_from_latent(latents.float())  # (B, 3, H, W) in ~[-1, 1]
         return ((images + 1) / 2).clamp(0, 1)
+
+
+def _checked_images(images: Tensor, batch: int, latent_shape: tuple[int, ...], factor: int) -> Tensor:
+    """Input images must be (B, 3, H, W) at the sampled size (the job resizes them)."""
+    expected = (batch, 3, latent_shape[1] * factor, latent_shape[2] * factor)
+    if tuple(images.shape) != expected:
+        raise ValueError(f"init images of shape {tuple(images.shape)}, expected {expected}")
+    return images
 
 
 def _float32_output(model_fn):

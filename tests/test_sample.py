@@ -129,7 +129,7 @@ def test_shard_output(tiny_checkpoint, tmp_path):
     names = sorted(p.name for p in tmp_path.glob("samples-*.tar"))
     assert names == ["samples-000000.tar", "samples-000001.tar"]
     with tarfile.open(tmp_path / "samples-000000.tar") as tar:
-        assert tar.getnames() == ["000000.png", "000000.json", "000001.png", "000001.json"]
+        assert tar.getnames() == ["000000.json", "000000.png", "000001.json", "000001.png"]  # ldm.data.shard_writer
 
 
 # ---------------------------------------------------------------- issue 22: a rerun never mixes jobs

@@ -26,6 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+from dataclasses import dataclass
 from typing import Any, Generator, Iterable, Iterator
 
 from ldm.data.skips import OVERSIZED_MEMBER, STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
@@ -43,6 +44,10 @@ RANDOM_ACCESS_CHUNK = 64 << 10
 # the largest member read by default: well above any training image (a 50-megapixel JPEG is
 # 10-25 MB, a 4096x4096 RGB PNG at most 50 MB) yet far below what a loader worker can hold
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+
+
+class UnreadableShard(OSError):
+    """A local shard whose headers cannot be read (``member_index``)."""
 
 
 class ShardStalled(OSError):
@@ -349,6 +354,28 @@ def read_shard(
         stream.close()
     if last is not None:
         yield last
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    """A regular member of a local uncompressed tar: its name and where its bytes lie."""
+
+    name: str
+    offset: int  # of its data (past the header)
+    size: int
+
+
+def member_index(path: str | os.PathLike) -> Iterator[MemberEntry]:
+    """The regular members of a local uncompressed tar, from their headers alone (tarfile seeks over
+    the data): for readers that list inputs first and read each later at its offset (a sampling job's
+    init images). A file that is not an uncompressed tar raises ``UnreadableShard``."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # "r:": offsets into a compressed tar would be meaningless
+            for info in tar:
+                if info.isreg():
+                    yield MemberEntry(info.name, info.offset_data, info.size)
+    except tarfile.TarError as error:
+        raise UnreadableShard(f"{path}: not a readable uncompressed tar ({error})") from None
 
 
 def read_samples_at(

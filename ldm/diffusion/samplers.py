@@ -8,7 +8,8 @@ timesteps:  descending integer training timesteps the sampler visits (``sampling
             after the last one every sampler steps to the clean sample (alpha = 1, sigma = 0)
 noise_sampler: fresh N(0, I) noise like x for stochastic samplers (``PerSampleNoise`` makes it
             reproducible per image); defaults to torch.randn_like
-callback:   called after every step as callback(i, t, x, x0_estimate)
+callback:   called after every step as callback(i, t, x, x0_estimate); a tensor it returns replaces
+            x, the state the next step starts from (inpainting's latent blending uses this)
 
 Notation as in ``ldm.diffusion.schedules``: a (alpha) and s (sigma) of the current step t and
 the next step n.
@@ -26,7 +27,8 @@ from ldm.diffusion.parameterization import eps_from_x0
 from ldm.diffusion.schedules import NoiseSchedule
 
 NoiseSampler = Callable[[Tensor], Tensor]
-Callback = Callable[[int, int, Tensor, Tensor], None]
+# callback(i, t, x, x0) after step i from timestep t: None, or the state to continue from in place of x
+Callback = Callable[[int, int, Tensor, Tensor], "Tensor | None"]
 
 
 class PerSampleNoise:
@@ -57,6 +59,14 @@ def _scales(schedule: NoiseSchedule, timesteps: Tensor) -> tuple[list[float], li
     return alphas, sigmas
 
 
+def _after_step(callback: Callback | None, i: int, t: int, x: Tensor, x0: Tensor) -> Tensor:
+    """The state after step i: x, or what the callback returns in its place."""
+    if callback is None:
+        return x
+    replaced = callback(i, t, x, x0)
+    return x if replaced is None else replaced
+
+
 def _noise(noise_sampler: NoiseSampler | None, x: Tensor) -> Tensor:
     return noise_sampler(x) if noise_sampler is not None else torch.randn_like(x)
 
@@ -85,8 +95,7 @@ def sample_ddim(
         x = a_n * x0 + max(s_n**2 - c**2, 0.0) ** 0.5 * eps
         if c > 0:
             x = x + c * _noise(noise_sampler, x)
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = _after_step(callback, i, t, x, x0)
     return x
 
 
@@ -111,15 +120,21 @@ def sample_ddpm(
     for i, t in enumerate(timesteps.tolist()):
         a_t, s_t, a_n, s_n = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]
         x0 = denoise(x, t)
-        a_tn = a_t / a_n
-        b_tn = 1 - a_tn**2
-        x = (a_n * b_tn / s_t**2) * x0 + (a_tn * s_n**2 / s_t**2) * x
-        variance = b_tn * s_n**2 / s_t**2
-        if variance > 0:
-            x = x + variance**0.5 * _noise(noise_sampler, x)
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = ddpm_step(x, x0, a_t, s_t, a_n, s_n, lambda like=x: _noise(noise_sampler, like))
+        x = _after_step(callback, i, t, x, x0)
     return x
+
+
+def ddpm_step(
+    x: Tensor, x0: Tensor, a_t: float, s_t: float, a_n: float, s_n: float, noise: Callable[[], Tensor]
+) -> Tensor:
+    """One draw from the posterior q(x_n | x_t, x0) between any two timesteps n < t (``sample_ddpm``'s
+    step; RePaint's resampling reuses it). ``noise()`` gives N(0, I) like x, called only when needed."""
+    a_tn = a_t / a_n
+    b_tn = 1 - a_tn**2
+    mean = (a_n * b_tn / s_t**2) * x0 + (a_tn * s_n**2 / s_t**2) * x
+    variance = b_tn * s_n**2 / s_t**2
+    return mean + variance**0.5 * noise() if variance > 0 else mean
 
 
 @torch.no_grad()
@@ -154,8 +169,7 @@ def sample_dpmpp_2m(
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * _expm1_neg(h) * d
         x0_prev, h_prev = x0, h
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = _after_step(callback, i, t, x, x0)
     return x
 
 
@@ -220,8 +234,7 @@ def sample_euler_ancestral(
         x = a_n * (x0 + s_down * eps)  # x~ = D + s_down * eps, the ODE solution at s_down
         if s_up > 0:
             x = x + a_n * s_up * _noise(noise_sampler, x)
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = _after_step(callback, i, t, x, x0)
     return x
 
 
@@ -256,8 +269,7 @@ def sample_heun(
             eps_next = eps_from_x0(x0_next, x_euler, a_n, s_n)  # the slope at n
             ds = s_n / a_n - s_t / a_t
             x = a_n * (x / a_t + ds * 0.5 * (eps + eps_next))
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = _after_step(callback, i, t, x, x0)
     return x
 
 
@@ -298,8 +310,7 @@ def sample_dpmpp_2m_sde(
                 x = x + s_n * (-_expm1_neg(2 * eta * h)) ** 0.5 * _noise(noise_sampler, x)
             h_prev = h
         x0_prev = x0
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = _after_step(callback, i, t, x, x0)
     return x
 
 
@@ -376,8 +387,7 @@ def sample_plms(
             combined = sum(w * e for w, e in zip(_PLMS_WEIGHTS[len(history)], history))
             x_next = _transfer(x, combined, a_t, s_t, a_n, s_n)
         x = x_next
-        if callback is not None:
-            callback(i, t, x, x0)
+        x = _after_step(callback, i, t, x, x0)
     return x
 
 

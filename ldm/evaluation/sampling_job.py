@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.atomic import atomic_path, temporary_target
+from ldm.data.shard_reader import read_shard
+from ldm.data.shard_writer import ShardWriter
+from ldm.data.shards import expand_shards
+from ldm.data.skips import DataCounts
 from ldm.errors import UserError
 from ldm.jsonl import jsonl_rows, text_lines
 
@@ -110,7 +113,8 @@ def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
     for number, row in jsonl_rows(path, MAX_JSONL_LINE_BYTES):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: each line must be a JSON object")
-        text = row.pop("prompt", None) or row.pop("caption", None)
+        prompt = row.pop("prompt", None)  # "" is a prompt: the unconditional model (e.g. guided by a classifier)
+        text = prompt if isinstance(prompt, str) else row.pop("caption", None)
         if not isinstance(text, str):
             raise UserError(f"{path}:{number}: no 'prompt' or 'caption' string")
         _add_record(records, {"prompt": text, **row}, path)
@@ -118,24 +122,28 @@ def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _records_from_shards(spec: Any) -> list[dict[str, Any]]:
-    from ldm.data.shards import expand_shards
-
+    """The ``.txt`` caption of each sample of tar shards (read by ``ldm.data.shard_reader``: member size
+    caps, timeouts), in order. A shard that cannot be read whole is an error: the job's prompts would
+    depend on where it broke."""
     records: list[dict[str, Any]] = []
+    counts = DataCounts()
     for url in expand_shards(spec):
-        try:
-            with tarfile.open(url) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        key = member.name[: -len(".txt")]
-                        data = tar.extractfile(member).read(MAX_PROMPT_LINE_BYTES)  # a huge member is not read whole
-                        try:  # a caption cut by the cap may end inside a character: that one is dropped
-                            text = codecs.getincrementaldecoder("utf-8")().decode(data, final=member.size <= len(data))
-                        except UnicodeDecodeError:
-                            raise UserError(f"{url}: {member.name} is not UTF-8 text") from None
-                        _add_record(records, {"prompt": text.strip(), "key": key, "shard": Path(url).name}, url)
-        except tarfile.TarError as error:
-            raise UserError(f"{url}: not a readable tar ({error})") from None
+        for sample in read_shard(url, counts):
+            if "txt" in sample:
+                text = _caption_text(sample["txt"], f"{url}: {sample['__key__']}.txt")
+                _add_record(records, {"prompt": text, "key": sample["__key__"], "shard": Path(url).name}, url)
+        if counts.take():
+            reason, where, detail = counts.last_skip
+            raise UserError(f"{where or url}: {reason.replace('_', ' ')} ({detail}): the job's prompts would be incomplete")
     return records
+
+
+def _caption_text(data: bytes, where: str) -> str:
+    """A caption's text, its first MAX_PROMPT_LINE_BYTES bytes (a cut that ends inside a character drops it)."""
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data[:MAX_PROMPT_LINE_BYTES], final=len(data) <= MAX_PROMPT_LINE_BYTES).strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text") from None
 
 
 def prompts_digest(records: Sequence[dict[str, Any]]) -> str:
@@ -239,21 +247,19 @@ class ShardOutput:
             del self.pending[shard]
 
     def _write_shard(self, shard: int, entries: list[tuple[JobItem, np.ndarray]]) -> None:
-        with atomic_path(self.path(shard)) as tmp, tarfile.open(tmp, "w") as tar:
+        writer = ShardWriter(self.path(shard))  # published whole, or deleted
+        try:
             for item, image in entries:
                 png = io.BytesIO()
                 Image.fromarray(image).save(png, format="PNG")
-                _add_member(tar, f"{item.name}.png", png.getvalue())
-                _add_member(tar, f"{item.name}.json", json.dumps(self.row(item)).encode())
+                writer.write({"__key__": item.name, "png": png.getvalue(), "json": json.dumps(self.row(item))})
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
 
     def finalize(self, items: Sequence[JobItem], row: Callable[[JobItem, str], dict[str, Any]]) -> int:
         return sum(1 for item in items if self.done(item))
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 # ---------------------------------------------------------------- distribution
@@ -314,12 +320,13 @@ def remove_stale_temporaries(directory: Path, names: set[str]) -> int:
 
 def run_job(
     items: Sequence[JobItem],
-    generate: Callable[[list[str], list[int]], torch.Tensor],
+    generate: Callable[[list[JobItem]], torch.Tensor],
     output: FolderOutput | ShardOutput,
     ranks: Ranks,
     batch_size: int,
 ) -> dict[str, Any]:
     """Make this rank's missing items in batches; returns counts (made, skipped, failed, seconds).
+    ``generate(batch)`` makes the images (B, 3, H, W) in [0, 1] of a batch of items (prompt, seed, ...).
 
     An image with a non-finite pixel (NaN/Inf, e.g. an fp16 overflow) is not written: a warning
     names the item, it counts as failed, and a rerun makes it again (it is still missing)."""
@@ -334,7 +341,7 @@ def run_job(
     made = failed = 0
     with tqdm(total=len(todo), desc=f"sampling (rank {ranks.rank})", unit="img", disable=ranks.rank != 0) as bar:
         for batch in batches_of(todo, batch_size):
-            pixels = generate([item.prompt for item in batch], [item.seed for item in batch])  # (B, 3, H, W)
+            pixels = generate(batch)  # (B, 3, H, W)
             finite = torch.isfinite(pixels.flatten(1)).all(dim=1).tolist()
             for item, image, ok in zip(batch, _to_uint8(pixels), finite):
                 if not ok:

@@ -383,3 +383,26 @@ def test_plms_warm_up_orders():
     eps_n = (x_n - a_n * 0.5 * x_n) / s_n
     combined = 1.5 * eps_n - 0.5 * eps_t  # second order Adams-Bashforth into the clean sample
     torch.testing.assert_close(out, (x_n - s_n * combined) / a_n)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_tensor_the_callback_returns_replaces_the_state(name):
+    # the contract inpainting's latent blending relies on: every sampler continues from what the callback returns
+    timesteps = sampling_timesteps(1000, 6)
+    x = prior_sample(SCHEDULE, timesteps[0], 8)
+    denoise = Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps")
+    seen = []
+
+    def keep(i, t, x, x0):
+        seen.append((i, t))  # returns None: the state is left alone
+
+    plain = ALL[name](denoise, x, timesteps, SCHEDULE, noise_sampler=PerSampleNoise(list(range(8))))
+    kept = ALL[name](denoise, x, timesteps, SCHEDULE, noise_sampler=PerSampleNoise(list(range(8))), callback=keep)
+    assert torch.equal(plain, kept) and seen == list(enumerate(timesteps.tolist()))
+    last = len(timesteps) - 1
+    replaced = ALL[name](denoise, x, timesteps, SCHEDULE, callback=lambda i, t, x, x0: torch.full_like(x, 7.0) if i == last else None)
+    assert torch.equal(replaced, torch.full_like(x, 7.0))
+    # a replaced intermediate state changes where the sampler goes from there
+    shifted = ALL[name](denoise, x, timesteps, SCHEDULE, noise_sampler=PerSampleNoise(list(range(8))),
+                        callback=lambda i, t, x, x0: x + 1.0 if i == 2 else None)  # fmt: skip
+    assert not torch.allclose(shifted, plain)

@@ -78,6 +78,21 @@ def test_prompt_sources(tmp_path):
     assert [(r["prompt"], r["key"]) for r in records] == [("first caption", "a"), ("second caption", "b")]
 
 
+def test_prompts_from_a_broken_shard_are_refused_in_one_line(tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "captions-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("a", "b", "c"):
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = 600
+            tar.addfile(info, io.BytesIO(b"x" * 600))
+    shard.write_bytes(shard.read_bytes()[:1500])  # cut inside the second caption
+    with pytest.raises(UserError, match="truncated shard.*prompts would be incomplete"):
+        read_prompt_records(None, None, str(shard))
+
+
 def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
     from ldm.evaluation.sampling_job import FolderOutput, remove_stale_temporaries
 
