@@ -19,14 +19,7 @@ import torch
 from ldm.data.folder import index_folder
 from ldm.errors import UserError
 from ldm.evaluation.sampling_job import (
-    MANIFEST,
-    FolderOutput,
-    Ranks,
-    claim_out_dir,
-    job_items,
-    job_manifest,
-    metadata_row,
-    run_job,
+    MANIFEST, FolderOutput, JobItem, Ranks, claim_out_dir, job_items, job_manifest, metadata_row, run_job,
 )  # fmt: skip
 
 
@@ -96,14 +89,15 @@ class ClassImageJob:
         print(f"data: made {counts['made']} class images of {self.prompt!r} in {self.directory} ({counts['seconds']:.0f} s)")
         return int(counts["made"])
 
-    def _run(self, base_model: str, items: Sequence[Any], output: FolderOutput, device: torch.device) -> dict[str, Any]:
+    def _run(self, base_model: str, items: Sequence[JobItem], output: FolderOutput, device: torch.device) -> dict[str, Any]:
         from ldm.pipeline import pipeline_from_checkpoint
 
         autocast = torch.bfloat16 if device.type == "cuda" else None
         pipeline, _ = pipeline_from_checkpoint(base_model, True, device, autocast)
         size = (self.image_size, self.image_size)
 
-        def generate(prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        def generate(batch: list[JobItem]) -> torch.Tensor:
+            prompts, seeds = [item.prompt for item in batch], [item.seed for item in batch]
             return pipeline(prompts, seeds, self.sampler, self.steps, self.guidance_scale, self.negative_prompt, size=size)
 
         return run_job(items, generate, output, Ranks(0, 1, 0), self.batch_size)
