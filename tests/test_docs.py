@@ -38,3 +38,10 @@ def test_every_link_resolves_inside_the_repository(page):
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
             broken.append(f"{target} (no such heading)")
     assert broken == []
+
+
+def test_ci_runs_the_readmes_test_command_with_lint_before_the_tests():
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"Run the tests:\s*```bash\n(.+?)\n```", readme, flags=re.S)[1]
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command.index("ruff format --check") < command.index("ruff check") < command.index("pytest")
