@@ -55,12 +55,18 @@ def pick_device(name: str, ranks: Ranks) -> torch.device:
 def sampler_settings(cfg: DictConfig) -> dict[str, Any]:
     """What decides an image besides its prompt and seed (stored with every image)."""
     return {
-        "sampler": _sampler_name(), "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
-        "negative_prompt": cfg.negative_prompt, "spacing": cfg.spacing, "guidance_rescale": cfg.guidance_rescale,
+        "sampler": _sampler_name(),
+        "steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale,
+        "negative_prompt": cfg.negative_prompt,
+        "spacing": cfg.spacing,
+        "guidance_rescale": cfg.guidance_rescale,
         "guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
-        "checkpoint": str(cfg.checkpoint), "use_ema": cfg.use_ema, "precision": str(cfg.precision),
+        "checkpoint": str(cfg.checkpoint),
+        "use_ema": cfg.use_ema,
+        "precision": str(cfg.precision),
         "loras": [[path, scale] for path, scale in lora_list(cfg)],
-    }  # fmt: skip
+    }
 
 
 def lora_list(cfg: DictConfig) -> list[tuple[str, float]]:
@@ -100,7 +106,9 @@ def input_settings(cfg: DictConfig, init: InitImageJob | None) -> dict[str, Any]
     if cfg.get("classifier") is not None:
         settings.update(classifier=str(cfg.classifier), classifier_scale=cfg.classifier_scale)
     if init is not None:
-        settings.update(init_images=str(cfg.init_images), masks=None if cfg.masks is None else str(cfg.masks), **init.settings())
+        settings.update(
+            init_images=str(cfg.init_images), masks=None if cfg.masks is None else str(cfg.masks), **init.settings()
+        )
     return settings
 
 
@@ -127,8 +135,12 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"output must be 'folder' or 'shards', got {cfg.output!r}")
     if cfg.spacing not in SPACINGS:
         raise UserError(f"spacing must be one of {', '.join(SPACINGS)}, got {cfg.spacing!r}")
-    check_positive(steps=cfg.steps, num_images_per_prompt=cfg.num_images_per_prompt, batch_size=cfg.batch_size,
-                   samples_per_shard=cfg.samples_per_shard)  # fmt: skip
+    check_positive(
+        steps=cfg.steps,
+        num_images_per_prompt=cfg.num_images_per_prompt,
+        batch_size=cfg.batch_size,
+        samples_per_shard=cfg.samples_per_shard,
+    )
     check_positive(**{k: cfg.get(k) for k in ("width", "height", "image_size") if cfg.get(k) is not None})
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
@@ -148,8 +160,9 @@ def check_input_config(cfg: DictConfig) -> None:
                 raise UserError(f"{key}=... needs init_images=DIR|SHARDS (the images to start from)")
         return
     strength = cfg.get("strength")
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
-                                 or not 0 <= strength <= 1):  # fmt: skip
+    if strength is not None and (
+        isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1
+    ):
         raise UserError(f"strength must be a number in [0, 1], got {strength!r}")
     check_positive(**{f"inpaint.{k}": cfg.inpaint.get(k) for k in ("resample_steps", "jump_length")})
 
@@ -189,8 +202,13 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     distributed = init_process_group(ranks, device)
     out_dir = Path(cfg.out_dir)
     loras = lora_list(cfg)
-    claim_out_dir_on_rank_zero(out_dir, lambda: job_manifest(cfg.checkpoint, records, {**job_settings(cfg), **input_manifest(cfg, init)}, loras),
-                               bool(cfg.get("overwrite", False)), ranks, device)  # fmt: skip
+    claim_out_dir_on_rank_zero(
+        out_dir,
+        lambda: job_manifest(cfg.checkpoint, records, {**job_settings(cfg), **input_manifest(cfg, init)}, loras),
+        bool(cfg.get("overwrite", False)),
+        ranks,
+        device,
+    )
     pipeline, _ = pipeline_from_checkpoint(
         cfg.checkpoint, cfg.use_ema, device, PRECISIONS[str(cfg.precision)], cfg.prediction_type, cfg.image_size, loras
     )
@@ -209,15 +227,28 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
         return item.index // cfg.num_images_per_prompt
 
     def row(item: JobItem, file: str | None = None) -> dict[str, Any]:
-        fields = {**(init.fields(record_of(item)) if init else {}), **(classifier.fields(record_of(item)) if classifier else {})}
+        fields = {
+            **(init.fields(record_of(item)) if init else {}),
+            **(classifier.fields(record_of(item)) if classifier else {}),
+        }
         return metadata_row(item, {**settings, **fields}, file)
 
     def generate(batch: list[JobItem]) -> torch.Tensor:
         records_of_batch = [record_of(item) for item in batch]
-        return pipeline([i.prompt for i in batch], [i.seed for i in batch], sampler, cfg.steps, cfg.guidance_scale,
-                        cfg.negative_prompt, cfg.spacing, cfg.guidance_rescale, interval, (height, width),
-                        init=init.inputs(records_of_batch, height, width) if init else None,
-                        classifier=classifier.guide(records_of_batch) if classifier else None)  # fmt: skip
+        return pipeline(
+            [i.prompt for i in batch],
+            [i.seed for i in batch],
+            sampler,
+            cfg.steps,
+            cfg.guidance_scale,
+            cfg.negative_prompt,
+            cfg.spacing,
+            cfg.guidance_rescale,
+            interval,
+            (height, width),
+            init=init.inputs(records_of_batch, height, width) if init else None,
+            classifier=classifier.guide(records_of_batch) if classifier else None,
+        )
 
     if cfg.output == "shards":
         output = ShardOutput(out_dir, cfg.samples_per_shard, row)
@@ -229,13 +260,17 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
     if ranks.rank == 0 and isinstance(output, FolderOutput):
         _write_grid(out_dir, items[:GRID_MAX_IMAGES], cfg.num_images_per_prompt)
     if counts["failed"]:
-        raise UserError(f"{counts['failed']} image(s) came out non-finite (NaN/Inf) and were not written (items named "
-                        "above): rerun the same command to remake them; if it repeats, try precision=32")  # fmt: skip
+        raise UserError(
+            f"{counts['failed']} image(s) came out non-finite (NaN/Inf) and were not written (items named "
+            "above): rerun the same command to remake them; if it repeats, try precision=32"
+        )
     if ranks.rank != 0:
         return []
     rate = counts["made"] / max(counts["seconds"], 1e-9)
-    print(f"{written}/{len(items)} images in {out_dir.resolve()}: made {counts['made']} now "
-          f"({rate:.2f} img/s per rank over {ranks.world_size} rank(s)), {counts['skipped']} already there")  # fmt: skip
+    print(
+        f"{written}/{len(items)} images in {out_dir.resolve()}: made {counts['made']} now "
+        f"({rate:.2f} img/s per rank over {ranks.world_size} rank(s)), {counts['skipped']} already there"
+    )
     if written != len(items):
         raise UserError(f"only {written} of {len(items)} images exist: rerun the same command to finish")
     if isinstance(output, FolderOutput):
@@ -247,8 +282,9 @@ def init_image_job(cfg: DictConfig) -> InitImageJob | None:
     """The input images (and masks) of an image-to-image or inpainting job, listed (not yet read)."""
     if cfg.get("init_images") is None:
         return None
-    return InitImageJob.from_settings(_plain(cfg.init_images), _plain(cfg.masks), cfg.strength,
-                                      cfg.inpaint.resample_steps, cfg.inpaint.jump_length)  # fmt: skip
+    return InitImageJob.from_settings(
+        _plain(cfg.init_images), _plain(cfg.masks), cfg.strength, cfg.inpaint.resample_steps, cfg.inpaint.jump_length
+    )
 
 
 def load_classifier_job(cfg: DictConfig, records: list[dict[str, Any]]) -> ClassifierJob | None:
@@ -266,11 +302,19 @@ def _sum_over_ranks(counts: dict[str, float], distributed: bool, device: torch.d
         return counts
     import torch.distributed as dist
 
-    values = torch.tensor([counts["made"], counts["skipped"], counts["failed"], counts["seconds"]],
-                          dtype=torch.float64, device=device if device.type == "cuda" else "cpu")  # fmt: skip
+    values = torch.tensor(
+        [counts["made"], counts["skipped"], counts["failed"], counts["seconds"]],
+        dtype=torch.float64,
+        device=device if device.type == "cuda" else "cpu",
+    )
     dist.all_reduce(values)  # also the barrier before rank 0 writes metadata.jsonl
     made, skipped, failed, seconds = values.tolist()
-    return {"made": int(made), "skipped": int(skipped), "failed": int(failed), "seconds": seconds / dist.get_world_size()}
+    return {
+        "made": int(made),
+        "skipped": int(skipped),
+        "failed": int(failed),
+        "seconds": seconds / dist.get_world_size(),
+    }
 
 
 def _write_grid(out_dir: Path, items: list[JobItem], per_row: int) -> None:

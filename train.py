@@ -13,8 +13,8 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from pytorch_lightning.callbacks import DeviceStatsMonitor, ProgressBar
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import DeviceStatsMonitor, ProgressBar
 
 from ldm.cli import one_line_errors
 from ldm.formats import detect_format, load_weights_into
@@ -35,8 +35,11 @@ def warn_if_objective_differs(pretrained: str, stated: str, trained: str) -> Non
     training checkpoint) is fine-tuned with another: deliberate (SD 2.x 768-v began as an eps model),
     or a wrong model preset (``model=sd21_768`` is the v one), which would train without an error."""
     if stated != trained and detect_format(pretrained) in ("diffusers", "training"):
-        say(f"{pretrained} predicts {stated}, and this run trains it to predict {trained} "
-            f"(objective.prediction_type): pick the model preset of the file if that is not meant", warning=True)
+        say(
+            f"{pretrained} predicts {stated}, and this run trains it to predict {trained} "
+            f"(objective.prediction_type): pick the model preset of the file if that is not meant",
+            warning=True,
+        )
 
 
 def set_tf32(enabled: bool) -> None:

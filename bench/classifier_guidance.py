@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import time
-
-import torch
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -49,12 +48,16 @@ def main() -> None:
     context = torch.randn(args.batch, 77, cfg.model.unet.context_dim)
     cfg_fn = ClassifierFreeGuidance(unet, context, torch.zeros_like(context), scale=3.0)
     labels = {name: torch.zeros(args.batch, dtype=torch.long) for name in classifier.heads_classes}
-    guided = ClassifierGuidance(cfg_fn, ClassLogLikelihood(classifier, labels), 2.0, schedule, cfg.model.prediction_type)
+    guided = ClassifierGuidance(
+        cfg_fn, ClassLogLikelihood(classifier, labels), 2.0, schedule, cfg.model.prediction_type
+    )
     x = torch.randn(args.batch, 4, 16, 16)
     with torch.no_grad():
         plain, both = seconds_per_call([cfg_fn, guided], x, args.repeats)
-    print(f"batch {args.batch}, {torch.get_num_threads()} threads: CFG {1e3 * plain / args.batch:.2f} ms/image/step, "
-          f"CFG + classifier {1e3 * both / args.batch:.2f} ms/image/step ({both / plain:.2f}x)")
+    print(
+        f"batch {args.batch}, {torch.get_num_threads()} threads: CFG {1e3 * plain / args.batch:.2f} ms/image/step, "
+        f"CFG + classifier {1e3 * both / args.batch:.2f} ms/image/step ({both / plain:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

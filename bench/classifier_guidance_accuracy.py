@@ -49,8 +49,16 @@ def run_sample(out_dir: Path, overrides: list[str], seed: int) -> tuple[float, f
     """Run one sample.py job (fresh folder); returns its wall seconds and the seconds per image of its
     sampling loop (what it prints: model loading and writing metadata left out)."""
     shutil.rmtree(out_dir, ignore_errors=True)  # made afresh, so that every row is timed
-    command = [sys.executable, "sample.py", f"out_dir={out_dir}", f"steps={STEPS}",
-               f"sampler={SAMPLER}", f"seed={seed}", "batch_size=35", *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "sample.py",
+        f"out_dir={out_dir}",
+        f"steps={STEPS}",
+        f"sampler={SAMPLER}",
+        f"seed={seed}",
+        "batch_size=35",
+        *overrides,
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -96,11 +104,27 @@ def guided_part(args, out: Path) -> list[dict]:
     results = []
     for scale in args.scales:
         folder = out / f"guided_scale_{scale:g}"
-        seconds, per_image = run_sample(folder, [f"checkpoint={args.model}", f"prompts_file={prompts}", "guidance_scale=1",
-                                      f"num_images_per_prompt={args.draws}",
-                                      *([f"classifier={args.classifier}", f"classifier_scale={scale}"] if scale else [])], args.seed)  # fmt: skip
-        results += scored_draws(folder, lambda row: captions[row["index"] // args.draws], args.draws, part="guided",
-                                classifier_scale=scale, guidance_scale=1.0, seconds=seconds, seconds_per_image=per_image)  # fmt: skip
+        seconds, per_image = run_sample(
+            folder,
+            [
+                f"checkpoint={args.model}",
+                f"prompts_file={prompts}",
+                "guidance_scale=1",
+                f"num_images_per_prompt={args.draws}",
+                *([f"classifier={args.classifier}", f"classifier_scale={scale}"] if scale else []),
+            ],
+            args.seed,
+        )
+        results += scored_draws(
+            folder,
+            lambda row: captions[row["index"] // args.draws],
+            args.draws,
+            part="guided",
+            classifier_scale=scale,
+            guidance_scale=1.0,
+            seconds=seconds,
+            seconds_per_image=per_image,
+        )
     return results
 
 
@@ -113,11 +137,27 @@ def cfg_part(args, out: Path) -> list[dict]:
     for cfg_scale in args.cfg_scales:
         for scale in (0.0, args.classifier_scale):
             folder = out / f"cfg_{cfg_scale:g}_classifier_{scale:g}"
-            seconds, per_image = run_sample(folder, [f"checkpoint={args.model}", f"prompts_file={prompts}", f"guidance_scale={cfg_scale}",
-                                          f"num_images_per_prompt={args.draws}",
-                                          *([f"classifier={args.classifier}", f"classifier_scale={scale}"] if scale else [])], args.seed)  # fmt: skip
-            results += scored_draws(folder, lambda row: row["prompt"], args.draws, part="cfg", classifier_scale=scale,
-                                    guidance_scale=cfg_scale, seconds=seconds, seconds_per_image=per_image)  # fmt: skip
+            seconds, per_image = run_sample(
+                folder,
+                [
+                    f"checkpoint={args.model}",
+                    f"prompts_file={prompts}",
+                    f"guidance_scale={cfg_scale}",
+                    f"num_images_per_prompt={args.draws}",
+                    *([f"classifier={args.classifier}", f"classifier_scale={scale}"] if scale else []),
+                ],
+                args.seed,
+            )
+            results += scored_draws(
+                folder,
+                lambda row: row["prompt"],
+                args.draws,
+                part="cfg",
+                classifier_scale=scale,
+                guidance_scale=cfg_scale,
+                seconds=seconds,
+                seconds_per_image=per_image,
+            )
     return results
 
 
@@ -161,19 +201,40 @@ def inpaint_part(args, out: Path) -> list[dict]:
     results = []
     for resample in args.inpaint_resample:
         folder = out / f"inpaint_resample_{resample}"
-        seconds, per_image = run_sample(folder, [f"checkpoint={args.model}", f"prompts_file={prompts}", f"init_images={images}",
-                                      f"masks={masks}", f"guidance_scale={args.inpaint_cfg_scale}", f"inpaint.resample_steps={resample}",
-                                      f"num_images_per_prompt={args.draws}"], args.seed)  # fmt: skip
+        seconds, per_image = run_sample(
+            folder,
+            [
+                f"checkpoint={args.model}",
+                f"prompts_file={prompts}",
+                f"init_images={images}",
+                f"masks={masks}",
+                f"guidance_scale={args.inpaint_cfg_scale}",
+                f"inpaint.resample_steps={resample}",
+                f"num_images_per_prompt={args.draws}",
+            ],
+            args.seed,
+        )
         kept = kept_region_error(folder, images, masks)
-        results += scored_draws(folder, lambda row: captions[row["index"] // args.draws], args.draws, part="inpaint",
-                                resample_steps=resample, guidance_scale=args.inpaint_cfg_scale, seconds=seconds,
-                                seconds_per_image=per_image, kept_region_error=kept)  # fmt: skip
+        results += scored_draws(
+            folder,
+            lambda row: captions[row["index"] // args.draws],
+            args.draws,
+            part="inpaint",
+            resample_steps=resample,
+            guidance_scale=args.inpaint_cfg_scale,
+            seconds=seconds,
+            seconds_per_image=per_image,
+            kept_region_error=kept,
+        )
     return results
 
 
 def write_grid(path: Path, folders: list[tuple[Path, int]], columns: int = 14) -> None:
     """One row per (folder, stride) of ``columns`` images (every stride-th file name), 2 px white gaps."""
-    rows = [[Image.open(f).convert("RGB") for f in sorted(folder.glob("0*.png"))[::stride][:columns]] for folder, stride in folders]
+    rows = [
+        [Image.open(f).convert("RGB") for f in sorted(folder.glob("0*.png"))[::stride][:columns]]
+        for folder, stride in folders
+    ]
     side = rows[0][0].width
     grid = Image.new("RGB", (columns * (side + 2) - 2, len(rows) * (side + 2) - 2), "white")
     for r, images in enumerate(rows):
@@ -205,17 +266,44 @@ def summarise(results: list[dict]) -> list[dict]:
     summary = []
     for setting, rows in by_setting.items():
         base = {row["draw"]: row for row in by_setting.get(baseline_of(rows[0]), [])}
-        ratios = [row["all"] / base[row["draw"]]["all"] for row in rows if row["draw"] in base and base[row["draw"]]["all"] > 0]
-        keys = ("colour", "shape", "position", "all", "seconds_per_image", "num_images") + (("kept_region_error",) if setting[0] == "inpaint" else ())
-        summary.append({key: rows[0][key] for key in ("part", "guidance_scale", "classifier_scale", "resample_steps") if key in rows[0]}
-                       | {key: float(np.median([row[key] for row in rows])) for key in keys}
-                       | {"all_min": min(row["all"] for row in rows), "all_max": max(row["all"] for row in rows),
-                          "all_ratio_to_baseline": float(np.median(ratios)) if ratios else None,
-                          "all_gain_over_baseline": float(np.median([row["all"] - base[row["draw"]]["all"] for row in rows if row["draw"] in base]))
-                          if base else None,
-                          "cost_ratio_to_baseline": float(np.median([row["seconds_per_image"] / base[row["draw"]]["seconds_per_image"]
-                                                                     for row in rows if row["draw"] in base])) if base else None,
-                          "draws": len(rows)})  # fmt: skip
+        ratios = [
+            row["all"] / base[row["draw"]]["all"]
+            for row in rows
+            if row["draw"] in base and base[row["draw"]]["all"] > 0
+        ]
+        keys = ("colour", "shape", "position", "all", "seconds_per_image", "num_images") + (
+            ("kept_region_error",) if setting[0] == "inpaint" else ()
+        )
+        summary.append(
+            {
+                key: rows[0][key]
+                for key in ("part", "guidance_scale", "classifier_scale", "resample_steps")
+                if key in rows[0]
+            }
+            | {key: float(np.median([row[key] for row in rows])) for key in keys}
+            | {
+                "all_min": min(row["all"] for row in rows),
+                "all_max": max(row["all"] for row in rows),
+                "all_ratio_to_baseline": float(np.median(ratios)) if ratios else None,
+                "all_gain_over_baseline": float(
+                    np.median([row["all"] - base[row["draw"]]["all"] for row in rows if row["draw"] in base])
+                )
+                if base
+                else None,
+                "cost_ratio_to_baseline": float(
+                    np.median(
+                        [
+                            row["seconds_per_image"] / base[row["draw"]]["seconds_per_image"]
+                            for row in rows
+                            if row["draw"] in base
+                        ]
+                    )
+                )
+                if base
+                else None,
+                "draws": len(rows),
+            }
+        )
     return summary
 
 
@@ -232,8 +320,10 @@ def write_grids(out: Path, results: list[dict], draws: int) -> None:
 
 def print_table(summary: list[dict]) -> None:
     """Medians over draws (percent correct), the range of `all`, and the paired ratios to the baseline row."""
-    print(f"{'part':<9}{'setting':<38}{'colour':>8}{'shape':>8}{'position':>10}{'all':>7}{'(min-max)':>13}{'+points':>9}{'x base':>8}"
-          f"{'images':>8}{'s/image':>9}{'x base':>8}")  # fmt: skip
+    print(
+        f"{'part':<9}{'setting':<38}{'colour':>8}{'shape':>8}{'position':>10}{'all':>7}{'(min-max)':>13}{'+points':>9}{'x base':>8}"
+        f"{'images':>8}{'s/image':>9}{'x base':>8}"
+    )
     for r in summary:
         if r["part"] == "inpaint":
             setting = f"resample_steps={r['resample_steps']} (kept err {r['kept_region_error']:.1f})"
@@ -243,23 +333,32 @@ def print_table(summary: list[dict]) -> None:
         ratio = "-" if r["all_ratio_to_baseline"] is None else f"{r['all_ratio_to_baseline']:.2f}"
         cost = "-" if r["cost_ratio_to_baseline"] is None else f"{r['cost_ratio_to_baseline']:.2f}"
         spread = f"({100 * r['all_min']:.0f}-{100 * r['all_max']:.0f})"
-        print(f"{r['part']:<9}{setting:<38}" + "".join(f"{100 * r[k]:>{w}.1f}" for k, w in (("colour", 8), ("shape", 8), ("position", 10), ("all", 7)))
-              + f"{spread:>13}{gain:>9}{ratio:>8}{int(r['num_images']):>8}{r['seconds_per_image']:>9.3f}{cost:>8}")  # fmt: skip
+        print(
+            f"{r['part']:<9}{setting:<38}"
+            + "".join(f"{100 * r[k]:>{w}.1f}" for k, w in (("colour", 8), ("shape", 8), ("position", 10), ("all", 7)))
+            + f"{spread:>13}{gain:>9}{ratio:>8}{int(r['num_images']):>8}{r['seconds_per_image']:>9.3f}{cost:>8}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the toy model's checkpoint (python train.py)")
-    parser.add_argument("--classifier", required=True, help="the toy classifier's checkpoint (experiment=toy_classifier)")
+    parser.add_argument(
+        "--classifier", required=True, help="the toy classifier's checkpoint (experiment=toy_classifier)"
+    )
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_classifier_guidance"))
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 5.0, 10.0, 20.0])
-    parser.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="1 = the conditional model alone")
+    parser.add_argument(
+        "--cfg-scales", type=float, nargs="+", default=[1.0, 3.0], help="1 = the conditional model alone"
+    )
     parser.add_argument("--classifier-scale", type=float, default=10.0)
     parser.add_argument("--inpaint-resample", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--inpaint-cfg-scale", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--draws", type=int, default=3, help="images per prompt; medians are taken over the draws")
-    parser.add_argument("--parts", nargs="+", default=["guided", "cfg", "inpaint"], choices=["guided", "cfg", "inpaint"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["guided", "cfg", "inpaint"], choices=["guided", "cfg", "inpaint"]
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +366,9 @@ def main() -> None:
     results = []
     for name in args.parts:
         results.extend(parts[name](args, out))
-        (out / "bench.json").write_text(json.dumps({"args": vars(args), "summary": summarise(results), "results": results}, indent=2) + "\n")
+        (out / "bench.json").write_text(
+            json.dumps({"args": vars(args), "summary": summarise(results), "results": results}, indent=2) + "\n"
+        )
     print_table(summarise(results))
     write_grids(out, results, args.draws)
 

@@ -63,12 +63,16 @@ def main() -> None:
     compiled.compile()
     size = cfg.data.image_size // instantiate(cfg.model.autoencoder).downsampling_factor
     latents = torch.randn(args.batch, eager.in_channels, size, size, device=device)
-    inputs = (latents.contiguous(memory_format=torch.channels_last),
-              torch.randint(0, 1000, (args.batch,), device=device),
-              torch.randn(args.batch, 77, cfg.model.unet.context_dim, device=device))  # fmt: skip
-    results = [("eager", *time_steps(eager, inputs, args.steps, device)),
-               ("compiled", *time_steps(compiled, inputs, args.steps, device)),
-               ("eager again", *time_steps(eager, inputs, args.steps, device))]  # fmt: skip
+    inputs = (
+        latents.contiguous(memory_format=torch.channels_last),
+        torch.randint(0, 1000, (args.batch,), device=device),
+        torch.randn(args.batch, 77, cfg.model.unet.context_dim, device=device),
+    )
+    results = [
+        ("eager", *time_steps(eager, inputs, args.steps, device)),
+        ("compiled", *time_steps(compiled, inputs, args.steps, device)),
+        ("eager again", *time_steps(eager, inputs, args.steps, device)),
+    ]
     print(f"U-Net training step, batch {args.batch}, latents {size}x{size}, {device}")
     for name, first, median in results:
         print(f"  {name:<12} first two steps {first:6.1f} s   median step {median * 1000:8.1f} ms")

@@ -89,8 +89,15 @@ def prepare_data(data_dir: Path, count: int, samples_per_shard: int, seed: int) 
             draw_image(rng).save(images / f"{index:05d}.jpg", quality=JPEG_QUALITY)
             (images / f"{index:05d}.txt").write_text(f"test image {index}")
         items = folder_items(images)
-        write_shards(items, shards, prefix="bench", samples_per_shard=samples_per_shard, overwrite=True,
-                     total=len(items), progress=False)
+        write_shards(
+            items,
+            shards,
+            prefix="bench",
+            samples_per_shard=samples_per_shard,
+            overwrite=True,
+            total=len(items),
+            progress=False,
+        )
         manifest.write_text(json.dumps(params))
     paths = sorted(str(p) for p in images.glob("*.jpg"))[:count]
     return paths, sorted(str(p) for p in shards.glob("bench-*.tar"))
@@ -228,16 +235,22 @@ def main() -> None:
         for count in processes:
             record(f"bare PIL x{count}", time_bare(bare_pil, paths, args.size, count, args.torch_threads))
         for workers in args.workers:
-            record(f"pipeline workers={workers}",
-                   time_pipeline(shards, args.size, args.batch_size, workers, len(paths), args.train))
+            record(
+                f"pipeline workers={workers}",
+                time_pipeline(shards, args.size, args.batch_size, workers, len(paths), args.train),
+            )
 
     wall = {name: statistics.median(r.wall for r in values) for name, values in rates.items()}
     cpu = {name: statistics.median(r.cpu for r in values) for name, values in rates.items()}
     best = {name: max(r.wall for r in values) for name, values in rates.items()}  # least disturbed pass
-    print(f"\nmedians over {args.repeats} repeat(s), one pass over {len(paths)} images; target: ratio >= {TARGET_RATIO}")
+    print(
+        f"\nmedians over {args.repeats} repeat(s), one pass over {len(paths)} images; target: ratio >= {TARGET_RATIO}"
+    )
     print(f"{'':<9}{'---- images / wall-clock second ----':>40}   {'---- images / CPU second ----':>27}")
-    print(f"{'workers':<9}{'pipeline':>10}{'bare PIL':>10}{'procs':>6}{'ratio':>7}{'best':>7}   "
-          f"{'pipeline':>10}{'bare PIL':>10}{'ratio':>7}")
+    print(
+        f"{'workers':<9}{'pipeline':>10}{'bare PIL':>10}{'procs':>6}{'ratio':>7}{'best':>7}   "
+        f"{'pipeline':>10}{'bare PIL':>10}{'ratio':>7}"
+    )
     results = []
     for workers in args.workers:
         pipe, bare = f"pipeline workers={workers}", f"bare PIL x{max(1, workers)}"
@@ -245,16 +258,37 @@ def main() -> None:
         verdict = "PASS" if ratio >= TARGET_RATIO else "below target"
         cpu_verdict = "PASS" if cpu_ratio >= TARGET_RATIO else "below target"
         best_ratio = best[pipe] / best[bare]
-        print(f"{workers:<9}{wall[pipe]:>10.1f}{wall[bare]:>10.1f}{max(1, workers):>6}{ratio:>7.2f}{best_ratio:>7.2f}   "
-              f"{cpu[pipe]:>10.1f}{cpu[bare]:>10.1f}{cpu_ratio:>7.2f}   {verdict} (wall) / {cpu_verdict} (CPU)")
-        results.append({"workers": workers, "pipeline": wall[pipe], "bare_pil": wall[bare], "ratio": ratio,
-                        "verdict": verdict, "pipeline_per_cpu_s": cpu[pipe], "bare_pil_per_cpu_s": cpu[bare],
-                        "cpu_ratio": cpu_ratio, "cpu_verdict": cpu_verdict, "best_of_ratio": best_ratio})
+        print(
+            f"{workers:<9}{wall[pipe]:>10.1f}{wall[bare]:>10.1f}{max(1, workers):>6}{ratio:>7.2f}{best_ratio:>7.2f}   "
+            f"{cpu[pipe]:>10.1f}{cpu[bare]:>10.1f}{cpu_ratio:>7.2f}   {verdict} (wall) / {cpu_verdict} (CPU)"
+        )
+        results.append(
+            {
+                "workers": workers,
+                "pipeline": wall[pipe],
+                "bare_pil": wall[bare],
+                "ratio": ratio,
+                "verdict": verdict,
+                "pipeline_per_cpu_s": cpu[pipe],
+                "bare_pil_per_cpu_s": cpu[bare],
+                "cpu_ratio": cpu_ratio,
+                "cpu_verdict": cpu_verdict,
+                "best_of_ratio": best_ratio,
+            }
+        )
     name = "bare + ImageTransform x1"
-    print(f"bare full decode + ImageTransform, 1 process: {wall[name]:.1f} img/s, {cpu[name]:.1f} img/CPU-s "
-          f"({cpu[name] / cpu['bare PIL x1']:.2f} of bare PIL per CPU-s)")
-    report = {"args": vars(args), "rates": {k: [vars(r) for r in v] for k, v in rates.items()},
-              "medians_wall": wall, "medians_cpu": cpu, "results": results, "load_average": os.getloadavg()}
+    print(
+        f"bare full decode + ImageTransform, 1 process: {wall[name]:.1f} img/s, {cpu[name]:.1f} img/CPU-s "
+        f"({cpu[name] / cpu['bare PIL x1']:.2f} of bare PIL per CPU-s)"
+    )
+    report = {
+        "args": vars(args),
+        "rates": {k: [vars(r) for r in v] for k, v in rates.items()},
+        "medians_wall": wall,
+        "medians_cpu": cpu,
+        "results": results,
+        "load_average": os.getloadavg(),
+    }
     (Path(args.data_dir) / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

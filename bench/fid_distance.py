@@ -17,7 +17,6 @@ import argparse
 import time
 import warnings
 
-import numpy as np
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
@@ -75,8 +74,10 @@ def main() -> None:
             ours, ours_s = timed(lambda: frechet_distance(a, b), args.repeats)
             stats = [s.numpy() for s in (a.mean, a.covariance, b.mean, b.covariance)]
             theirs, theirs_s = timed(lambda: float(calculate_frechet_distance(*stats)), args.repeats)
-            print(f"{n:>6} {name:>12} {exact:>14.8f} {ours - exact:>10.1e} {theirs - exact:>10.1e} "
-                  f"{ours_s:>8.2f} {theirs_s:>8.2f} {theirs_s / ours_s:>6.1f}")  # fmt: skip
+            print(
+                f"{n:>6} {name:>12} {exact:>14.8f} {ours - exact:>10.1e} {theirs - exact:>10.1e} "
+                f"{ours_s:>8.2f} {theirs_s:>8.2f} {theirs_s / ours_s:>6.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 from torch import nn
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
 from ldm.models.unet import UNetModel
 from ldm.training.optimizers import MuonAdamW
-from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 
 MODELS = {"sd15": "sd15", "sd21": "sd21_base"}  # --config NAME -> the model preset
 GIB = 2**30
@@ -123,8 +123,10 @@ def main() -> None:
     print(f"  {'state in all':<32} {total / GIB:8.3f} GiB")
     if args.activations:
         saved = saved_activation_bytes(args.config, args.size, args.batch, not args.no_checkpointing, args.device)
-        print(f"  {'saved activations':<32} {saved / GIB:8.3f} GiB  (batch {args.batch}, latents {args.size}x{args.size}, "
-              f"checkpointing {'off' if args.no_checkpointing else 'on'})")  # fmt: skip
+        print(
+            f"  {'saved activations':<32} {saved / GIB:8.3f} GiB  (batch {args.batch}, latents {args.size}x{args.size}, "
+            f"checkpointing {'off' if args.no_checkpointing else 'on'})"
+        )
         print(f"  {'state + saved activations':<32} {(total + saved) / GIB:8.3f} GiB")
 
 

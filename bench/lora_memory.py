@@ -72,7 +72,9 @@ def full_rows(config: str) -> dict[str, int]:
     }
 
 
-def lora_saved_activation_bytes(config: str, spec: LoRASpec, size: int, batch: int, checkpointing: bool, device: str) -> int:
+def lora_saved_activation_bytes(
+    config: str, spec: LoRASpec, size: int, batch: int, checkpointing: bool, device: str
+) -> int:
     """``finetune_memory.saved_activation_bytes`` for the U-Net with adapters attached and frozen weights."""
     unet_config = network_configs(MODELS[config])["unet"]
     unet = UNetModel(**dict(unet_config, gradient_checkpointing=checkpointing)).to(device).requires_grad_(False)
@@ -88,7 +90,10 @@ def lora_saved_activation_bytes(config: str, spec: LoRASpec, size: int, batch: i
         seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         return tensor
 
-    weights = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in (*unet.parameters(), *network.parameters())}
+    weights = {
+        (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
+        for p in (*unet.parameters(), *network.parameters())
+    }
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = unet(x, t, context).float().pow(2).mean()
@@ -145,7 +150,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", nargs="+", default=["attention", "transformer"])
     parser.add_argument("--text-encoder", action="store_true")
-    parser.add_argument("--activations", action="store_true", help="also count one forward's saved tensors (slow on a CPU)")
+    parser.add_argument(
+        "--activations", action="store_true", help="also count one forward's saved tensors (slow on a CPU)"
+    )
     parser.add_argument("--size", type=int, default=64, help="latent side for --activations (64 = 512 px)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-checkpointing", action="store_true", help="--activations without gradient checkpointing")
@@ -158,8 +165,10 @@ def main() -> None:
     spec = LoRASpec(rank=args.rank, alpha=args.rank, targets=args.targets, text_encoder=args.text_encoder)
 
     full, lora = full_rows(args.config), lora_state_bytes(args.config, spec)
-    print(f"{args.config}: full fine-tune (AdamW + EMA) vs LoRA rank {args.rank} on {'+'.join(args.targets)}"
-          f"{' + text encoder' if args.text_encoder else ''} (AdamW + EMA of the adapters)")  # fmt: skip
+    print(
+        f"{args.config}: full fine-tune (AdamW + EMA) vs LoRA rank {args.rank} on {'+'.join(args.targets)}"
+        f"{' + text encoder' if args.text_encoder else ''} (AdamW + EMA of the adapters)"
+    )
     print(f"  {'':<32} {'full':>12} {'LoRA':>12}")
     counts = full.pop("trained parameters (count)"), lora.pop("trained parameters (count)")
     print(f"  {'trained parameters':<32} {counts[0] / 1e6:>11.1f}M {counts[1] / 1e6:>11.2f}M")
@@ -171,10 +180,14 @@ def main() -> None:
         checkpointing = not args.no_checkpointing
         saved_full = saved_activation_bytes(args.config, args.size, args.batch, checkpointing, args.device)
         saved_lora = lora_saved_activation_bytes(args.config, spec, args.size, args.batch, checkpointing, args.device)
-        print(f"  {'saved activations':<32} {saved_full / GIB:>8.3f} GiB {saved_lora / GIB:>8.3f} GiB"
-              f"  (batch {args.batch}, latents {args.size}x{args.size}, checkpointing {'on' if checkpointing else 'off'})")  # fmt: skip
-        print(f"  {'state + saved activations':<32} {(totals[0] + saved_full) / GIB:>8.3f} GiB "
-              f"{(totals[1] + saved_lora) / GIB:>8.3f} GiB")  # fmt: skip
+        print(
+            f"  {'saved activations':<32} {saved_full / GIB:>8.3f} GiB {saved_lora / GIB:>8.3f} GiB"
+            f"  (batch {args.batch}, latents {args.size}x{args.size}, checkpointing {'on' if checkpointing else 'off'})"
+        )
+        print(
+            f"  {'state + saved activations':<32} {(totals[0] + saved_full) / GIB:>8.3f} GiB "
+            f"{(totals[1] + saved_lora) / GIB:>8.3f} GiB"
+        )
     if args.speed:
         steps = Steps(args.config, spec, args.speed_size, args.device, args.device == "cuda", args.precision == "bf16")
         timings: dict[str, list[float]] = {"full": [], "lora": []}
@@ -185,14 +198,23 @@ def main() -> None:
                 if number:
                     timings[kind].append(seconds)
         medians = {k: statistics.median(v) for k, v in timings.items()}
-        what = "forward + backward + AdamW step" if steps.adamw_full is not None else "forward + backward; its AdamW step not run here"
-        print(f"  step at latents {args.speed_size}x{args.speed_size}, batch 1, {args.precision}, checkpointing, "
-              f"median of {args.steps} on {args.device}:")  # fmt: skip
+        what = (
+            "forward + backward + AdamW step"
+            if steps.adamw_full is not None
+            else "forward + backward; its AdamW step not run here"
+        )
+        print(
+            f"  step at latents {args.speed_size}x{args.speed_size}, batch 1, {args.precision}, checkpointing, "
+            f"median of {args.steps} on {args.device}:"
+        )
         print(f"    full fine-tune   {medians['full']:8.3f} s  ({what})")
         print(f"    LoRA             {medians['lora']:8.3f} s  (forward + backward + AdamW step)")
         print(f"    ratio full / LoRA {medians['full'] / medians['lora']:6.2f}")
         if args.device == "cuda":
-            print(f"    peak GPU memory of a step: full {peaks['full'] / GIB:.2f} GiB, LoRA {peaks['lora'] / GIB:.2f} GiB")
+            print(
+                f"    peak GPU memory of a step: full {peaks['full'] / GIB:.2f} GiB, LoRA {peaks['lora'] / GIB:.2f} GiB"
+            )
+
 
 if __name__ == "__main__":
     main()

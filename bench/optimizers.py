@@ -51,7 +51,7 @@ def main() -> None:
 
     steps = {name: [] for name in optimizers}
     updates = {name: [] for name in optimizers}
-    for name, optimizer in optimizers.items():  # warm up, and create each optimizer's state
+    for optimizer in optimizers.values():  # warm up, and create each optimizer's state
         for _ in range(2):
             backward()
             optimizer.step()
@@ -71,8 +71,10 @@ def main() -> None:
             optimizer.zero_grad()
 
     matrices = sum(p.ndim >= 2 for p in unet.parameters())
-    print(f"toy U-Net, batch {args.batch}, {matrices} matrices / filters of {len(list(unet.parameters()))} "
-          f"parameters, medians of {args.repeats} repeats")  # fmt: skip
+    print(
+        f"toy U-Net, batch {args.batch}, {matrices} matrices / filters of {len(list(unet.parameters()))} "
+        f"parameters, medians of {args.repeats} repeats"
+    )
     reference = statistics.median(steps["AdamW (fused)"])
     for name in optimizers:
         step, update = statistics.median(steps[name]), statistics.median(updates[name])

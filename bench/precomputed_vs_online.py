@@ -102,17 +102,25 @@ def main() -> None:
         for name in order:
             times[name].append(timed(name))
 
-    sizes = {name: sum(p.numel() for p in getattr(task, name).parameters()) / 1e6
-             for name in ("unet", "autoencoder", "conditioner")}
-    print(f"model {cfg.model.get('family', '?')} ({', '.join(f'{k} {v:.1f}M' for k, v in sizes.items())}), "
-          f"{cfg.data.image_size} px -> latents {tuple(latents.shape[1:])}, batch {args.batch}, {device}"
-          f"{', bf16' if args.bf16 else ', fp32'}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    sizes = {
+        name: sum(p.numel() for p in getattr(task, name).parameters()) / 1e6
+        for name in ("unet", "autoencoder", "conditioner")
+    }
+    print(
+        f"model {cfg.model.get('family', '?')} ({', '.join(f'{k} {v:.1f}M' for k, v in sizes.items())}), "
+        f"{cfg.data.image_size} px -> latents {tuple(latents.shape[1:])}, batch {args.batch}, {device}"
+        f"{', bf16' if args.bf16 else ', fp32'}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+    )
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name, median in medians.items():
-        print(f"  {name:<12} {median * 1000:9.1f} ms/step  {args.batch / median:8.1f} images/s  "
-              f"(min {min(times[name]) * 1000:.1f}, max {max(times[name]) * 1000:.1f})")
-    print(f"  ratio online/cached: {medians['online'] / medians['cached']:.2f}, "
-          f"online/precomputed: {medians['online'] / medians['precomputed']:.2f}")
+        print(
+            f"  {name:<12} {median * 1000:9.1f} ms/step  {args.batch / median:8.1f} images/s  "
+            f"(min {min(times[name]) * 1000:.1f}, max {max(times[name]) * 1000:.1f})"
+        )
+    print(
+        f"  ratio online/cached: {medians['online'] / medians['cached']:.2f}, "
+        f"online/precomputed: {medians['online'] / medians['precomputed']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,5 +27,7 @@ def network_configs(model: str) -> dict[str, dict[str, Any]]:
     nodes = OmegaConf.to_container(cfg.model, resolve=True)
     vae = nodes["autoencoder"]
     vae = vae.get("module", vae)  # the with_weights wrapper
-    return {name: {k: v for k, v in node.items() if k not in NOT_ARGUMENTS}
-            for name, node in (("unet", nodes["unet"]), ("vae", vae), ("text", nodes["conditioner"]))}  # fmt: skip
+    return {
+        name: {k: v for k, v in node.items() if k not in NOT_ARGUMENTS}
+        for name, node in (("unet", nodes["unet"]), ("vae", vae), ("text", nodes["conditioner"]))
+    }

@@ -52,14 +52,16 @@ def toy_shards(directory: Path) -> list[str]:
 
 def make_stream(urls: list[str]) -> ShardStream:
     to_sample = ToTrainingSample(ImageTransform(64, uint8=True), CaptionPicker(["txt"]))
-    return ShardStream([Source(urls)], to_sample, BATCH, train=True, seed=SEED, shuffle_buffer=SHUFFLE, rank=0,
-                       world_size=1)  # fmt: skip
+    return ShardStream(
+        [Source(urls)], to_sample, BATCH, train=True, seed=SEED, shuffle_buffer=SHUFFLE, rank=0, world_size=1
+    )
 
 
 def simulated_position(urls: list[str], index: dict[str, list[dict]], step: int) -> dict:
     """The worker state after ``step`` batches, from the stream's own state machine over stand-in
     shards (``index``: each shard's samples without their members: key, url, offsets), nothing read
     or decoded; valid for a stream that drops no sample (the toy's: every sample decodes, one size)."""
+
     def stand_in(url: str, start: int = 0, offset: int = -1):
         return iter(index[url][start:])
 
@@ -71,8 +73,13 @@ def simulated_position(urls: list[str], index: dict[str, list[dict]], step: int)
 
 def first_batch_seconds(urls: list[str], state: dict | None, step: int, workers: int) -> tuple[float, list[str]]:
     """Seconds from a resumed loader's iter() to its first batch, and the batch's keys."""
-    loader = TrainingLoader(make_stream(urls), lambda s: DataLoader(s, batch_size=None, num_workers=workers), workers,
-                            lambda: (0, step), lambda epoch, done: [state] if state is not None else None)  # fmt: skip
+    loader = TrainingLoader(
+        make_stream(urls),
+        lambda s: DataLoader(s, batch_size=None, num_workers=workers),
+        workers,
+        lambda: (0, step),
+        lambda epoch, done: [state] if state is not None else None,
+    )
     start = time.perf_counter()
     batch = next(iter(loader))
     return time.perf_counter() - start, batch["key"]
@@ -120,21 +127,35 @@ def main() -> None:
                 times[(step, workers)].append(seconds)
     medians = {key: statistics.median(value) for key, value in times.items()}
 
-    print(f"\ntoy stream: {len(urls)} shards x 1000 samples, batch {BATCH}, shuffle buffer {SHUFFLE}; "
-          f"replay measured at {per_batch * 1e3:.1f} ms/batch over {args.replay_batches} batches; "
-          f"medians of {args.repeats}")  # fmt: skip
+    print(
+        f"\ntoy stream: {len(urls)} shards x 1000 samples, batch {BATCH}, shuffle buffer {SHUFFLE}; "
+        f"replay measured at {per_batch * 1e3:.1f} ms/batch over {args.replay_batches} batches; "
+        f"medians of {args.repeats}"
+    )
     header = "  ".join(f"{'first batch, ' + str(w) + ' workers':>24} {'x step 0':>8}" for w in args.workers)
     print(f"{'step':>7}  {header}  {'replay (old), 0 workers':>24} {'x step 0':>8}  {'position bytes':>14}")
     for step in args.steps:
-        cells = "  ".join(f"{medians[(step, w)]:>22.3f} s {medians[(step, w)] / medians[(args.steps[0], w)]:>8.2f}"
-                          for w in args.workers)  # fmt: skip
+        cells = "  ".join(
+            f"{medians[(step, w)]:>22.3f} s {medians[(step, w)] / medians[(args.steps[0], w)]:>8.2f}"
+            for w in args.workers
+        )
         replay = medians[(args.steps[0], args.workers[0])] + step * per_batch
-        print(f"{step:>7}  {cells}  {replay:>20.1f} s{'*' if step else ' '} "
-              f"{replay / medians[(args.steps[0], args.workers[0])]:>9.0f}  {sizes[step]:>14,}")
+        print(
+            f"{step:>7}  {cells}  {replay:>20.1f} s{'*' if step else ' '} "
+            f"{replay / medians[(args.steps[0], args.workers[0])]:>9.0f}  {sizes[step]:>14,}"
+        )
     print("* extrapolated: step 0's time + step x the measured replay time per batch")
     out = args.data_dir.parent / "resume_cost.json"
-    out.write_text(json.dumps({"medians": {f"{s}/{w}": v for (s, w), v in medians.items()},
-                               "replay_per_batch": per_batch, "simulation_checked": same}, indent=1))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "medians": {f"{s}/{w}": v for (s, w), v in medians.items()},
+                "replay_per_batch": per_batch,
+                "simulation_checked": same,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,15 @@ def load_sampler(name: str):
     return instantiate(OmegaConf.load(ROOT / "configs" / "sampler" / f"{name}.yaml"))
 
 
-def run(pipeline: TextToImage, sampler_name: str, steps: int, prompts: list[str], seeds: list[int],
-        guidance_scale: float, batch_size: int) -> tuple[dict, float]:  # fmt: skip
+def run(
+    pipeline: TextToImage,
+    sampler_name: str,
+    steps: int,
+    prompts: list[str],
+    seeds: list[int],
+    guidance_scale: float,
+    batch_size: int,
+) -> tuple[dict, float]:
     """(toy accuracy of the images, images per second) for one sampler and step count."""
     sampler = load_sampler(sampler_name)
     images = []
@@ -69,18 +76,25 @@ def accuracy_table(args: argparse.Namespace) -> None:
     common = (prompts, seeds, args.guidance_scale, args.batch_size)
 
     reference, reference_rate = run(pipeline, "ddim", args.reference_steps, *common)
-    print(f"reference ddim {args.reference_steps} steps: all {100 * reference['all']:.1f}% "
-          f"({reference_rate:.1f} images/s)", flush=True)  # fmt: skip
+    print(
+        f"reference ddim {args.reference_steps} steps: all {100 * reference['all']:.1f}% "
+        f"({reference_rate:.1f} images/s)",
+        flush=True,
+    )
     results = {"reference": {"sampler": "ddim", "steps": args.reference_steps, **reference}, "runs": []}
     for name in args.samplers:
         for steps in args.steps:
             scores, rate = run(pipeline, name, steps, *common)
             evaluations = steps * EVALUATIONS_PER_STEP.get(name, 1)
-            results["runs"].append({"sampler": name, "steps": steps, "evaluations": evaluations,
-                                    "images_per_s": rate, **scores})  # fmt: skip
-            print(f"{name:<16} {steps:>4} steps  all {100 * scores['all']:5.1f}%  "
-                  f"colour {100 * scores['colour']:5.1f}  shape {100 * scores['shape']:5.1f}  "
-                  f"position {100 * scores['position']:5.1f}  {rate:6.1f} images/s", flush=True)  # fmt: skip
+            results["runs"].append(
+                {"sampler": name, "steps": steps, "evaluations": evaluations, "images_per_s": rate, **scores}
+            )
+            print(
+                f"{name:<16} {steps:>4} steps  all {100 * scores['all']:5.1f}%  "
+                f"colour {100 * scores['colour']:5.1f}  shape {100 * scores['shape']:5.1f}  "
+                f"position {100 * scores['position']:5.1f}  {rate:6.1f} images/s",
+                flush=True,
+            )
     print_table(results, args.steps, len(prompts))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -90,8 +104,10 @@ def print_table(results: dict, step_counts: list[int], num_images: int) -> None:
     reference = results["reference"]["all"]
     margin = standard_error(reference, num_images)
     header = "| sampler | " + " | ".join(f"{s} steps" for s in step_counts) + " |"
-    print(f"\naccuracy (all three attributes), {num_images} images; reference ddim "
-          f"{results['reference']['steps']} steps: {100 * reference:.1f}% (* = within one standard error)")  # fmt: skip
+    print(
+        f"\naccuracy (all three attributes), {num_images} images; reference ddim "
+        f"{results['reference']['steps']} steps: {100 * reference:.1f}% (* = within one standard error)"
+    )
     print(header)
     print("|---" * (len(step_counts) + 1) + "|")
     for name in dict.fromkeys(r["sampler"] for r in results["runs"]):
@@ -110,8 +126,12 @@ def random_pipeline(model: str, device: torch.device) -> TextToImage:
 
     overrides = []
     if model == "small":  # the toy's VAE and text tower around a 4x larger U-Net (attention at every level)
-        overrides = ["model.unet.model_channels=64", "model.unet.channel_multipliers=[1,2,4]",
-                     "model.unet.num_res_blocks=2", "model.unet.attention_resolutions=[1,2,4]"]  # fmt: skip
+        overrides = [
+            "model.unet.model_channels=64",
+            "model.unet.channel_multipliers=[1,2,4]",
+            "model.unet.num_res_blocks=2",
+            "model.unet.attention_resolutions=[1,2,4]",
+        ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     schedule = instantiate(cfg.schedule)
@@ -137,8 +157,10 @@ def speed_table(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             rates.append(args.speed_batch / (time.perf_counter() - start))
         rates.sort()
-        print(f"{model}: {rates[len(rates) // 2]:.2f} images/s (median of {args.repeats}), batch {args.speed_batch}, "
-              f"{args.speed_steps} steps dpmpp_2m with guidance, {device.type}")  # fmt: skip
+        print(
+            f"{model}: {rates[len(rates) // 2]:.2f} images/s (median of {args.repeats}), batch {args.speed_batch}, "
+            f"{args.speed_steps} steps dpmpp_2m with guidance, {device.type}"
+        )
 
 
 def main() -> None:

@@ -64,8 +64,10 @@ def validation_images(data_dir: str) -> tuple[torch.Tensor, list[str]]:
 
 
 def line(name: str, what: str, result: dict, extra: str = "") -> str:
-    return (f"  {name:<28} {what:<22} all {100 * result['all']:5.1f}  colour {100 * result['colour']:5.1f}  "
-            f"shape {100 * result['shape']:5.1f}  position {100 * result['position']:5.1f}{extra}")  # fmt: skip
+    return (
+        f"  {name:<28} {what:<22} all {100 * result['all']:5.1f}  colour {100 * result['colour']:5.1f}  "
+        f"shape {100 * result['shape']:5.1f}  position {100 * result['position']:5.1f}{extra}"
+    )
 
 
 @torch.no_grad()

@@ -72,8 +72,11 @@ def main() -> None:
             abar = schedule.alphas_cumprod[int(steps[0])]
             x = abar.sqrt() * latents + (1 - abar).sqrt() * noise
             out = sample_dpmpp_2m(denoise, x, steps, schedule)
-            print(f"guidance {guidance:g}, from t = {int(steps[0]):3d} ({len(steps):2d} steps): "
-                  f"{percent(pipeline.decode(out), prompts)}", flush=True)  # fmt: skip
+            print(
+                f"guidance {guidance:g}, from t = {int(steps[0]):3d} ({len(steps):2d} steps): "
+                f"{percent(pipeline.decode(out), prompts)}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_MIN", "T_MAX"),
-                        help="guide only at these timesteps (sample.py guidance_interval); default: every step")
+    parser.add_argument(
+        "--guidance-interval",
+        type=int,
+        nargs=2,
+        metavar=("T_MIN", "T_MAX"),
+        help="guide only at these timesteps (sample.py guidance_interval); default: every step",
+    )
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides")
     args = parser.parse_args()
 
@@ -52,17 +57,31 @@ def main() -> None:
     interval = args.guidance_interval
     suffix = f"_interval_{interval[0]}_{interval[1]}" if interval else ""
     samples = run_dir / f"eval_{args.sampler}_{args.steps}{suffix}"
-    sample_seconds = run([
-        sys.executable, "sample.py", f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
-        f"prompts_file={prompts_file}", f"num_images_per_prompt={args.images_per_prompt}",
-        f"sampler={args.sampler}", f"steps={args.steps}", f"guidance_scale={args.guidance_scale}",
-        "seed=1000", f"out_dir={samples}", "batch_size=105",
-        *([f"guidance_interval=[{interval[0]},{interval[1]}]"] if interval else []),
-    ])
+    sample_seconds = run(
+        [
+            sys.executable,
+            "sample.py",
+            f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"prompts_file={prompts_file}",
+            f"num_images_per_prompt={args.images_per_prompt}",
+            f"sampler={args.sampler}",
+            f"steps={args.steps}",
+            f"guidance_scale={args.guidance_scale}",
+            "seed=1000",
+            f"out_dir={samples}",
+            "batch_size=105",
+            *([f"guidance_interval=[{interval[0]},{interval[1]}]"] if interval else []),
+        ]
+    )
     scores = score_folder(samples)
     result = {
-        "train_seconds": train_seconds, "sample_seconds": sample_seconds, "sampler": args.sampler,
-        "steps": args.steps, "guidance_scale": args.guidance_scale, "guidance_interval": interval, **scores,
+        "train_seconds": train_seconds,
+        "sample_seconds": sample_seconds,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "guidance_interval": interval,
+        **scores,
     }
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'train wall time':<22}{'-' if train_seconds is None else f'{train_seconds:.0f} s'}")

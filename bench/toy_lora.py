@@ -70,9 +70,22 @@ def sample(checkpoint: Path, prompts: list[str], out_dir: Path, images_per_promp
     prompts_file = out_dir.with_suffix(".txt")
     prompts_file.parent.mkdir(parents=True, exist_ok=True)
     write_text(prompts_file, "\n".join(prompts) + "\n")
-    run([sys.executable, "sample.py", f"checkpoint={checkpoint}", f"prompts_file={prompts_file}",
-         f"num_images_per_prompt={images_per_prompt}", "sampler=dpmpp_2m", "steps=20", "guidance_scale=3",
-         "seed=1000", f"out_dir={out_dir}", "batch_size=105", "device=cpu"])  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "sample.py",
+            f"checkpoint={checkpoint}",
+            f"prompts_file={prompts_file}",
+            f"num_images_per_prompt={images_per_prompt}",
+            "sampler=dpmpp_2m",
+            "steps=20",
+            "guidance_scale=3",
+            "seed=1000",
+            f"out_dir={out_dir}",
+            "batch_size=105",
+            "device=cpu",
+        ]
+    )
 
 
 def scores(folder: Path, word: str, colour: str) -> dict:
@@ -93,12 +106,23 @@ def scores(folder: Path, word: str, colour: str) -> dict:
     return result
 
 
-def figure(before: Path, after: Path, base_before: Path, base_after: Path, word: str, colour: str, out: Path,
-           per_prompt: int, toy_per_prompt: int) -> None:  # fmt: skip
+def figure(
+    before: Path,
+    after: Path,
+    base_before: Path,
+    base_after: Path,
+    word: str,
+    colour: str,
+    out: Path,
+    per_prompt: int,
+    toy_per_prompt: int,
+) -> None:
     """Rows: prompts; columns: the base's images | the LoRA's (same seeds)."""
     from PIL import Image, ImageDraw
 
-    rows = [(before, after, i * per_prompt, per_prompt) for i in (0, 6, 12)]  # circle top left, square top right, triangle bottom left
+    rows = [
+        (before, after, i * per_prompt, per_prompt) for i in (0, 6, 12)
+    ]  # circle top left, square top right, triangle bottom left
     rows += [(base_before, base_after, i * toy_per_prompt, toy_per_prompt) for i in (7, 40, 101)]  # three toy prompts
     cell, gap, label_h = 64, 4, 14
     width = 2 * per_prompt * cell + 3 * gap
@@ -141,13 +165,29 @@ def main() -> None:
     if not args.skip_train:
         if not data.is_dir():
             write_data(data, args.word, args.colour, args.new, args.keep, seed=1)
-        train_seconds = run([
-            sys.executable, "train.py", "experiment=toy", f"model.pretrained={base}", "data=folder", f"data.path={data}",
-            "data.image_size=64", "data.num_workers=2", f"task.lora.rank={args.rank}", "optim=adamw_cosine",
-            f"optim.optimizer.lr={args.lr}", "optim.lr_scheduler.schedule.warmup_steps=20", f"trainer.max_steps={args.steps}",
-            f"callbacks.checkpoint.every_n_train_steps={args.steps}", "logger=csv", "run_name=toy_lora",
-            f"hydra.run.dir={run_dir / 'run'}", "resume=auto", *args.overrides,
-        ])  # fmt: skip
+        train_seconds = run(
+            [
+                sys.executable,
+                "train.py",
+                "experiment=toy",
+                f"model.pretrained={base}",
+                "data=folder",
+                f"data.path={data}",
+                "data.image_size=64",
+                "data.num_workers=2",
+                f"task.lora.rank={args.rank}",
+                "optim=adamw_cosine",
+                f"optim.optimizer.lr={args.lr}",
+                "optim.lr_scheduler.schedule.warmup_steps=20",
+                f"trainer.max_steps={args.steps}",
+                f"callbacks.checkpoint.every_n_train_steps={args.steps}",
+                "logger=csv",
+                "run_name=toy_lora",
+                f"hydra.run.dir={run_dir / 'run'}",
+                "resume=auto",
+                *args.overrides,
+            ]
+        )
     lora_checkpoint = run_dir / "run" / "checkpoints" / "last.ckpt"
     from ldm.data.toy import all_prompts
 
@@ -161,23 +201,50 @@ def main() -> None:
     sample_seconds = time.perf_counter() - start
     results = {key: scores(folder, args.word, args.colour) for key, folder in folders.items()}
 
-    print(f"\ntoy LoRA: '{args.word}' = {args.colour}; rank {args.rank}, {args.steps} steps"
-          f"{f' in {train_seconds:.0f} s' if train_seconds else ''} (sampling {sample_seconds:.0f} s)")  # fmt: skip
+    print(
+        f"\ntoy LoRA: '{args.word}' = {args.colour}; rank {args.rank}, {args.steps} steps"
+        f"{f' in {train_seconds:.0f} s' if train_seconds else ''} (sampling {sample_seconds:.0f} s)"
+    )
     print(f"{'prompts':<34}{'model':<7}{'colour':>8}{'shape':>8}{'position':>9}{'all':>8}{'images':>8}")
     for prompts, label in (("new", f"'{args.word}' (15 prompts, as {args.colour})"), ("toy", "the 105 toy prompts")):
         for model in ("base", "lora"):
             r = results[f"{model}_{prompts}"]
-            print(f"{label:<34}{model:<7}{r['colour']:>8.3f}{r['shape']:>8.3f}{r['position']:>9.3f}{r['all']:>8.3f}"
-                  f"{r['num_images']:>8d}")  # fmt: skip
+            print(
+                f"{label:<34}{model:<7}{r['colour']:>8.3f}{r['shape']:>8.3f}{r['position']:>9.3f}{r['all']:>8.3f}"
+                f"{r['num_images']:>8d}"
+            )
             label = ""
     for model in ("base", "lora"):
         print(f"colours drawn for '{args.word}' by the {model}: {results[f'{model}_new']['colours_drawn']}")
-    figure(folders["base_new"], folders["lora_new"], folders["base_toy"], folders["lora_toy"], args.word, args.colour,
-           run_dir / "toy_lora.png", args.images_per_prompt, args.toy_images_per_prompt)  # fmt: skip
-    write_text(run_dir / "bench.json", json.dumps({
-        "word": args.word, "colour": args.colour, "rank": args.rank, "steps": args.steps, "lr": args.lr, "base": str(base),
-        "train_seconds": train_seconds, "sample_seconds": sample_seconds, "results": results,
-    }, indent=2) + "\n")  # fmt: skip
+    figure(
+        folders["base_new"],
+        folders["lora_new"],
+        folders["base_toy"],
+        folders["lora_toy"],
+        args.word,
+        args.colour,
+        run_dir / "toy_lora.png",
+        args.images_per_prompt,
+        args.toy_images_per_prompt,
+    )
+    write_text(
+        run_dir / "bench.json",
+        json.dumps(
+            {
+                "word": args.word,
+                "colour": args.colour,
+                "rank": args.rank,
+                "steps": args.steps,
+                "lr": args.lr,
+                "base": str(base),
+                "train_seconds": train_seconds,
+                "sample_seconds": sample_seconds,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     print(f"figure: {run_dir / 'toy_lora.png'}")
 
 

@@ -48,9 +48,16 @@ def read_runs(path: Path) -> list[tuple[str, list[str]]]:
 def train_all(runs: list[tuple[str, list[str]]], out: Path, common: list[str], every: int, deadline: float) -> None:
     processes = {}
     for name, overrides in runs:
-        command = [sys.executable, "train.py", f"hydra.run.dir={out / name}", "logger=csv",
-                   "callbacks.checkpoint.save_top_k=-1", f"callbacks.checkpoint.every_n_train_steps={every}",
-                   *common, *overrides]  # fmt: skip
+        command = [
+            sys.executable,
+            "train.py",
+            f"hydra.run.dir={out / name}",
+            "logger=csv",
+            "callbacks.checkpoint.save_top_k=-1",
+            f"callbacks.checkpoint.every_n_train_steps={every}",
+            *common,
+            *overrides,
+        ]
         with (out / f"{name}.log").open("w") as log:  # the child keeps its own copy of the handle
             processes[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     start = time.monotonic()
@@ -70,10 +77,10 @@ def score_runs(run_dirs: list[Path], scores_file: Path) -> None:
     """Score every step checkpoint of these runs, and last.ckpt where the run ended between step
     checkpoints, appending one JSON line per checkpoint."""
     import torch
+    from samplers import run as sample_and_score  # bench/samplers.py: same sampling and scoring
 
     from ldm.data.toy import all_prompts
     from ldm.pipeline import pipeline_from_checkpoint
-    from samplers import run as sample_and_score  # bench/samplers.py: same sampling and scoring
 
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,8 +115,10 @@ def print_table(scores_file: Path) -> None:
     print("|---|---|---|---|---|---|---|")
     rows = [json.loads(line) for line in scores_file.read_text().splitlines()]
     for r in sorted(rows, key=lambda r: (r["run"], r["checkpoint"], not r["ema"])):
-        print(f"| {r['run']} | {r['checkpoint']} | {'yes' if r['ema'] else 'no'} | {100 * r['all']:.1f} | "
-              f"{100 * r['colour']:.1f} | {100 * r['shape']:.1f} | {100 * r['position']:.1f} |")
+        print(
+            f"| {r['run']} | {r['checkpoint']} | {'yes' if r['ema'] else 'no'} | {100 * r['all']:.1f} | "
+            f"{100 * r['colour']:.1f} | {100 * r['shape']:.1f} | {100 * r['position']:.1f} |"
+        )
 
 
 def main() -> None:
@@ -135,8 +144,11 @@ def main() -> None:
     train_all(runs, args.out, shlex.split(args.common), args.every, args.deadline)
     run_dirs = [args.out / name for name, _ in runs if (args.out / name).is_dir()]
     shares = [run_dirs[i :: args.score_workers] for i in range(args.score_workers)]
-    workers = [subprocess.Popen([sys.executable, __file__, "--out", str(args.out), "--score", *map(str, share)], cwd=ROOT)
-               for share in shares if share]  # fmt: skip
+    workers = [
+        subprocess.Popen([sys.executable, __file__, "--out", str(args.out), "--score", *map(str, share)], cwd=ROOT)
+        for share in shares
+        if share
+    ]
     if any(worker.wait() for worker in workers):
         print("a scoring worker failed (see its output above)", flush=True)
     if scores_file.is_file():

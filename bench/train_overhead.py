@@ -79,17 +79,28 @@ def bare_loop(cfg, batches, steps: int, warmup: int, device) -> float:
 def framework(cfg, batches, steps: int, warmup: int, out: Path) -> tuple[float, float]:
     """(seconds per step without saves, seconds per checkpoint save)."""
     task = make_task(cfg)
-    callbacks = [instantiate(c, _convert_="all") for name, c in cfg.callbacks.items()
-                 if c is not None and name not in ("sample_grid", "progress_bar")]  # fmt: skip
+    callbacks = [
+        instantiate(c, _convert_="all")
+        for name, c in cfg.callbacks.items()
+        if c is not None and name not in ("sample_grid", "progress_bar")
+    ]
     for callback in callbacks:
         if isinstance(callback, pl.callbacks.ModelCheckpoint):
             callback.dirpath = str(out / "checkpoints")
     timer = StepTimer(warmup)
     trainer = pl.Trainer(
-        accelerator="auto", devices=1, max_steps=steps, logger=pl.loggers.CSVLogger(out), callbacks=[*callbacks, timer],
-        limit_val_batches=0, enable_progress_bar=False, log_every_n_steps=cfg.trainer.log_every_n_steps,
-        precision=cfg.trainer.precision, gradient_clip_val=None, default_root_dir=out,
-    )  # fmt: skip
+        accelerator="auto",
+        devices=1,
+        max_steps=steps,
+        logger=pl.loggers.CSVLogger(out),
+        callbacks=[*callbacks, timer],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        precision=cfg.trainer.precision,
+        gradient_clip_val=None,
+        default_root_dir=out,
+    )
     loader = torch.utils.data.DataLoader(LatentBatches(batches), batch_size=None)
     trainer.fit(task, train_dataloaders=loader)
     saves = []
@@ -120,8 +131,13 @@ def main() -> None:
     probe = make_task(cfg)
     context_shape = (probe.conditioner.max_length, probe.conditioner.context_dim)
     generator = torch.Generator().manual_seed(0)
-    batches = [{"latent": torch.randn(args.batch, *probe.latent_shape, generator=generator),
-                "context": torch.randn(args.batch, *context_shape, generator=generator)} for _ in range(4)]  # fmt: skip
+    batches = [
+        {
+            "latent": torch.randn(args.batch, *probe.latent_shape, generator=generator),
+            "context": torch.randn(args.batch, *context_shape, generator=generator),
+        }
+        for _ in range(4)
+    ]
     flops = probe._count_flops(batches[0])
     del probe
 
@@ -134,14 +150,20 @@ def main() -> None:
     bare, full = statistics.median(times["bare"]), statistics.median(times["framework"])
     print(f"U-Net training step, batch {args.batch}, {device}, {flops / 1e9:.2f} GFLOP/step")
     for name, seconds in (("bare loop", bare), ("framework", full)):
-        print(f"  {name:<10} {seconds * 1000:8.1f} ms/step {args.batch / seconds:8.1f} images/s "
-              f"{flops / seconds / 1e12:8.3f} TFLOP/s")  # fmt: skip
+        print(
+            f"  {name:<10} {seconds * 1000:8.1f} ms/step {args.batch / seconds:8.1f} images/s "
+            f"{flops / seconds / 1e12:8.3f} TFLOP/s"
+        )
     overhead = full / bare - 1
-    print(f"  framework overhead: {100 * overhead:+.1f}% of a bare step "
-          f"({'within' if overhead <= 0.05 else 'above'} the 5% target)")
+    print(
+        f"  framework overhead: {100 * overhead:+.1f}% of a bare step "
+        f"({'within' if overhead <= 0.05 else 'above'} the 5% target)"
+    )
     save, every = statistics.median(times["save"]), cfg.callbacks.checkpoint.every_n_train_steps
-    print(f"  a checkpoint save: {save:.2f} s = {100 * save / (every * full):.2f}% of the {every} steps "
-          f"between saves (callbacks.checkpoint.every_n_train_steps)")
+    print(
+        f"  a checkpoint save: {save:.2f} s = {100 * save / (every * full):.2f}% of the {every} steps "
+        f"between saves (callbacks.checkpoint.every_n_train_steps)"
+    )
 
 
 if __name__ == "__main__":

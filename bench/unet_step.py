@@ -15,10 +15,10 @@ import statistics
 import time
 
 import torch
+from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 
 from ldm.formats.diffusers_layout import unet_diffusers_config, unet_to_diffusers
 from ldm.models.unet import UNetModel
-from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 
 CONFIGS = {
     "small": dict(network_configs("sd15")["unet"], model_channels=64, num_heads=4, context_dim=256),
@@ -89,11 +89,15 @@ def main() -> None:
             times[name].append(step_time(lambda: run(name), device))
 
     params = sum(p.numel() for p in ours.parameters())
-    print(f"U-Net {args.config}: {params / 1e6:.1f}M params, batch {args.batch}, latents {args.size}x{args.size}, "
-          f"{args.dtype}, {device}{', channels_last' if args.channels_last else ''}")
+    print(
+        f"U-Net {args.config}: {params / 1e6:.1f}M params, batch {args.batch}, latents {args.size}x{args.size}, "
+        f"{args.dtype}, {device}{', channels_last' if args.channels_last else ''}"
+    )
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     for name, median in medians.items():
-        print(f"  {name:<10} {median * 1000:9.1f} ms/step  {args.batch / median:8.1f} samples/s  (min {min(times[name]) * 1000:.1f})")
+        print(
+            f"  {name:<10} {median * 1000:9.1f} ms/step  {args.batch / median:8.1f} samples/s  (min {min(times[name]) * 1000:.1f})"
+        )
     if "diffusers" in medians:
         print(f"  ratio diffusers/ldm: {medians['diffusers'] / medians['ldm']:.3f} (> 1: ours is faster)")
     if device.type == "cuda":

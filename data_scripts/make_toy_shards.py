@@ -12,7 +12,9 @@ from ldm.data.toy import write_toy_shards
 def main() -> None:
     """Parse the command line and write the shards."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="dataset directory: new, empty or an older toy dataset (replaced atomically)")
+    parser.add_argument(
+        "--out", required=True, help="dataset directory: new, empty or an older toy dataset (replaced atomically)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     parser.add_argument("--train", type=int, default=20000, help="number of training samples")
     parser.add_argument("--val", type=int, default=1000, help="number of validation samples")

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from ldm.atomic import atomic_path
 
-
 PACKAGE_PREFIX = "ldm:"
 
 
@@ -23,7 +22,7 @@ def resolve_path(path: str | Path) -> Path:
     """
     path = str(path)
     if path.startswith(PACKAGE_PREFIX):
-        return Path(__file__).parent / path[len(PACKAGE_PREFIX):]
+        return Path(__file__).parent / path[len(PACKAGE_PREFIX) :]
     return Path(path).expanduser()
 
 
@@ -135,4 +134,4 @@ def fingerprint(module: nn.Module) -> str:
 
 def submodule_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The entries of ``state`` under ``prefix`` with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

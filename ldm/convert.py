@@ -31,18 +31,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--to", choices=("sd", "diffusers", "lora"), required=True)
     parser.add_argument("--format", choices=FORMATS, default="kohya", help="--to lora: the key layout (default kohya)")
     parser.add_argument(
-        "--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+        "--merge-lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
         help="add a LoRA (kohya, diffusers or a LoRA run's .ckpt) to the weights, times SCALE (default 1); repeatable",
-    )  # fmt: skip
+    )
     parser.add_argument("--base", help="--to lora with a LoRA file as INPUT: the model it belongs to")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="cast the weights (default fp32)")
     parser.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
     parser.add_argument("--prediction-type", choices=("eps", "v", "x0"), help="override (SD 2.x 768 models: v)")
     parser.add_argument("--image-size", type=int, help="override the native resolution (SD 2.x 768 models: 768)")
     parser.add_argument(
-        "--source", action="append", default=[], metavar="PART=PATH",
+        "--source",
+        action="append",
+        default=[],
+        metavar="PART=PATH",
         help="new place of a frozen part's file a training checkpoint refers to (unet=, autoencoder= or conditioner=)",
-    )  # fmt: skip
+    )
     return parser.parse_args(argv)
 
 
@@ -97,11 +103,15 @@ def export_lora_file(args: argparse.Namespace) -> None:
         out = export_lora(weights, bundle, args.output, args.format, DTYPES[args.dtype], {"base_model": args.base})
     else:
         if detect_format(args.input) != "training":
-            raise UserError(f"{args.input} is not a training checkpoint: --to lora exports a LoRA run's adapters, "
-                            f"or converts a LoRA file given --base MODEL")  # fmt: skip
+            raise UserError(
+                f"{args.input} is not a training checkpoint: --to lora exports a LoRA run's adapters, "
+                f"or converts a LoRA file given --base MODEL"
+            )
         out, weights = export_checkpoint_lora(args.input, args.output, args.format, DTYPES[args.dtype], not args.no_ema)
-    print(f"LoRA ({len(weights.unet)} U-Net + {len(weights.text)} text encoder layers, rank "
-          f"{'/'.join(map(str, weights.ranks()))}) -> {args.format}: {out}")  # fmt: skip
+    print(
+        f"LoRA ({len(weights.unet)} U-Net + {len(weights.text)} text encoder layers, rank "
+        f"{'/'.join(map(str, weights.ranks()))}) -> {args.format}: {out}"
+    )
 
 
 if __name__ == "__main__":

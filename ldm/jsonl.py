@@ -32,8 +32,10 @@ def text_lines(
     path = Path(path)
     max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
     if path.is_file() and path.stat().st_size > max_bytes:
-        raise UserError(f"{path}: {path.stat().st_size / 2**20:.0f} MiB is more than the {max_bytes >> 20} MiB "
-                        "read from one file: split it into several jobs")  # fmt: skip
+        raise UserError(
+            f"{path}: {path.stat().st_size / 2**20:.0f} MiB is more than the {max_bytes >> 20} MiB "
+            "read from one file: split it into several jobs"
+        )
     total = 0
     with open(path, "rb") as file:
         for number in itertools.count(1):
@@ -69,8 +71,10 @@ def _decode(raw: bytes, path: Path, number: int, cut: bool) -> str:
     try:
         return codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}): "
-                        "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None  # fmt: skip
+        raise UserError(
+            f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}): "
+            "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def jsonl_rows(path: Path, max_line_bytes: int = MAX_JSONL_LINE_BYTES) -> Iterator[tuple[int, Any]]:

@@ -4,9 +4,8 @@ also from input images (image-to-image, inpainting) and guided by a noise-aware 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -131,8 +130,18 @@ class TextToImage:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         latents = self.sample_latents(
-            prompts, seeds, sampler, num_steps, guidance_scale, negative_prompt, spacing, guidance_rescale,
-            guidance_interval, size, init=init, classifier=classifier,
+            prompts,
+            seeds,
+            sampler,
+            num_steps,
+            guidance_scale,
+            negative_prompt,
+            spacing,
+            guidance_rescale,
+            guidance_interval,
+            size,
+            init=init,
+            classifier=classifier,
         )
         return self.decode(latents)
 
@@ -182,13 +191,23 @@ class TextToImage:
             model_fn = _float32_output(model_fn)
             if classifier is not None:
                 log_likelihood = ClassLogLikelihood(classifier.classifier, classifier.labels)
-                model_fn = ClassifierGuidance(model_fn, log_likelihood, classifier.scale, self.schedule, self.prediction_type)
+                model_fn = ClassifierGuidance(
+                    model_fn, log_likelihood, classifier.scale, self.schedule, self.prediction_type
+                )
             denoise = Denoiser(model_fn, self.schedule, self.prediction_type)
             blend = None
             if init is not None and init.masks is not None:
                 mask = latent_mask(init.masks.to(device), shape[1:])  # (B, 1, h, w), 1 = repaint
-                blend = LatentBlending(known, mask, timesteps, self.schedule, noise, resample_steps=init.resample_steps,
-                                       jump_length=init.jump_length, denoise=denoise)  # fmt: skip
+                blend = LatentBlending(
+                    known,
+                    mask,
+                    timesteps,
+                    self.schedule,
+                    noise,
+                    resample_steps=init.resample_steps,
+                    jump_length=init.jump_length,
+                    denoise=denoise,
+                )
                 x = blend.start(x, eps)
             if len(timesteps) == 0:  # strength 0: nothing to sample, the input's latent
                 return x
@@ -244,8 +263,10 @@ def check_side(name: str, value: int, multiple: int) -> None:
         raise UserError(f"{name} must be a positive number of pixels, got {value!r}")
     if value % multiple:
         below = max(multiple, value // multiple * multiple)
-        raise UserError(f"{name}={value} must be a multiple of {multiple} (the VAE's and the U-Net's downsampling): "
-                        f"use {below} or {below + multiple if below < value else 2 * multiple}")  # fmt: skip
+        raise UserError(
+            f"{name}={value} must be a multiple of {multiple} (the VAE's and the U-Net's downsampling): "
+            f"use {below} or {below + multiple if below < value else 2 * multiple}"
+        )
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -276,7 +297,12 @@ def pipeline_from_checkpoint(
     check_side("image_size", bundle.image_size, size_multiple(autoencoder, unet))
     latent_size = bundle.image_size // autoencoder.downsampling_factor
     pipeline = TextToImage(
-        unet, autoencoder, conditioner, schedule_from_spec(bundle.schedule), bundle.prediction_type,
-        (unet.in_channels, latent_size, latent_size), autocast_dtype,
-    )  # fmt: skip
+        unet,
+        autoencoder,
+        conditioner,
+        schedule_from_spec(bundle.schedule),
+        bundle.prediction_type,
+        (unet.in_channels, latent_size, latent_size),
+        autocast_dtype,
+    )
     return pipeline, bundle.metadata()

@@ -20,17 +20,30 @@ def npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def latent_meta(flipped: bool = True, fingerprint: str = "vae0", store: str = "distribution",
-                latent_shape=LATENT_SHAPE, context_shape=CONTEXT_SHAPE, image_size: int = 16,
-                scaling_factor: float = 0.5) -> dict:  # fmt: skip
+def latent_meta(
+    flipped: bool = True,
+    fingerprint: str = "vae0",
+    store: str = "distribution",
+    latent_shape=LATENT_SHAPE,
+    context_shape=CONTEXT_SHAPE,
+    image_size: int = 16,
+    scaling_factor: float = 0.5,
+) -> dict:
     """A ``__meta__.json`` as the latent writer makes it, for made-up frozen parts."""
     part = {"class": "made.up", "attributes": {}, "config": None}
     return {
-        "format": "ldm.latents/1", "store": store, "image_size": image_size, "center_crop": True, "flipped": flipped,
-        "latent_shape": list(latent_shape), "context_shape": list(context_shape), "context_dtype": "float16",
-        "scaling_factor": scaling_factor, "autoencoder": {**part, "fingerprint": fingerprint},
+        "format": "ldm.latents/1",
+        "store": store,
+        "image_size": image_size,
+        "center_crop": True,
+        "flipped": flipped,
+        "latent_shape": list(latent_shape),
+        "context_shape": list(context_shape),
+        "context_dtype": "float16",
+        "scaling_factor": scaling_factor,
+        "autoencoder": {**part, "fingerprint": fingerprint},
         "conditioner": {**part, "fingerprint": "text0"},
-    }  # fmt: skip
+    }
 
 
 def empty_context(context_shape=CONTEXT_SHAPE) -> np.ndarray:
@@ -39,8 +52,10 @@ def empty_context(context_shape=CONTEXT_SHAPE) -> np.ndarray:
 
 def latent_header(meta: dict | None = None) -> list:
     meta = meta or latent_meta()
-    return [("__meta__.json", json.dumps(meta).encode()),
-            ("__meta__.empty_context.npy", npy(empty_context(meta["context_shape"])))]  # fmt: skip
+    return [
+        ("__meta__.json", json.dumps(meta).encode()),
+        ("__meta__.empty_context.npy", npy(empty_context(meta["context_shape"]))),
+    ]
 
 
 def latent_sample(key: str, flipped: bool = True, latent_shape=LATENT_SHAPE, context_shape=CONTEXT_SHAPE) -> list:
@@ -58,8 +73,11 @@ def latent_sample(key: str, flipped: bool = True, latent_shape=LATENT_SHAPE, con
 def write_latent_shard(path: Path, keys: list[str], meta: dict | None = None) -> str:
     """A latent shard: the ``__meta__`` header, then one latent sample per key (shapes from ``meta``)."""
     meta = meta or latent_meta()
-    samples = [m for key in keys for m in latent_sample(key, meta.get("flipped", False), meta["latent_shape"],
-                                                        meta["context_shape"])]  # fmt: skip
+    samples = [
+        m
+        for key in keys
+        for m in latent_sample(key, meta.get("flipped", False), meta["latent_shape"], meta["context_shape"])
+    ]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in latent_header(meta) + samples:

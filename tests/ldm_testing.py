@@ -9,8 +9,8 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,18 +27,30 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
 def _overrides_of(experiment: Path) -> list[str]:
     """An experiment file's settings as command-line overrides (``key.path=value``, and ``group=option``
     for its ``override /group: option`` defaults), so tests can leave out the ones they replace."""
     raw = OmegaConf.to_container(OmegaConf.load(experiment))
-    groups = [f"{k.split('/')[-1]}={v}" for d in raw.pop("defaults", []) if isinstance(d, dict)
-              for k, v in d.items() if k.startswith("override /") and k != "override /model"]  # fmt: skip
+    groups = [
+        f"{k.split('/')[-1]}={v}"
+        for d in raw.pop("defaults", [])
+        if isinstance(d, dict)
+        for k, v in d.items()
+        if k.startswith("override /") and k != "override /model"
+    ]
     raw.pop("run_name", None)
 
     def flat(node: Any, prefix: str) -> list[str]:
         if isinstance(node, dict):
             return [item for key, value in node.items() for item in flat(value, f"{prefix}{key}.")]
-        value = "[" + ",".join(map(str, node)) + "]" if isinstance(node, list) else str(node).lower() if isinstance(node, bool) else node
+        value = (
+            "[" + ",".join(map(str, node)) + "]"
+            if isinstance(node, list)
+            else str(node).lower()
+            if isinstance(node, bool)
+            else node
+        )
         return [f"{prefix[:-1]}={value}"]
 
     return flat(raw, "") + groups
@@ -57,7 +69,6 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     return cfg
-
 
 
 class StopAfterStep(pl.Callback):
@@ -102,8 +113,9 @@ def train_tiny_checkpoint(run_dir: Path, toy_data_dir: Path, steps: int, overrid
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def run_training_loader(make_stream, workers: int, done: int, states, count: int, save_at: int | None = None,
-                        epoch: int = 0):  # fmt: skip
+def run_training_loader(
+    make_stream, workers: int, done: int, states, count: int, save_at: int | None = None, epoch: int = 0
+):
     """``count`` batches of a ``TrainingLoader`` over ``make_stream()`` started at batch ``done`` of
     ``epoch`` (with the per-worker ``states`` of a checkpoint), and its ``position_state()`` once
     ``save_at`` batches from the start have been trained (Lightning fetches one ahead: the state is
@@ -115,8 +127,13 @@ def run_training_loader(make_stream, workers: int, done: int, states, count: int
     from ldm.data.training_loader import TrainingLoader
 
     trained = {"done": done}
-    loader = TrainingLoader(make_stream(), lambda s: DataLoader(s, batch_size=None, num_workers=workers), workers,
-                            lambda: (epoch, trained["done"]), lambda e, at: states if (e, at) == (epoch, done) else None)  # fmt: skip
+    loader = TrainingLoader(
+        make_stream(),
+        lambda s: DataLoader(s, batch_size=None, num_workers=workers),
+        workers,
+        lambda: (epoch, trained["done"]),
+        lambda e, at: states if (e, at) == (epoch, done) else None,
+    )
     batches, saved = [], None
     for batch in itertools.islice(loader, count):
         batches.append(batch)
@@ -126,8 +143,9 @@ def run_training_loader(make_stream, workers: int, done: int, states, count: int
     return batches, saved
 
 
-def start_ranks(command: Sequence[str], cwd: Path, world_size: int = 2,
-                env: dict[str, str] | None = None) -> list[subprocess.Popen]:  # fmt: skip
+def start_ranks(
+    command: Sequence[str], cwd: Path, world_size: int = 2, env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
     """Start ``command`` as ``world_size`` ranks at once, as torchrun would (RANK, LOCAL_RANK,
     WORLD_SIZE, MASTER_ADDR/PORT set; Lightning's own launcher would start rank 1 only once rank 0 has
     imported everything: twice the wall time), and return without waiting: for tests that kill a run
@@ -135,12 +153,28 @@ def start_ranks(command: Sequence[str], cwd: Path, world_size: int = 2,
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    base = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world_size), "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), **(env or {})}  # fmt: skip
-    return [subprocess.Popen(list(command), cwd=cwd, env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            for rank in range(world_size)]  # fmt: skip
+    base = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": str(world_size),
+        "NODE_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        **(env or {}),
+    }
+    return [
+        subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for rank in range(world_size)
+    ]
 
 
 def kill_ranks(ranks: Sequence[subprocess.Popen]) -> list[str]:
@@ -164,8 +198,9 @@ def wait_ranks(ranks: Sequence[subprocess.Popen], timeout: float = 240) -> list[
     return outputs
 
 
-def launch_ranks(command: Sequence[str], cwd: Path, world_size: int = 2, timeout: float = 240,
-                 env: dict[str, str] | None = None) -> list[str]:  # fmt: skip
+def launch_ranks(
+    command: Sequence[str], cwd: Path, world_size: int = 2, timeout: float = 240, env: dict[str, str] | None = None
+) -> list[str]:
     """Run ``command`` as ``world_size`` ranks (``start_ranks``) to the end (``wait_ranks``)."""
     return wait_ranks(start_ranks(command, cwd, world_size, env), timeout)
 

@@ -85,7 +85,9 @@ def test_every_config_file_is_documented():
         assert first.startswith("#"), f"{path.relative_to(CONFIGS)} has no leading comment"
 
 
-@pytest.mark.parametrize("model, family, text_width", [("sd15", "sd1", 768), ("sd21_base", "sd2", 1024), ("sd21_768", "sd2", 1024)])
+@pytest.mark.parametrize(
+    "model, family, text_width", [("sd15", "sd1", 768), ("sd21_base", "sd2", 1024), ("sd21_768", "sd2", 1024)]
+)
 def test_sd_model_configs_are_what_published_files_import_as(model, family, text_width):
     # the presets are the one place the published sizes are written; a published file's weights must
     # import as exactly these configs (the shapes of diffusers' published configs: tests/models/)
@@ -100,8 +102,15 @@ def test_sd_model_configs_are_what_published_files_import_as(model, family, text
         conditioner = instantiate(cfg.model.conditioner)
     presets = network_configs(model)
     plain = lambda config: {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}  # noqa: E731
-    unet_config, vae_config = unet_config_from_weights(unet.state_dict(), family), vae_config_from_weights(vae.state_dict())
-    assert plain(unet_config) == {"dropout": 0.0, "norm_groups": 32, **presets["unet"]}  # the preset leaves SD's defaults
+    unet_config, vae_config = (
+        unet_config_from_weights(unet.state_dict(), family),
+        vae_config_from_weights(vae.state_dict()),
+    )
+    assert plain(unet_config) == {
+        "dropout": 0.0,
+        "norm_groups": 32,
+        **presets["unet"],
+    }  # the preset leaves SD's defaults
     assert plain(vae_config) == {"in_channels": 3, "out_channels": 3, "norm_groups": 32, **presets["vae"]}
     assert text_config_from_weights(conditioner.model.state_dict(), family) == presets["text"]
     assert conditioner.context_dim == text_width == cfg.model.unet.context_dim
@@ -147,9 +156,12 @@ def test_every_recorded_sweep_run_names_existing_options():
 
     from omegaconf import OmegaConf
 
-    runs = [shlex.split(line)[1:]
-            for path in sorted((CONFIGS.parent / "bench" / "toy_sweep_runs").glob("*.txt"))
-            for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    runs = [
+        shlex.split(line)[1:]
+        for path in sorted((CONFIGS.parent / "bench" / "toy_sweep_runs").glob("*.txt"))
+        for line in path.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert len(runs) > 50
     composed = {}
     for overrides in runs:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config, train_tiny_checkpoint
 from ldm.checkpoints import load_training_checkpoint, submodule_state
 from ldm.convert import main as convert
 from ldm.formats import load_bundle, load_weights_into
+from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config, train_tiny_checkpoint
 from sample import sample
 
 
@@ -20,8 +20,9 @@ def trained(tmp_path_factory, toy_data_dir):
 @pytest.fixture(scope="module")
 def trained_unpatched(tmp_path_factory, toy_data_dir):
     """The tiny toy with an SD-shaped U-Net (patch_size 1): exportable to diffusers too."""
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("run"), toy_data_dir, steps=3,
-                                 overrides=["model.unet.patch_size=1"])  # fmt: skip
+    return train_tiny_checkpoint(
+        tmp_path_factory.mktemp("run"), toy_data_dir, steps=3, overrides=["model.unet.patch_size=1"]
+    )
 
 
 @pytest.mark.parametrize("target, name", [("sd", "model.safetensors"), ("diffusers", "pipe")])
@@ -73,8 +74,16 @@ def test_fine_tuning_starts_from_a_converted_file(trained, tmp_path):
 
 def test_sample_from_a_single_file(trained, tmp_path):
     convert([str(trained), str(tmp_path / "m.safetensors"), "--to", "sd"])
-    cfg = compose_config("sample", [f"checkpoint={tmp_path / 'm.safetensors'}", f"out_dir={tmp_path / 'out'}",
-                                    "prompt='a red circle in the top left'", "steps=2", "num_images_per_prompt=1"])
+    cfg = compose_config(
+        "sample",
+        [
+            f"checkpoint={tmp_path / 'm.safetensors'}",
+            f"out_dir={tmp_path / 'out'}",
+            "prompt='a red circle in the top left'",
+            "steps=2",
+            "num_images_per_prompt=1",
+        ],
+    )
     rows = sample(cfg)
     assert len(rows) == 1 and (tmp_path / "out" / "000000.png").is_file()
 

@@ -13,13 +13,19 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 # package -> (the lowest acceptable floor, why)
 MINIMUM_FLOORS = {
-    "torch": ("2.10", "torch.load(weights_only=True) is our only guard against hostile checkpoints: bypassed "
-                      "before 2.6 (CVE-2025-32434), memory corruption before 2.10 (CVE-2026-24747); "
-                      "torch.nn.utils.get_total_norm (ldm/training/guards.py) is new in 2.6"),
+    "torch": (
+        "2.10",
+        "torch.load(weights_only=True) is our only guard against hostile checkpoints: bypassed "
+        "before 2.6 (CVE-2025-32434), memory corruption before 2.10 (CVE-2026-24747); "
+        "torch.nn.utils.get_total_norm (ldm/training/guards.py) is new in 2.6",
+    ),
     "torchvision": ("0.25", "the release paired with torch 2.10"),
     "pytorch-lightning": ("2.6", "Trainer.fit(weights_only=) (train.py) is new in 2.6.0"),
-    "hydra-core": ("1.3.6", "instantiate's _target_ blocklist came in 1.3.4; aliases such as logging.os.system "
-                            "bypassed it until 1.3.6 (GHSA-37p2-j732-x8pj)"),
+    "hydra-core": (
+        "1.3.6",
+        "instantiate's _target_ blocklist came in 1.3.4; aliases such as logging.os.system "
+        "bypassed it until 1.3.6 (GHSA-37p2-j732-x8pj)",
+    ),
     "pillow": ("10.0.1", "decodes untrusted WebP: libwebp heap overflow CVE-2023-4863 fixed in 10.0.1"),
 }
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from formats.published import TEXT_LAYERS, WIDTH, write_published_folder
 from omegaconf import open_dict
 
-from formats.published import TEXT_LAYERS, WIDTH, write_published_folder
 from ldm.checkpoints import load_training_checkpoint, save_safetensors
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
@@ -16,21 +16,37 @@ from ldm_testing import CONFIGS, TINY_MODEL, TINY_TRAINING, compose_config
 from train import train
 
 STEPS = 2
-SHORT = [f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}", "trainer.limit_val_batches=1",
-         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "trainer.precision=32", "logger=csv",
-         "optim.lr_scheduler.schedule.warmup_steps=1", "data.num_workers=0"]  # fmt: skip
-GRID = ["callbacks.sample_grid.prompts=[a red circle]", "callbacks.sample_grid.images_per_prompt=1",
-        "callbacks.sample_grid.num_steps=2"]  # fmt: skip
+SHORT = [
+    f"trainer.max_steps={STEPS}",
+    f"trainer.val_check_interval={STEPS}",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32",
+    "logger=csv",
+    "optim.lr_scheduler.schedule.warmup_steps=1",
+    "data.num_workers=0",
+]
+GRID = [
+    "callbacks.sample_grid.prompts=[a red circle]",
+    "callbacks.sample_grid.images_per_prompt=1",
+    "callbacks.sample_grid.num_steps=2",
+]
 TOY_DATA = ["data.batch_size=4", "data.shuffle_buffer=8", "data.image_size=32"]
 # the tiny SD-shaped networks of tests/formats/published.py, in our configs' keys
 SD_SHAPES = [
-    "model.unet.model_channels=32", "model.unet.channel_multipliers=[1,2]", "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[1]", f"model.unet.context_dim={WIDTH}",
-    "model.autoencoder.module.base_channels=32", "model.autoencoder.module.channel_multipliers=[1,2]",
-    "model.autoencoder.module.num_res_blocks=1", "model.autoencoder.module.resolution=32",
+    "model.unet.model_channels=32",
+    "model.unet.channel_multipliers=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[1]",
+    f"model.unet.context_dim={WIDTH}",
+    "model.autoencoder.module.base_channels=32",
+    "model.autoencoder.module.channel_multipliers=[1,2]",
+    "model.autoencoder.module.num_res_blocks=1",
+    "model.autoencoder.module.resolution=32",
     "model.conditioner.model_name=null",
     f"+model.conditioner.text_cfg={{context_length: 77, vocab_size: 49408, width: {WIDTH}, heads: 2, layers: {TEXT_LAYERS}}}",
-]  # fmt: skip
+]
 
 
 def _toy(tmp_path: Path, data: Path) -> list[str]:
@@ -51,8 +67,17 @@ def _classifier(tmp_path: Path, data: Path) -> list[str]:
 
 def _sd15_finetune(tmp_path: Path, data: Path) -> list[str]:
     folder = write_published_folder(tmp_path / "sd15", "sd1")  # an fp16 diffusers folder, as published
-    return [*SD_SHAPES, "model.unet.num_heads=2", f"model.pretrained={folder}", f"data.shards={data}/toy/train-*.tar",
-            "data.image_size=32", "data.batch_size=2", "data.shuffle_buffer=8", *SHORT, *GRID]  # fmt: skip
+    return [
+        *SD_SHAPES,
+        "model.unet.num_heads=2",
+        f"model.pretrained={folder}",
+        f"data.shards={data}/toy/train-*.tar",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.shuffle_buffer=8",
+        *SHORT,
+        *GRID,
+    ]
 
 
 def _sd21_scratch(tmp_path: Path, data: Path) -> list[str]:
@@ -62,11 +87,20 @@ def _sd21_scratch(tmp_path: Path, data: Path) -> list[str]:
     text_cfg = dict(context_length=77, vocab_size=49408, width=WIDTH, heads=2, layers=TEXT_LAYERS)
     text = OpenCLIPTextEncoder(model_name=None, text_cfg=text_cfg, layer="penultimate", init_seed=7)
     save_safetensors(text.model.state_dict(), tmp_path / "text.safetensors")
-    return [*SD_SHAPES, "model.unet.num_heads=null", "model.unet.head_dim=16",
-            f"model.autoencoder.path={tmp_path / 'vae.safetensors'}", f"model.conditioner.pretrained={tmp_path / 'text.safetensors'}",
-            f"data.shards={data}/toy/train-*.tar", f"data.val_shards={data}/toy/val-*.tar", "data.image_size=32",
-            "data.batch_size=2", "data.shuffle_buffer=8", *SHORT, *GRID]  # fmt: skip
-
+    return [
+        *SD_SHAPES,
+        "model.unet.num_heads=null",
+        "model.unet.head_dim=16",
+        f"model.autoencoder.path={tmp_path / 'vae.safetensors'}",
+        f"model.conditioner.pretrained={tmp_path / 'text.safetensors'}",
+        f"data.shards={data}/toy/train-*.tar",
+        f"data.val_shards={data}/toy/val-*.tar",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.shuffle_buffer=8",
+        *SHORT,
+        *GRID,
+    ]
 
 
 def _photos(folder: Path, count: int = 4) -> Path:
@@ -82,17 +116,36 @@ def _photos(folder: Path, count: int = 4) -> Path:
 
 def _sd15_lora(tmp_path: Path, data: Path) -> list[str]:
     folder = write_published_folder(tmp_path / "sd15", "sd1")
-    return [*SD_SHAPES, "model.unet.num_heads=2", f"model.pretrained={folder}", f"data.path={_photos(tmp_path / 'photos')}",
-            "data.image_size=32", "data.batch_size=2", *SHORT, *GRID]  # fmt: skip
+    return [
+        *SD_SHAPES,
+        "model.unet.num_heads=2",
+        f"model.pretrained={folder}",
+        f"data.path={_photos(tmp_path / 'photos')}",
+        "data.image_size=32",
+        "data.batch_size=2",
+        *SHORT,
+        *GRID,
+    ]
 
 
 def _sd15_dreambooth(tmp_path: Path, data: Path) -> list[str]:
     # its class images drawn first by the published base through the sampling job (2 images, 2 steps)
     folder = write_published_folder(tmp_path / "sd15", "sd1")
-    return [*SD_SHAPES, "model.unet.num_heads=2", f"model.pretrained={folder}",
-            f"data.instance_path={_photos(tmp_path / 'photos')}", f"data.class_path={tmp_path / 'class'}",
-            "data.num_class_images=2", "data.class_steps=2", "data.class_batch_size=2", "data.image_size=32",
-            "data.repeats=1", *SHORT, *GRID]  # fmt: skip
+    return [
+        *SD_SHAPES,
+        "model.unet.num_heads=2",
+        f"model.pretrained={folder}",
+        f"data.instance_path={_photos(tmp_path / 'photos')}",
+        f"data.class_path={tmp_path / 'class'}",
+        "data.num_class_images=2",
+        "data.class_steps=2",
+        "data.class_batch_size=2",
+        "data.image_size=32",
+        "data.repeats=1",
+        *SHORT,
+        *GRID,
+    ]
+
 
 SHRINK = {
     "tiny": lambda tmp_path, data: ["trainer.max_steps=2"],

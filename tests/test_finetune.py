@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from formats.published import TEXT_LAYERS, WIDTH, diffusers_tensors, write_published_folder
 from omegaconf import open_dict
 from PIL import Image
 from safetensors.torch import load_file
 
-from formats.published import WIDTH, TEXT_LAYERS, diffusers_tensors, write_published_folder
 from ldm.checkpoints import load_training_checkpoint
 from ldm.convert import main as convert
 from ldm.formats import load_bundle
@@ -36,18 +36,35 @@ SHAPES = {
     "sd2": ["experiment=sd15_finetune", "model=sd21_768", "model.unet.head_dim=16"],
 }
 COMMON = [
-    "model.unet.model_channels=32", "model.unet.channel_multipliers=[1,2]", "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[1]", f"model.unet.context_dim={WIDTH}",
-    "model.autoencoder.module.base_channels=32", "model.autoencoder.module.channel_multipliers=[1,2]",
-    "model.autoencoder.module.num_res_blocks=1", "model.autoencoder.module.resolution=32",
+    "model.unet.model_channels=32",
+    "model.unet.channel_multipliers=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[1]",
+    f"model.unet.context_dim={WIDTH}",
+    "model.autoencoder.module.base_channels=32",
+    "model.autoencoder.module.channel_multipliers=[1,2]",
+    "model.autoencoder.module.num_res_blocks=1",
+    "model.autoencoder.module.resolution=32",
     "model.conditioner.model_name=null",
     f"+model.conditioner.text_cfg={{context_length: 77, vocab_size: 49408, width: {WIDTH}, heads: 2, layers: {TEXT_LAYERS}}}",
-    "data=folder", "data.image_size=48", f"data.buckets={json.dumps(BUCKETS)}", "data.batch_size=2",
-    "data.num_workers=0", "data.repeats=2", "trainer.accelerator=cpu", "trainer.precision=32",
-    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "callbacks.checkpoint.every_n_train_steps=2",
-    "callbacks.sample_grid.prompts=[a photo of a red square]", "callbacks.sample_grid.images_per_prompt=1",
-    "callbacks.sample_grid.num_steps=2", "optim.optimizer.lr=1e-3", "logger=csv", "resume=auto",
-]  # fmt: skip
+    "data=folder",
+    "data.image_size=48",
+    f"data.buckets={json.dumps(BUCKETS)}",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.repeats=2",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.sample_grid.prompts=[a photo of a red square]",
+    "callbacks.sample_grid.images_per_prompt=1",
+    "callbacks.sample_grid.num_steps=2",
+    "optim.optimizer.lr=1e-3",
+    "logger=csv",
+    "resume=auto",
+]
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -70,8 +87,17 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _train(family: str, folder: Path, photos: Path, run_dir: Path, *extra: str) -> dict:
-    cfg = compose_config("train", [*SHAPES[family], *COMMON, f"model.pretrained={folder}", f"data.path={photos}",
-                                   f"trainer.max_steps={STEPS}", *extra])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *SHAPES[family],
+            *COMMON,
+            f"model.pretrained={folder}",
+            f"data.path={photos}",
+            f"trainer.max_steps={STEPS}",
+            *extra,
+        ],
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     return train(cfg)
@@ -92,8 +118,14 @@ def test_a_published_fp16_model_fine_tunes_resumes_samples_and_exports(published
 
     # the requeue-safe command: the first launch loads the pretrained file and is cut off halfway...
     run_dir = tmp_path / "run"
-    _train(family, folder, photos, run_dir, "+callbacks.stop._target_=ldm_testing.StopAfterStep",
-           f"+callbacks.stop.step={STEPS // 2}")  # fmt: skip
+    _train(
+        family,
+        folder,
+        photos,
+        run_dir,
+        "+callbacks.stop._target_=ldm_testing.StopAfterStep",
+        f"+callbacks.stop.step={STEPS // 2}",
+    )
     assert load_training_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS // 2
     # ... and the same command again resumes, bit for bit, buckets and all
     resumed = _train(family, folder, photos, run_dir)["task"]
@@ -104,9 +136,20 @@ def test_a_published_fp16_model_fine_tunes_resumes_samples_and_exports(published
     assert any(not torch.equal(trained[k], original.unet[k].float()) for k in original.unet)  # it did train
 
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    rows = sample(compose_config("sample", [f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'samples'}", "steps=2",
-                                            "prompt='a photo of a white square'", "num_images_per_prompt=2",
-                                            "width=64", "height=32"]))  # fmt: skip
+    rows = sample(
+        compose_config(
+            "sample",
+            [
+                f"checkpoint={checkpoint}",
+                f"out_dir={tmp_path / 'samples'}",
+                "steps=2",
+                "prompt='a photo of a white square'",
+                "num_images_per_prompt=2",
+                "width=64",
+                "height=32",
+            ],
+        )
+    )
     assert len(rows) == 2 and Image.open(tmp_path / "samples" / rows[0]["file"]).size == (64, 32)
 
     # the single file, read by diffusers' own converters: our trained U-Net, the published VAE and text encoder
@@ -146,7 +189,15 @@ def test_a_published_fp16_model_fine_tunes_resumes_samples_and_exports(published
 def test_fine_tuning_a_folder_with_another_prediction_type_warns(published, photos, tmp_path, capsys):
     family, folder = published
     other = "v" if family == "sd1" else "eps"  # sd1's folder states eps, sd2's v
-    _train(family, folder, photos, tmp_path / "run", f"objective=default", f"model.prediction_type={other}",
-           "trainer.max_steps=1", "~callbacks.sample_grid")  # fmt: skip
+    _train(
+        family,
+        folder,
+        photos,
+        tmp_path / "run",
+        "objective=default",
+        f"model.prediction_type={other}",
+        "trainer.max_steps=1",
+        "~callbacks.sample_grid",
+    )
     stated = "eps" if family == "sd1" else "v"
     assert f"warning: {folder} predicts {stated}, and this run trains it to predict {other}" in capsys.readouterr().err

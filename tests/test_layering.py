@@ -19,8 +19,10 @@ LAYERS = [
 ]
 LEVEL = {part: level for level, parts in enumerate(LAYERS) for part in parts}
 # what torch-only packages may not import at all (the math and the networks know no framework)
-FRAMEWORKS = {"diffusion": ("pytorch_lightning", "lightning", "hydra", "omegaconf", "webdataset"),
-              "models": ("pytorch_lightning", "lightning", "hydra", "omegaconf", "webdataset")}  # fmt: skip
+FRAMEWORKS = {
+    "diffusion": ("pytorch_lightning", "lightning", "hydra", "omegaconf", "webdataset"),
+    "models": ("pytorch_lightning", "lightning", "hydra", "omegaconf", "webdataset"),
+}
 
 
 def modules() -> dict[str, Path]:
@@ -101,4 +103,4 @@ def test_no_import_cycle_between_modules():
     for module in sorted(graph):
         if module not in state:
             cycle = visit(module, [])
-            assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])
+            assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]) :])

@@ -7,22 +7,31 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_testing import compose_config, train_tiny_checkpoint
 from ldm.errors import UserError
 from ldm.pipeline import pipeline_from_checkpoint
+from ldm_testing import compose_config, train_tiny_checkpoint
 from sample import sample
 
 
 def _sample_config(checkpoint, out_dir, *overrides):
     return compose_config(
         "sample",
-        [f"checkpoint={checkpoint}", f"out_dir={out_dir}", "steps=3", "num_images_per_prompt=2", "batch_size=3", *overrides],
+        [
+            f"checkpoint={checkpoint}",
+            f"out_dir={out_dir}",
+            "steps=3",
+            "num_images_per_prompt=2",
+            "batch_size=3",
+            *overrides,
+        ],
     )
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
 def test_sample_writes_images_metadata_and_grid(tiny_checkpoint, tmp_path, sampler):
-    rows = sample(_sample_config(tiny_checkpoint, tmp_path, "prompt='a red circle in the top left'", f"sampler={sampler}"))
+    rows = sample(
+        _sample_config(tiny_checkpoint, tmp_path, "prompt='a red circle in the top left'", f"sampler={sampler}")
+    )
     assert [r["file"] for r in rows] == ["000000.png", "000001.png"]
     lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert lines == rows
@@ -42,12 +51,15 @@ def test_same_seed_same_images_whatever_the_batch(tiny_checkpoint, tmp_path):
         a = np.asarray(Image.open(tmp_path / "a" / name))
         b = np.asarray(Image.open(tmp_path / "b" / name))
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # batched matmuls may differ in the last bit
-    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / "000000.png")),
-                              np.asarray(Image.open(tmp_path / "a" / "000001.png")))
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "a" / "000000.png")), np.asarray(Image.open(tmp_path / "a" / "000001.png"))
+    )
 
 
 def test_a_self_conditioned_checkpoint_samples_the_same_images_whatever_the_batch(tmp_path, toy_data_dir):
-    checkpoint = train_tiny_checkpoint(tmp_path / "run", toy_data_dir, steps=2, overrides=["model.unet.self_conditioning=true"])
+    checkpoint = train_tiny_checkpoint(
+        tmp_path / "run", toy_data_dir, steps=2, overrides=["model.unet.self_conditioning=true"]
+    )
     assert pipeline_from_checkpoint(str(checkpoint))[0].unet.self_conditioning  # rebuilt from the checkpoint alone
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle in the top left\na blue square in the center\n")
@@ -96,9 +108,16 @@ def test_prompt_and_prompts_file_are_exclusive(tiny_checkpoint, tmp_path):
 
 def test_jsonl_prompts_carry_their_fields(tiny_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "a red circle in the top left", "id": 7}\n{"caption": "a blue square in the center", "id": 9}\n')
-    rows = sample(_sample_config(tiny_checkpoint, tmp_path / "out", f"prompts_file={prompts}", "num_images_per_prompt=1"))
-    assert [(r["prompt"], r["id"]) for r in rows] == [("a red circle in the top left", 7), ("a blue square in the center", 9)]
+    prompts.write_text(
+        '{"prompt": "a red circle in the top left", "id": 7}\n{"caption": "a blue square in the center", "id": 9}\n'
+    )
+    rows = sample(
+        _sample_config(tiny_checkpoint, tmp_path / "out", f"prompts_file={prompts}", "num_images_per_prompt=1")
+    )
+    assert [(r["prompt"], r["id"]) for r in rows] == [
+        ("a red circle in the top left", 7),
+        ("a blue square in the center", 9),
+    ]
 
 
 def test_rerun_makes_only_what_is_missing(tiny_checkpoint, tmp_path):
@@ -123,8 +142,16 @@ def test_rerun_makes_only_what_is_missing(tiny_checkpoint, tmp_path):
 def test_shard_output(tiny_checkpoint, tmp_path):
     import tarfile
 
-    rows = sample(_sample_config(tiny_checkpoint, tmp_path, "prompt='a red circle in the top left'",
-                                 "num_images_per_prompt=3", "output=shards", "samples_per_shard=2"))
+    rows = sample(
+        _sample_config(
+            tiny_checkpoint,
+            tmp_path,
+            "prompt='a red circle in the top left'",
+            "num_images_per_prompt=3",
+            "output=shards",
+            "samples_per_shard=2",
+        )
+    )
     assert len(rows) == 3
     names = sorted(p.name for p in tmp_path.glob("samples-*.tar"))
     assert names == ["samples-000000.tar", "samples-000001.tar"]
@@ -140,14 +167,25 @@ def _files(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
 
-@pytest.mark.parametrize("change", ["prompt='a blue square in the center'", "seed=5", "steps=2", "sampler=ddim",
-                                    "guidance_scale=1.5", "num_images_per_prompt=1"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "prompt='a blue square in the center'",
+        "seed=5",
+        "steps=2",
+        "sampler=ddim",
+        "guidance_scale=1.5",
+        "num_images_per_prompt=1",
+    ],
+)
 def test_a_rerun_with_other_inputs_refuses_the_folder_and_leaves_it_untouched(tiny_checkpoint, tmp_path, change):
     out = tmp_path / "out"
     sample(_sample_config(tiny_checkpoint, out, PROMPT, "sampler=ddpm"))
     before = _files(out)
     key = change.split("=")[0]
-    with pytest.raises(UserError, match=rf"holds samples of another job \(.*{key}.*\): use another out_dir, or overwrite=true"):
+    with pytest.raises(
+        UserError, match=rf"holds samples of another job \(.*{key}.*\): use another out_dir, or overwrite=true"
+    ):
         sample(_sample_config(tiny_checkpoint, out, PROMPT, "sampler=ddpm", change))
     assert _files(out) == before  # nothing made, nothing rewritten (metadata.jsonl included)
 
@@ -191,7 +229,9 @@ def test_a_folder_of_samples_without_a_manifest_is_refused(tiny_checkpoint, tmp_
 
 def test_carried_jsonl_fields_cannot_replace_generated_ones(tiny_checkpoint, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "a red circle in the top left", "seed": 99, "index": 42, "file": "x.png", "id": 3}\n')
+    prompts.write_text(
+        '{"prompt": "a red circle in the top left", "seed": 99, "index": 42, "file": "x.png", "id": 3}\n'
+    )
     out = tmp_path / "out"
     rows = sample(_sample_config(tiny_checkpoint, out, f"prompts_file={prompts}"))
     lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -223,16 +263,22 @@ def test_a_non_finite_image_fails_its_item_and_a_rerun_remakes_it(tiny_checkpoin
 
 
 # ---------------------------------------------------------------- one-line errors, image sizes
-@pytest.mark.parametrize("override, message", [
-    ("image_size=36", r"image_size=36 must be a multiple of 8 \(the VAE's and the U-Net's downsampling\): use 32 or 40"),
-    ("width=36", r"width=36 must be a multiple of 8"),
-    ("height=0", r"height must be a positive integer, got 0"),
-    ("steps=0", r"steps must be a positive integer, got 0"),
-    ("steps=-3", r"steps must be a positive integer, got -3"),
-    ("steps=5000", r"steps=5000 is more than the model's 1000 timesteps"),
-    ("batch_size=0", r"batch_size must be a positive integer"),
-    ("spacing=diagonal", r"spacing must be one of trailing"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "image_size=36",
+            r"image_size=36 must be a multiple of 8 \(the VAE's and the U-Net's downsampling\): use 32 or 40",
+        ),
+        ("width=36", r"width=36 must be a multiple of 8"),
+        ("height=0", r"height must be a positive integer, got 0"),
+        ("steps=0", r"steps must be a positive integer, got 0"),
+        ("steps=-3", r"steps must be a positive integer, got -3"),
+        ("steps=5000", r"steps=5000 is more than the model's 1000 timesteps"),
+        ("batch_size=0", r"batch_size must be a positive integer"),
+        ("spacing=diagonal", r"spacing must be one of trailing"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(tiny_checkpoint, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         sample(_sample_config(tiny_checkpoint, tmp_path / "out", PROMPT, override))
@@ -245,11 +291,24 @@ def test_sample_py_prints_one_line_for_a_bad_image_size(tiny_checkpoint, tmp_pat
 
     from ldm_testing import ROOT
 
-    result = subprocess.run([sys.executable, "sample.py", f"checkpoint={tiny_checkpoint}", f"out_dir={tmp_path}", "prompt=x",
-                             "image_size=36"], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            f"checkpoint={tiny_checkpoint}",
+            f"out_dir={tmp_path}",
+            "prompt=x",
+            "image_size=36",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: image_size=36 must be a multiple of 8 (the VAE's and the U-Net's downsampling): use 32 or 40"]
+        "error: image_size=36 must be a multiple of 8 (the VAE's and the U-Net's downsampling): use 32 or 40"
+    ]
 
 
 def test_width_and_height_sample_non_square_images(tiny_checkpoint, tmp_path):

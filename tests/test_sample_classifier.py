@@ -20,8 +20,18 @@ PROMPT = "prompt='a red circle in the top left'"
 
 
 def _config(checkpoint, out_dir, *overrides):
-    return compose_config("sample", [f"checkpoint={checkpoint}", f"out_dir={out_dir}", "steps=3", "num_images_per_prompt=2",
-                                     "batch_size=3", "sampler=ddim", *overrides])  # fmt: skip
+    return compose_config(
+        "sample",
+        [
+            f"checkpoint={checkpoint}",
+            f"out_dir={out_dir}",
+            "steps=3",
+            "num_images_per_prompt=2",
+            "batch_size=3",
+            "sampler=ddim",
+            *overrides,
+        ],
+    )
 
 
 def write_classifier_checkpoint(path, autoencoder, schedule, seed=0):
@@ -30,8 +40,9 @@ def write_classifier_checkpoint(path, autoencoder, schedule, seed=0):
     torch.manual_seed(seed)
     heads = {name: len(names) for name, names in TOY_CLASSES.items()}
     classifier = NoisyClassifier(heads, model_channels=8, channel_multipliers=[1, 2], norm_groups=4, pool_size=2)
-    task = NoisyClassifierTraining(classifier, autoencoder, schedule, optimizer=lambda p: torch.optim.SGD(p, lr=0.0),
-                                   image_size=32)  # fmt: skip
+    task = NoisyClassifierTraining(
+        classifier, autoencoder, schedule, optimizer=lambda p: torch.optim.SGD(p, lr=0.0), image_size=32
+    )
     checkpoint = {"state_dict": {f"classifier.{k}": v for k, v in classifier.state_dict().items()}}
     task.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
@@ -56,8 +67,12 @@ def _pixels(path):
 
 def test_guidance_steers_the_images_and_scale_zero_is_the_model_alone(tiny_checkpoint, tiny_classifier, tmp_path):
     plain = sample(_config(tiny_checkpoint, tmp_path / "plain", PROMPT))
-    zero = sample(_config(tiny_checkpoint, tmp_path / "zero", PROMPT, f"classifier={tiny_classifier}", "classifier_scale=0"))
-    guided = sample(_config(tiny_checkpoint, tmp_path / "guided", PROMPT, f"classifier={tiny_classifier}", "classifier_scale=50"))
+    zero = sample(
+        _config(tiny_checkpoint, tmp_path / "zero", PROMPT, f"classifier={tiny_classifier}", "classifier_scale=0")
+    )
+    guided = sample(
+        _config(tiny_checkpoint, tmp_path / "guided", PROMPT, f"classifier={tiny_classifier}", "classifier_scale=50")
+    )
     assert (tmp_path / "plain" / "000000.png").read_bytes() == (tmp_path / "zero" / "000000.png").read_bytes()
     assert np.abs(_pixels(tmp_path / "guided" / "000000.png") - _pixels(tmp_path / "plain" / "000000.png")).max() > 2
     assert "classifier" not in plain[0]
@@ -67,7 +82,9 @@ def test_guidance_steers_the_images_and_scale_zero_is_the_model_alone(tiny_check
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
-def test_guidance_from_labels_with_and_without_classifier_free_guidance(tiny_checkpoint, tiny_classifier, tmp_path, guidance_scale):
+def test_guidance_from_labels_with_and_without_classifier_free_guidance(
+    tiny_checkpoint, tiny_classifier, tmp_path, guidance_scale
+):
     common = [f"classifier={tiny_classifier}", "classifier_scale=50", f"guidance_scale={guidance_scale}", "prompt=''"]
     red = sample(_config(tiny_checkpoint, tmp_path / "red", *common, "labels={colour: red, position: top left}"))
     blue = sample(_config(tiny_checkpoint, tmp_path / "blue", *common, "labels={colour: blue}"))
@@ -79,15 +96,35 @@ def test_guidance_from_labels_with_and_without_classifier_free_guidance(tiny_che
 def test_labels_per_prompt_from_a_list_or_jsonl_records(tiny_checkpoint, tiny_classifier, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "", "labels": {"shape": "square"}}\n{"prompt": "a green triangle in the center"}\n')
-    rows = sample(_config(tiny_checkpoint, tmp_path / "a", f"prompts_file={prompts}", f"classifier={tiny_classifier}",
-                          "num_images_per_prompt=1"))  # fmt: skip
-    assert [r["labels"] for r in rows] == [{"shape": "square"}, {"colour": "green", "shape": "triangle", "position": "center"}]
-    rows = sample(_config(tiny_checkpoint, tmp_path / "b", f"prompts_file={prompts}", f"classifier={tiny_classifier}",
-                          "num_images_per_prompt=1", "labels=[{colour: white},{colour: red}]"))  # fmt: skip
+    rows = sample(
+        _config(
+            tiny_checkpoint,
+            tmp_path / "a",
+            f"prompts_file={prompts}",
+            f"classifier={tiny_classifier}",
+            "num_images_per_prompt=1",
+        )
+    )
+    assert [r["labels"] for r in rows] == [
+        {"shape": "square"},
+        {"colour": "green", "shape": "triangle", "position": "center"},
+    ]
+    rows = sample(
+        _config(
+            tiny_checkpoint,
+            tmp_path / "b",
+            f"prompts_file={prompts}",
+            f"classifier={tiny_classifier}",
+            "num_images_per_prompt=1",
+            "labels=[{colour: white},{colour: red}]",
+        )
+    )
     assert [r["labels"] for r in rows] == [{"colour": "white"}, {"colour": "red"}]
 
 
-def test_other_classifier_settings_refuse_the_folder_and_a_copied_classifier_resumes(tiny_checkpoint, tiny_classifier, tmp_path):
+def test_other_classifier_settings_refuse_the_folder_and_a_copied_classifier_resumes(
+    tiny_checkpoint, tiny_classifier, tmp_path
+):
     out = tmp_path / "out"
     job = [PROMPT, f"classifier={tiny_classifier}", "classifier_scale=2"]
     sample(_config(tiny_checkpoint, out, *job))
@@ -115,9 +152,14 @@ def test_a_classifier_of_other_latents_is_refused_in_one_line(tiny_checkpoint, t
     vae = load_vae(tiny_checkpoint)
     other_vae = type(vae)(**{**_vae_arguments(), "scaling_factor": vae.scaling_factor})  # fresh weights
     wrong_vae = write_classifier_checkpoint(tmp_path / "vae.ckpt", other_vae, _tiny_schedule())
-    with pytest.raises(UserError, match=r"classifier=.*vae.ckpt was trained on another VAE's latents than the model's \(VAE fingerprint"):
+    with pytest.raises(
+        UserError,
+        match=r"classifier=.*vae.ckpt was trained on another VAE's latents than the model's \(VAE fingerprint",
+    ):
         sample(_config(tiny_checkpoint, tmp_path / "a", PROMPT, f"classifier={wrong_vae}"))
-    wrong_schedule = write_classifier_checkpoint(tmp_path / "schedule.ckpt", vae, _tiny_schedule("schedule.zero_terminal_snr=false"))
+    wrong_schedule = write_classifier_checkpoint(
+        tmp_path / "schedule.ckpt", vae, _tiny_schedule("schedule.zero_terminal_snr=false")
+    )
     with pytest.raises(UserError, match=r"schedule.ckpt was trained with another noise schedule than the model's"):
         sample(_config(tiny_checkpoint, tmp_path / "b", PROMPT, f"classifier={wrong_schedule}"))
     vae.scaling_factor *= 2
@@ -135,12 +177,18 @@ def _vae_arguments():
     return arguments
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["labels={colour: red}"], r"labels=\.\.\. chooses the classes of classifier guidance: give classifier=CKPT too"),
-    (["classifier=CLS", "classifier_scale=-1"], r"classifier_scale must be a number >= 0, got -1"),
-    (["classifier=CLS", "labels={colour: pink}"], r"labels: colour 'pink' is not one of the classifier's"),
-    (["classifier=CLS", "prompt=''"], r"prompt 0 \(''\) names none of the classifier's classes: give labels="),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["labels={colour: red}"],
+            r"labels=\.\.\. chooses the classes of classifier guidance: give classifier=CKPT too",
+        ),
+        (["classifier=CLS", "classifier_scale=-1"], r"classifier_scale must be a number >= 0, got -1"),
+        (["classifier=CLS", "labels={colour: pink}"], r"labels: colour 'pink' is not one of the classifier's"),
+        (["classifier=CLS", "prompt=''"], r"prompt 0 \(''\) names none of the classifier's classes: give labels="),
+    ],
+)
 def test_bad_classifier_settings_are_one_line_errors(tiny_checkpoint, tiny_classifier, tmp_path, overrides, message):
     overrides = [o.replace("CLS", str(tiny_classifier)) for o in overrides]
     prompt = [] if any(o.startswith("prompt=") for o in overrides) else [PROMPT]
@@ -150,8 +198,16 @@ def test_bad_classifier_settings_are_one_line_errors(tiny_checkpoint, tiny_class
 
 
 def test_sample_py_reads_labels_from_the_command_line(tiny_checkpoint, tiny_classifier, tmp_path, capsys):
-    status = run_script("sample.py", f"checkpoint={tiny_checkpoint}", f"out_dir={tmp_path}", "prompt=", "steps=2",
-                        "num_images_per_prompt=1", f"classifier={tiny_classifier}", "labels={colour: red, position: top left}")  # fmt: skip
+    status = run_script(
+        "sample.py",
+        f"checkpoint={tiny_checkpoint}",
+        f"out_dir={tmp_path}",
+        "prompt=",
+        "steps=2",
+        "num_images_per_prompt=1",
+        f"classifier={tiny_classifier}",
+        "labels={colour: red, position: top left}",
+    )
     assert status == 0, capsys.readouterr().err
     row = json.loads((tmp_path / "metadata.jsonl").read_text())
     assert row["prompt"] == "" and row["labels"] == {"colour": "red", "position": "top left"}

@@ -21,8 +21,18 @@ SAMPLERS = ["ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_ancestra
 
 
 def _config(checkpoint, out_dir, *overrides):
-    return compose_config("sample", [f"checkpoint={checkpoint}", f"out_dir={out_dir}", "steps=4", "num_images_per_prompt=2",
-                                     "batch_size=3", "sampler=ddpm", *overrides])  # fmt: skip
+    return compose_config(
+        "sample",
+        [
+            f"checkpoint={checkpoint}",
+            f"out_dir={out_dir}",
+            "steps=4",
+            "num_images_per_prompt=2",
+            "batch_size=3",
+            "sampler=ddpm",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture
@@ -50,7 +60,11 @@ def test_strength_one_is_text_to_image_with_the_same_seed_bit_for_bit(tiny_check
     sample(_config(tiny_checkpoint, tmp_path / "t2i", f"prompts_file={prompts}"))
     rows = sample(_config(tiny_checkpoint, tmp_path / "i2i", PROMPT, f"init_images={folder}", "strength=1"))
     assert [(r["init_image"], r["seed"], r["strength"]) for r in rows] == [
-        ("first.png", 0, 1.0), ("first.png", 1, 1.0), ("second.png", 2, 1.0), ("second.png", 3, 1.0)]
+        ("first.png", 0, 1.0),
+        ("first.png", 1, 1.0),
+        ("second.png", 2, 1.0),
+        ("second.png", 3, 1.0),
+    ]
     for index in range(4):  # a stochastic sampler: its later noise draws match too
         name = f"{index:06d}.png"
         assert (tmp_path / "t2i" / name).read_bytes() == (tmp_path / "i2i" / name).read_bytes()
@@ -58,7 +72,11 @@ def test_strength_one_is_text_to_image_with_the_same_seed_bit_for_bit(tiny_check
 
 def test_strength_zero_returns_the_input_through_the_vae(tiny_checkpoint, tmp_path, inputs):
     folder, _ = inputs
-    sample(_config(tiny_checkpoint, tmp_path / "out", PROMPT, f"init_images={folder}", "strength=0", "num_images_per_prompt=1"))
+    sample(
+        _config(
+            tiny_checkpoint, tmp_path / "out", PROMPT, f"init_images={folder}", "strength=0", "num_images_per_prompt=1"
+        )
+    )
     pipeline, _ = pipeline_from_checkpoint(str(tiny_checkpoint))
     for index, name in enumerate(("first.png", "second.png")):
         image = torch.from_numpy(np.array(Image.open(folder / name))).permute(2, 0, 1)[None].float() / 255
@@ -77,14 +95,28 @@ def test_every_sampler_samples_from_an_input_and_inpaints_keeping_the_known_late
         known = pipeline.encode(image)  # (1, C, 8, 8), as the pipeline encodes it; the mask keeps latent columns 0-3
         for name in SAMPLERS:
             sampler = instantiate(compose_config("sample", ["checkpoint=x", f"sampler={name}"]).sampler)
-            edited = pipeline.sample_latents(["a blue square in the center"], [3], sampler, 3, init=ImageInputs(image, 0.5))
+            edited = pipeline.sample_latents(
+                ["a blue square in the center"], [3], sampler, 3, init=ImageInputs(image, 0.5)
+            )
             assert not torch.allclose(edited, known, atol=1e-3), name
-            inpainted = pipeline.sample_latents(["a blue square in the center"], [3], sampler, 3,
-                                                init=ImageInputs(image, 1.0, mask, resample_steps=2, jump_length=1))  # fmt: skip
-            assert torch.equal(inpainted[..., :4], known[..., :4]), name  # the known half: the input's latent, bit for bit
+            inpainted = pipeline.sample_latents(
+                ["a blue square in the center"],
+                [3],
+                sampler,
+                3,
+                init=ImageInputs(image, 1.0, mask, resample_steps=2, jump_length=1),
+            )
+            assert torch.equal(inpainted[..., :4], known[..., :4]), (
+                name
+            )  # the known half: the input's latent, bit for bit
             assert not torch.allclose(inpainted[..., 4:], known[..., 4:], atol=1e-3), name
-        again = pipeline.sample_latents(["a blue square in the center"], [3], sampler, 3,
-                                        init=ImageInputs(image, 1.0, mask, resample_steps=2, jump_length=1))  # fmt: skip
+        again = pipeline.sample_latents(
+            ["a blue square in the center"],
+            [3],
+            sampler,
+            3,
+            init=ImageInputs(image, 1.0, mask, resample_steps=2, jump_length=1),
+        )
         assert torch.equal(again, inpainted)  # every draw from the image's seed
     finally:
         torch.set_num_threads(threads)
@@ -97,8 +129,11 @@ def test_inpainting_job_and_a_rerun_makes_only_what_is_missing(tiny_checkpoint, 
     job = [f"prompts_file={prompts}", f"init_images={folder}", f"masks={mask_file}", "inpaint.resample_steps=2"]
     rows = sample(_config(tiny_checkpoint, tmp_path / "full", *job))
     assert [(r["prompt"][:6], r["init_image"], r["mask"]) for r in rows] == [
-        ("a blue", "first.png", "mask.png"), ("a blue", "first.png", "mask.png"),
-        ("a gree", "second.png", "mask.png"), ("a gree", "second.png", "mask.png")]  # fmt: skip
+        ("a blue", "first.png", "mask.png"),
+        ("a blue", "first.png", "mask.png"),
+        ("a gree", "second.png", "mask.png"),
+        ("a gree", "second.png", "mask.png"),
+    ]
     assert rows[0]["strength"] == 1.0 and rows[0]["inpaint"] == {"resample_steps": 2, "jump_length": 1}
     partial = tmp_path / "partial"
     sample(_config(tiny_checkpoint, partial, *job))
@@ -113,7 +148,9 @@ def test_inpainting_job_and_a_rerun_makes_only_what_is_missing(tiny_checkpoint, 
     assert (partial / "metadata.jsonl").read_text() == (tmp_path / "full" / "metadata.jsonl").read_text()
 
 
-def test_an_image_to_image_rerun_makes_only_what_is_missing_and_other_inputs_refuse_the_folder(tiny_checkpoint, tmp_path, inputs):
+def test_an_image_to_image_rerun_makes_only_what_is_missing_and_other_inputs_refuse_the_folder(
+    tiny_checkpoint, tmp_path, inputs
+):
     folder, mask_file = inputs
     out = tmp_path / "out"
     job = [PROMPT, f"init_images={folder}", "strength=0.5"]
@@ -143,21 +180,39 @@ def test_shards_as_inputs_pair_with_their_own_captions(tiny_checkpoint, tmp_path
                 info = tarfile.TarInfo(key + suffix)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    rows = sample(_config(tiny_checkpoint, tmp_path / "out", f"prompts_shards={shard}", f"init_images={shard}",
-                          "num_images_per_prompt=1", "strength=0.5"))  # fmt: skip
+    rows = sample(
+        _config(
+            tiny_checkpoint,
+            tmp_path / "out",
+            f"prompts_shards={shard}",
+            f"init_images={shard}",
+            "num_images_per_prompt=1",
+            "strength=0.5",
+        )
+    )
     assert [(r["prompt"], r["init_image"], r["key"]) for r in rows] == [
         ("a red circle in the top left", "inputs-000000.tar/k1.png", "k1"),
-        ("a blue square in the center", "inputs-000000.tar/k2.png", "k2")]  # fmt: skip
+        ("a blue square in the center", "inputs-000000.tar/k2.png", "k2"),
+    ]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["strength=0.5"], r"strength=... needs init_images=DIR\|SHARDS"),
-    (["masks=/tmp"], r"masks=... needs init_images"),
-    (["init_images=INPUTS", "strength=1.5"], r"strength must be a number in \[0, 1\], got 1.5"),
-    (["init_images=INPUTS", "inpaint.resample_steps=0"], r"inpaint.resample_steps must be a positive integer, got 0"),
-    (["init_images=INPUTS", "masks=INPUTS/nope.png"], r"masks=.*nope.png: no such file or folder"),
-    (["init_images=INPUTS", "prompts_file=PROMPTS3"], r"3 prompts for 2 init images \(prompts_file/prompts_shards\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strength=0.5"], r"strength=... needs init_images=DIR\|SHARDS"),
+        (["masks=/tmp"], r"masks=... needs init_images"),
+        (["init_images=INPUTS", "strength=1.5"], r"strength must be a number in \[0, 1\], got 1.5"),
+        (
+            ["init_images=INPUTS", "inpaint.resample_steps=0"],
+            r"inpaint.resample_steps must be a positive integer, got 0",
+        ),
+        (["init_images=INPUTS", "masks=INPUTS/nope.png"], r"masks=.*nope.png: no such file or folder"),
+        (
+            ["init_images=INPUTS", "prompts_file=PROMPTS3"],
+            r"3 prompts for 2 init images \(prompts_file/prompts_shards\)",
+        ),
+    ],
+)
 def test_bad_input_settings_are_one_line_errors(tiny_checkpoint, tmp_path, inputs, overrides, message):
     folder, _ = inputs
     (tmp_path / "three.txt").write_text("a\nb\nc\n")
@@ -171,5 +226,11 @@ def test_bad_input_settings_are_one_line_errors(tiny_checkpoint, tmp_path, input
 def test_a_mask_of_another_size_is_refused_in_one_line(tiny_checkpoint, tmp_path, inputs):
     folder, _ = inputs
     Image.new("L", (20, 32), 255).save(tmp_path / "small.png")
-    with pytest.raises(UserError, match=r"mask small.png is 20x32 but first.png is 32x32: a mask must have its image's size"):
-        sample(_config(tiny_checkpoint, tmp_path / "out", PROMPT, f"init_images={folder}", f"masks={tmp_path / 'small.png'}"))
+    with pytest.raises(
+        UserError, match=r"mask small.png is 20x32 but first.png is 32x32: a mask must have its image's size"
+    ):
+        sample(
+            _config(
+                tiny_checkpoint, tmp_path / "out", PROMPT, f"init_images={folder}", f"masks={tmp_path / 'small.png'}"
+            )
+        )

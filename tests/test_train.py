@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_testing import compose_config, run_script
 from ldm.checkpoints import load_training_checkpoint
 from ldm.cli import one_line_errors
+from ldm_testing import compose_config, run_script
 from train import train
 
 
@@ -32,13 +32,23 @@ def test_train_writes_checkpoint_config_and_samples(train_config):
 
 
 def test_checkpoints_keep_the_newest_and_every_milestone(train_config):
-    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=6", "trainer.val_check_interval=6",
-                       "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=2",
-                       "callbacks.checkpoint_milestones.every_n_train_steps=3")  # fmt: skip
+    cfg = train_config(
+        "~callbacks.sample_grid",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=6",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "callbacks.checkpoint.save_top_k=2",
+        "callbacks.checkpoint_milestones.every_n_train_steps=3",
+    )
     train(cfg)
     names = sorted(p.name for p in (Path(cfg.paths.output_dir) / "checkpoints").iterdir())
-    assert names == ["last.ckpt", "milestone_0000003.ckpt", "milestone_0000006.ckpt",
-                     "step_0000005.ckpt", "step_0000006.ckpt"]  # fmt: skip
+    assert names == [
+        "last.ckpt",
+        "milestone_0000003.ckpt",
+        "milestone_0000006.ckpt",
+        "step_0000005.ckpt",
+        "step_0000006.ckpt",
+    ]
 
 
 def test_trains_without_a_logger(train_config):
@@ -80,13 +90,26 @@ def test_a_run_ending_between_checkpoints_leaves_one_last_checkpoint(train_confi
 def test_first_stage_run_exports_the_autoencoder_with_its_scaling_factor(tmp_path, toy_data_dir):
     from safetensors import safe_open
 
-    cfg = compose_config("train", [
-        "experiment=toy_vae", "model.autoencoder.module.channel_multipliers=[1,1]", "data.batch_size=4",
-        "data.num_workers=0", "data.shuffle_buffer=8", "data.image_size=32", "trainer.max_steps=3",
-        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu", "optim.lr_scheduler.schedule.warmup_steps=1", "logger=csv",
-        "callbacks.export.scaling_batches=2", "task.equivariance_weight=0.5",
-    ])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=toy_vae",
+            "model.autoencoder.module.channel_multipliers=[1,1]",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=8",
+            "data.image_size=32",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
+            "optim.lr_scheduler.schedule.warmup_steps=1",
+            "logger=csv",
+            "callbacks.export.scaling_batches=2",
+            "task.equivariance_weight=0.5",
+        ],
+    )
     cfg.paths.output_dir, cfg.paths.data_dir = str(tmp_path / "run"), str(toy_data_dir)
     cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32  # the session's toy data, as train_config has it
     train(cfg)
@@ -100,11 +123,23 @@ def test_decoder_fine_tuning_run_keeps_the_shipped_encoder_and_scaling_factor(tm
 
     from ldm.checkpoints import load_state_dict_file
 
-    cfg = compose_config("train", [
-        "experiment=toy_vae_decoder", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=8",
-        "data.image_size=32", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "logger=csv", "callbacks.export.scaling_batches=1",
-    ])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=toy_vae_decoder",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=8",
+            "data.image_size=32",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.limit_val_batches=1",
+            "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
+            "logger=csv",
+            "callbacks.export.scaling_batches=1",
+        ],
+    )
     cfg.paths.output_dir, cfg.paths.data_dir = str(tmp_path / "run"), str(toy_data_dir)
     cfg.data.prepare.num_train, cfg.data.prepare.num_val = 256, 32  # the session's toy data, as train_config has it
     train(cfg)

@@ -18,7 +18,8 @@ cleaned, so the cost is bounded whatever the member's size.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ldm.data.metadata import SampleMembers
 from ldm.data.skips import EMPTY_CAPTION, SkipSample
@@ -37,7 +38,7 @@ def _clean(text: str, max_chars: int | None = None) -> tuple[str, bool]:
         return " ".join(text.split()), False
     raw = text[: RAW_CHARS_PER_CHAR * max_chars]
     caption = " ".join(raw.split())
-    cut = len(caption) > max_chars or (len(raw) < len(text) and bool(text[len(raw):].strip()))
+    cut = len(caption) > max_chars or (len(raw) < len(text) and bool(text[len(raw) :].strip()))
     return caption[:max_chars].rstrip(), cut
 
 

@@ -28,10 +28,11 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,12 +40,23 @@ from torch.utils.data import IterableDataset
 
 from ldm.data.buckets import BUCKET_KEY, Bucket, nearest_bucket, upright_size
 from ldm.data.decode import IMAGE_EXTENSIONS
-from ldm.data.skips import (
-    COUNTS_KEY, CORRUPT_IMAGE, CORRUPT_METADATA, ERROR, MISSING_FILE, NO_IMAGE, OVERSIZED_FILE, TOO_MANY_PIXELS,
-    TOO_SMALL, UNSAFE_PATH, DataCounts, FilteredOut, SkipSample,
-)
 from ldm.data.samples import collate
 from ldm.data.seeds import PROCESS, stream_seed
+from ldm.data.skips import (
+    CORRUPT_IMAGE,
+    CORRUPT_METADATA,
+    COUNTS_KEY,
+    ERROR,
+    MISSING_FILE,
+    NO_IMAGE,
+    OVERSIZED_FILE,
+    TOO_MANY_PIXELS,
+    TOO_SMALL,
+    UNSAFE_PATH,
+    DataCounts,
+    FilteredOut,
+    SkipSample,
+)
 from ldm.data.streams import StreamStart, batches_by_shape, worker_position
 from ldm.errors import UserError
 
@@ -80,11 +92,13 @@ class FolderIndex:
 
     def subset(self, keep: Sequence[int], problems: bool = True) -> FolderIndex:
         return FolderIndex(
-            self.root, [self.paths[i] for i in keep], [self.captions[i] for i in keep],
+            self.root,
+            [self.paths[i] for i in keep],
+            [self.captions[i] for i in keep],
             None if self.sizes is None else [self.sizes[i] for i in keep],
             None if self.buckets is None else self.buckets[np.asarray(keep, dtype=np.int64)],
             list(self.problems) if problems else [],
-        )  # fmt: skip
+        )
 
     def bucket_of(self) -> np.ndarray:
         return self.buckets if self.buckets is not None else np.zeros(len(self.paths), dtype=np.int32)
@@ -259,7 +273,9 @@ def load_raw(index: FolderIndex, item: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the epoch plan
-def epoch_plan(bucket_of: np.ndarray, batch_size: int, world_size: int, repeats: int, seed: int, epoch: int) -> list[np.ndarray]:
+def epoch_plan(
+    bucket_of: np.ndarray, batch_size: int, world_size: int, repeats: int, seed: int, epoch: int
+) -> list[np.ndarray]:
     """The epoch's batches (arrays of item indices) over all ranks, a multiple of ``world_size`` of
     them; rank r trains on batches r, r + world_size, ... (see the module docstring)."""
     rng = np.random.default_rng(stream_seed(seed, PLAN, epoch))
@@ -370,7 +386,9 @@ class FolderStream(IterableDataset):
                 candidates = np.flatnonzero(bucket_of == bucket_of[item])
             item = int(candidates[rng.randrange(len(candidates))])
         reason, where, detail = self.counts.last_skip
-        raise FolderError(f"{MAX_REPLACEMENTS} images in a row of {self.index.root} failed; last: {where}: {reason} {detail}")
+        raise FolderError(
+            f"{MAX_REPLACEMENTS} images in a row of {self.index.root} failed; last: {where}: {reason} {detail}"
+        )
 
     def _sample(self, item: int, rng: random.Random) -> dict[str, Any] | None:
         where = f"{self.index.root}:{self.index.paths[item]}"

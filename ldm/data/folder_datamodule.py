@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch.utils.data import DataLoader
 
 from ldm.data.captions import DEFAULT_MAX_CAPTION_CHARS
 from ldm.data.folder import (
-    FolderError, FolderIndex, FolderStream, assign_buckets, check_files, index_folder, split_validation,
+    FolderError,
+    FolderIndex,
+    FolderStream,
+    assign_buckets,
+    check_files,
+    index_folder,
     problem_summary,
+    split_validation,
 )
 from ldm.data.webdataset import ShardDataModule
 
@@ -64,12 +70,24 @@ class FolderDataModule(ShardDataModule):
         quarantine: str | None = None,
     ):
         super().__init__(
-            image_size=image_size, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-            seed=seed, center_crop=center_crop, random_flip=random_flip, small_images=small_images,
-            max_pixels=max_pixels, caption_keys=FOLDER_CAPTION_KEYS, empty_captions=empty_captions,
-            buckets=buckets, bucket_step=bucket_step, bucket_max_ratio=bucket_max_ratio,
-            bucket_no_upscale=bucket_no_upscale, max_caption_chars=max_caption_chars, quarantine=quarantine,
-        )  # fmt: skip
+            image_size=image_size,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            small_images=small_images,
+            max_pixels=max_pixels,
+            caption_keys=FOLDER_CAPTION_KEYS,
+            empty_captions=empty_captions,
+            buckets=buckets,
+            bucket_step=bucket_step,
+            bucket_max_ratio=bucket_max_ratio,
+            bucket_no_upscale=bucket_no_upscale,
+            max_caption_chars=max_caption_chars,
+            quarantine=quarantine,
+        )
         if repeats < 1 or int(repeats) != repeats:
             raise FolderError(f"data.repeats must be a positive integer, not {repeats}")
         if val_path and val_fraction:
@@ -98,8 +116,12 @@ class FolderDataModule(ShardDataModule):
             raise FolderError(f"no usable image in {self.path}{problem_summary(index.problems)}")
         self.train_index = index
         if index.problems:
-            log.warning("data: %d file(s) of %s refused while indexing%s", len(index.problems), self.path,
-                        problem_summary(index.problems))  # fmt: skip
+            log.warning(
+                "data: %d file(s) of %s refused while indexing%s",
+                len(index.problems),
+                self.path,
+                problem_summary(index.problems),
+            )
 
     def _index(self, path: str) -> FolderIndex:
         index = check_files(index_folder(path, self.caption_column), bool(self.buckets), self.max_pixels)
@@ -126,10 +148,25 @@ class FolderDataModule(ShardDataModule):
     def _stream(self, train: bool) -> FolderStream:
         rank, world_size = self._place()
         if train:
-            return FolderStream(self.train_index, self.train_sample, self.batch_size, train=True, seed=self.seed,
-                                repeats=self.repeats, rank=rank, world_size=world_size)  # fmt: skip
-        return FolderStream(self.val_index, self.val_sample, self.val_batch_size, train=False, seed=self.seed,
-                            rank=rank, world_size=world_size)  # fmt: skip
+            return FolderStream(
+                self.train_index,
+                self.train_sample,
+                self.batch_size,
+                train=True,
+                seed=self.seed,
+                repeats=self.repeats,
+                rank=rank,
+                world_size=world_size,
+            )
+        return FolderStream(
+            self.val_index,
+            self.val_sample,
+            self.val_batch_size,
+            train=False,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_index is None or not len(self.val_index):

@@ -24,18 +24,29 @@ def format_report(report: InspectionReport) -> str:
         f"{'':<16}{'min':>10}{'median':>10}{'p95':>10}{'max':>10}{'mean':>10}",
     ]
     rows = [
-        ("bytes/shard", report.shard_bytes, _bytes), ("bytes/sample", report.sample_bytes, _bytes),
-        ("caption chars", report.caption_chars, _number), ("caption words", report.caption_words, _number),
-        ("width", report.width, _number), ("height", report.height, _number), ("aspect w/h", report.aspect, _number),
+        ("bytes/shard", report.shard_bytes, _bytes),
+        ("bytes/sample", report.sample_bytes, _bytes),
+        ("caption chars", report.caption_chars, _number),
+        ("caption words", report.caption_words, _number),
+        ("width", report.width, _number),
+        ("height", report.height, _number),
+        ("aspect w/h", report.aspect, _number),
     ]
     for name, stats, fmt in rows:
         if stats is None:
             lines.append(f"{name:<16}{'-':>10}")
         else:
-            lines.append(f"{name:<16}" + "".join(f"{fmt(stats[k]):>10}" for k in ("min", "median", "p95", "max", "mean")))
+            lines.append(
+                f"{name:<16}" + "".join(f"{fmt(stats[k]):>10}" for k in ("min", "median", "p95", "max", "mean"))
+            )
     formats = ", ".join(f"{ext} {count}" for ext, count in report.image_formats.items()) or "-"
-    sources = ", ".join(f".{src} {count}" if src == "json" else f"image {src} {count}"
-                        for src, count in report.resolution_source.items()) or "-"
+    sources = (
+        ", ".join(
+            f".{src} {count}" if src == "json" else f"image {src} {count}"
+            for src, count in report.resolution_source.items()
+        )
+        or "-"
+    )
     lines += ["", f"image members   {formats}", f"resolution from {sources}", ""]
     if report.bad_samples or report.bad_shards:
         reasons = ", ".join(f"{count} {reason}" for reason, count in report.bad_by_reason.items())

@@ -23,7 +23,8 @@ from __future__ import annotations
 import io
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +42,12 @@ META_KEY = "__meta__"
 FLIPPED = "_flipped"  # suffix of the flipped image's members: mean_flipped.npy, latent_flipped.npy
 # Plain attributes that change what a frozen part computes without changing its weights.
 IDENTITY_ATTRIBUTES = (
-    "downsampling_factor", "latent_channels",  # VAE (scaling_factor is checked on its own)
-    "num_blocks", "pad_token_id", "max_length", "context_dim",  # text encoder: layer, padding, shape
+    "downsampling_factor",
+    "latent_channels",  # VAE (scaling_factor is checked on its own)
+    "num_blocks",
+    "pad_token_id",
+    "max_length",
+    "context_dim",  # text encoder: layer, padding, shape
 )
 # The empty prompt's context is stored in float32 from a float32 run of the text encoder, so a
 # float32 rerun on any device agrees to ~1e-6; a different layer, padding or activation does not

@@ -19,9 +19,10 @@ import os
 import random
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,14 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.latent_format import (
-    CONTEXT_DTYPES, FLIPPED, META_KEY, STORE_MODES, latents_metadata, npy_bytes, read_shard_meta, same_dataset,
+    CONTEXT_DTYPES,
+    FLIPPED,
+    META_KEY,
+    STORE_MODES,
+    latents_metadata,
+    npy_bytes,
+    read_shard_meta,
+    same_dataset,
 )
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shard_reader import read_shard
@@ -186,7 +194,11 @@ class _Encoder:
         if self.store == "sample":
             # z = mean + std * eps, eps drawn on the CPU: the same on every device
             eps = torch.randn(mean.shape, generator=generator)
-            return {f"latent{suffix}.npy": (self.autoencoder.scaling_factor * (mean + torch.exp(0.5 * logvar) * eps)).numpy()}
+            return {
+                f"latent{suffix}.npy": (
+                    self.autoencoder.scaling_factor * (mean + torch.exp(0.5 * logvar) * eps)
+                ).numpy()
+            }
         return {f"mean{suffix}.npy": mean.numpy(), f"logvar{suffix}.npy": logvar.numpy()}
 
 
@@ -286,8 +298,13 @@ def precompute_latents(
             job = jobs[index]
             if index not in open_tars:
                 tar = ShardWriter(job.output)
-                tar.write({"__key__": META_KEY, "json": json.dumps({**meta, "source": job.source}),
-                           "empty_context.npy": empty_context})
+                tar.write(
+                    {
+                        "__key__": META_KEY,
+                        "json": json.dumps({**meta, "source": job.source}),
+                        "empty_context.npy": empty_context,
+                    }
+                )
                 open_tars[index] = (tar, torch.Generator().manual_seed(_shard_seed(seed, job.output.name)))
             tar, generator = open_tars[index]
             if "dropped" in batch:  # the input shard is done
@@ -314,5 +331,3 @@ def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
-
-

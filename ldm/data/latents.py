@@ -10,7 +10,8 @@ format: ``ldm.data.latent_format``; writing: ``ldm.data.latent_writer``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ldm.data.latent_format import LatentsMismatchError, check_latents_match, read_shard_meta, same_dataset
 from ldm.data.latent_samples import ToLatentSample
@@ -52,11 +53,18 @@ class LatentShardDataModule(StreamDataModule):
         max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
     ):
         super().__init__(
-            shards=shards, val_shards=val_shards, sources=sources, batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-            samples_per_epoch=samples_per_epoch, seed=seed, read_timeout=read_timeout,
+            shards=shards,
+            val_shards=val_shards,
+            sources=sources,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            samples_per_epoch=samples_per_epoch,
+            seed=seed,
+            read_timeout=read_timeout,
             max_member_bytes=max_member_bytes,
-        )  # fmt: skip
+        )
         if not 0.0 <= caption_dropout < 1.0:
             raise UserError(f"data.caption_dropout must be in [0, 1), got {caption_dropout}")
         self.image_size = image_size
@@ -74,14 +82,18 @@ class LatentShardDataModule(StreamDataModule):
         for url in firsts:
             difference = same_dataset(read_shard_meta(url, self.read_timeout)[0], self.meta)
             if difference is not None:
-                raise LatentsMismatchError(f"{url} and {self.train_sources[0].urls[0]} hold different latents: {difference}")
+                raise LatentsMismatchError(
+                    f"{url} and {self.train_sources[0].urls[0]} hold different latents: {difference}"
+                )
         if self.meta["image_size"] != self.image_size:
             raise LatentsMismatchError(
                 f"data.image_size={self.image_size} but the latent shards were made at {self.meta['image_size']} px"
             )
         if self.random_flip and not self.meta.get("flipped"):
-            raise UserError("data.random_flip=true needs latent shards made with flips=true "
-                            "(python data_scripts/precompute_latents.py ... flips=true)")  # fmt: skip
+            raise UserError(
+                "data.random_flip=true needs latent shards made with flips=true "
+                "(python data_scripts/precompute_latents.py ... flips=true)"
+            )
         module = self.trainer.lightning_module if self.trainer is not None else None
         if self.check_model and module is not None and hasattr(module, "autoencoder"):
             check_latents_match(self.meta, module.autoencoder, module.conditioner, empty_context)

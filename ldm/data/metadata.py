@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ldm.data.skips import CORRUPT_METADATA, FilteredOut, SkipSample
 
@@ -123,8 +124,12 @@ class MetadataFilter:
             if name == "min_size":
                 return min(size) < threshold
             return max(size) / min(size) > threshold
-        keys = {"min_aesthetic": AESTHETIC_KEYS, "max_watermark": WATERMARK_KEYS,
-                "max_unsafe": UNSAFE_KEYS, "min_similarity": SIMILARITY_KEYS}[name]
+        keys = {
+            "min_aesthetic": AESTHETIC_KEYS,
+            "max_watermark": WATERMARK_KEYS,
+            "max_unsafe": UNSAFE_KEYS,
+            "min_similarity": SIMILARITY_KEYS,
+        }[name]
         value = _number(metadata, keys)
         if value is None:
             return False

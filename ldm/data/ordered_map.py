@@ -16,9 +16,7 @@ def _map_chunk(fn: Callable[[T], R], chunk: list[T]) -> list[R]:
     return [fn(item) for item in chunk]
 
 
-def ordered_map(
-    fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_size: int = 16
-) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, chunk_size: int = 16) -> Iterator[R]:
     """``map(fn, items)`` over ``workers`` processes, results in input order, bounded memory.
 
     At most ``4 * workers`` chunks are in flight, so neither the input nor the results pile up.

@@ -26,8 +26,9 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 CRASHES = "crashes.jsonl"
 QUARANTINE = "quarantine.jsonl"

@@ -25,7 +25,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldm.data.corpus_inputs import SourceItem
 from ldm.data.skips import (
-    CORRUPT_CAPTION, CORRUPT_IMAGE, CORRUPT_METADATA, EMPTY_CAPTION, EMPTY_IMAGE, MISSING_FILE, TOO_MANY_PIXELS,
+    CORRUPT_CAPTION,
+    CORRUPT_IMAGE,
+    CORRUPT_METADATA,
+    EMPTY_CAPTION,
+    EMPTY_IMAGE,
+    MISSING_FILE,
+    TOO_MANY_PIXELS,
 )
 from ldm.data.transforms import to_rgb
 

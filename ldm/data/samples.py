@@ -8,7 +8,8 @@ sample's key is recorded as in flight while it is decoded (``ldm.data.quarantine
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -24,8 +24,16 @@ from ldm.data.contact_sheet import thumbnail
 from ldm.data.decode import IMAGE_EXTENSIONS
 from ldm.data.shard_reader import DEFAULT_MAX_MEMBER_BYTES, local_path, read_shard, split_name
 from ldm.data.skips import (
-    CORRUPT_CAPTION, CORRUPT_IMAGE, CORRUPT_METADATA, EMPTY_CAPTION, EMPTY_IMAGE, EMPTY_MEMBER, NO_IMAGE,
-    SHARD_REASONS, TOO_MANY_PIXELS, DataCounts,
+    CORRUPT_CAPTION,
+    CORRUPT_IMAGE,
+    CORRUPT_METADATA,
+    EMPTY_CAPTION,
+    EMPTY_IMAGE,
+    EMPTY_MEMBER,
+    NO_IMAGE,
+    SHARD_REASONS,
+    TOO_MANY_PIXELS,
+    DataCounts,
 )
 
 MAX_EXAMPLES = 20  # bad samples and bad shards listed by name in a report
@@ -114,8 +122,14 @@ def _resolution_from_json(meta: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def _check_sample(
-    result: ShardResult, key: str, members: dict[str, bytes], decode: bool,
-    sheet_samples: int, seed: int, thumb: int, caption_key: str,
+    result: ShardResult,
+    key: str,
+    members: dict[str, bytes],
+    decode: bool,
+    sheet_samples: int,
+    seed: int,
+    thumb: int,
+    caption_key: str,
 ) -> None:
     """Add one sample's statistics, bad reasons and sheet candidacy to ``result``."""
     reasons: dict[str, str] = {}
@@ -180,8 +194,13 @@ def _check_sample(
 
 
 def inspect_shard(
-    url: str, decode: bool = True, sheet_samples: int = 0, seed: int = 0, thumb: int = 160,
-    caption_key: str = "txt", read_timeout: float | None = 300.0,
+    url: str,
+    decode: bool = True,
+    sheet_samples: int = 0,
+    seed: int = 0,
+    thumb: int = 160,
+    caption_key: str = "txt",
+    read_timeout: float | None = 300.0,
     max_member_bytes: int | None = DEFAULT_MAX_MEMBER_BYTES,
 ) -> ShardResult:
     """Read one shard to its end (as the loader reads it) and gather its statistics."""
@@ -193,7 +212,7 @@ def inspect_shard(
         if reason in SHARD_REASONS:
             result.bad_shard = {"reason": reason, "detail": detail}
             return
-        key = split_name(where[len(url) + 1:])[0] if where.startswith(f"{url}:") else None
+        key = split_name(where[len(url) + 1 :])[0] if where.startswith(f"{url}:") else None
         result.num_samples += 1
         result.add_bad(key or where, {reason: detail})
 

@@ -90,6 +90,7 @@ class InspectionReport:
 
 def merge(results: list[ShardResult], sheet_samples: int = 0) -> InspectionReport:
     """Per-shard results -> one report; the sheet keeps the ``sheet_samples`` smallest priorities."""
+
     def concat(name: str) -> list:
         return [value for result in results for value in getattr(result, name)]
 
@@ -139,11 +140,22 @@ def inspect_shards(
     from tqdm import tqdm
 
     inspect = functools.partial(
-        inspect_shard, decode=decode, sheet_samples=sheet_samples, seed=seed, thumb=layout.thumb,
+        inspect_shard,
+        decode=decode,
+        sheet_samples=sheet_samples,
+        seed=seed,
+        thumb=layout.thumb,
         caption_key=caption_key,
     )
-    results = list(tqdm(ordered_map(inspect, urls, workers, chunk_size=1), total=len(urls), desc="shards",
-                        unit="shard", disable=not progress))
+    results = list(
+        tqdm(
+            ordered_map(inspect, urls, workers, chunk_size=1),
+            total=len(urls),
+            desc="shards",
+            unit="shard",
+            disable=not progress,
+        )
+    )
     return merge(results, sheet_samples)
 
 

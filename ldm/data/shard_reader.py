@@ -26,8 +26,9 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable, Iterator
+from typing import Any
 
 from ldm.data.skips import OVERSIZED_MEMBER, STALLED_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, DataCounts
 
@@ -67,7 +68,7 @@ class _TrackedStream:
     def read(self, size: int = -1) -> bytes:
         data = self._raw_read(size)
         self.total += len(data)
-        self.tail = (self.tail + data)[-len(END_OF_ARCHIVE):]
+        self.tail = (self.tail + data)[-len(END_OF_ARCHIVE) :]
         return data
 
     def ended_cleanly(self) -> bool:
@@ -173,8 +174,12 @@ class CommandStream(_TrackedStream):
         self.timeout = timeout
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command never blocks on it
         self.process = subprocess.Popen(
-            command, shell=isinstance(command, str), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=self.stderr, bufsize=0,
+            command,
+            shell=isinstance(command, str),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            bufsize=0,
         )
         self.fd = self.process.stdout.fileno()
 
@@ -210,14 +215,24 @@ class CommandStream(_TrackedStream):
 def open_shard(url: str, read_timeout: float | None = 300.0) -> _TrackedStream:
     """Open ``url`` for reading (see the module docstring for the schemes)."""
     if url.startswith("pipe:"):
-        return CommandStream(url[len("pipe:"):], read_timeout)
+        return CommandStream(url[len("pipe:") :], read_timeout)
     if url.startswith("s3://"):
         return CommandStream(["aws", "s3", "cp", "--only-show-errors", url, "-"], read_timeout)
     if url.startswith("gs://"):
         return CommandStream(["gsutil", "-q", "cat", url], read_timeout)
     if url.startswith(("http://", "https://")):
-        command = ["curl", "--fail", "--silent", "--show-error", "--location", "--connect-timeout", "30",
-                   "--retry", "3", url]
+        command = [
+            "curl",
+            "--fail",
+            "--silent",
+            "--show-error",
+            "--location",
+            "--connect-timeout",
+            "30",
+            "--retry",
+            "3",
+            url,
+        ]
         return CommandStream(command, read_timeout)
     return LocalStream(local_path(url), read_timeout)
 

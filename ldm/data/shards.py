@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import glob
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import braceexpand
 

@@ -26,34 +26,64 @@ COUNTS_KEY = "skipped"
 # data_scripts/images_to_shards.py skips its inputs under them, and data_scripts/inspect_shards.py reports
 # what a loader would skip under them. Who reports each is in brackets ([all]: loaders and both tools).
 # sample-level reasons (count samples)
-NO_IMAGE = "no_image"                  # no .jpg/.jpeg/.png/.webp member, or a listed file of another type [loaders, inspect_shards]
-EMPTY_IMAGE = "empty_image"            # a zero-byte image member or file [all]
-CORRUPT_IMAGE = "corrupt_image"        # the bytes do not decode (unknown format, truncated, garbage) [all]
-TOO_MANY_PIXELS = "too_many_pixels"    # header width x height over max_pixels (or PIL's bomb limit: the tools know only that one) [all]
-TOO_SMALL = "too_small"                # short side under image_size with small_images=skip, or under every bucket [loaders]
-EMPTY_CAPTION = "empty_caption"        # no non-empty caption, empty_captions=drop [loaders, inspect_shards; images_to_shards: a missing one]
-CORRUPT_CAPTION = "corrupt_caption"    # a caption that is not UTF-8 (loaders read it with U+FFFD replacements) [inspect_shards, images_to_shards]
-CORRUPT_METADATA = "corrupt_metadata"  # an unparsable (or too deeply nested) .json or metadata row, or a row naming no image [all]
+NO_IMAGE = "no_image"  # no .jpg/.jpeg/.png/.webp member, or a listed file of another type [loaders, inspect_shards]
+EMPTY_IMAGE = "empty_image"  # a zero-byte image member or file [all]
+CORRUPT_IMAGE = "corrupt_image"  # the bytes do not decode (unknown format, truncated, garbage) [all]
+TOO_MANY_PIXELS = (
+    "too_many_pixels"  # header width x height over max_pixels (or PIL's bomb limit: the tools know only that one) [all]
+)
+TOO_SMALL = "too_small"  # short side under image_size with small_images=skip, or under every bucket [loaders]
+EMPTY_CAPTION = "empty_caption"  # no non-empty caption, empty_captions=drop [loaders, inspect_shards; images_to_shards: a missing one]
+CORRUPT_CAPTION = "corrupt_caption"  # a caption that is not UTF-8 (loaders read it with U+FFFD replacements) [inspect_shards, images_to_shards]
+CORRUPT_METADATA = (
+    "corrupt_metadata"  # an unparsable (or too deeply nested) .json or metadata row, or a row naming no image [all]
+)
 OVERSIZED_MEMBER = "oversized_member"  # a member whose tar header declares over max_member_bytes (never read) [loaders, inspect_shards]
-EMPTY_MEMBER = "empty_member"          # a zero-byte member other than image, caption and .json (loaders ignore it) [inspect_shards]
-UNSAFE_PATH = "unsafe_path"            # a metadata file_name resolving outside the folder [folder loader]
-MISSING_FILE = "missing_file"          # a listed image (or an existing caption file) that cannot be read [folder loader, images_to_shards]
-OVERSIZED_FILE = "oversized_file"      # an image file over the folder loader's MAX_FILE_BYTES (never read) [folder loader]
-QUARANTINED = "quarantined"            # its key is in the quarantine list (a worker died on it; ldm.data.quarantine) [loaders]
-CORRUPT_LATENT = "corrupt_latent"      # a latent shard's .npy member missing, unloadable, misshapen or non-finite [latent loader]
-ERROR = "error"                        # any other exception while turning a sample into tensors [loaders]
+EMPTY_MEMBER = (
+    "empty_member"  # a zero-byte member other than image, caption and .json (loaders ignore it) [inspect_shards]
+)
+UNSAFE_PATH = "unsafe_path"  # a metadata file_name resolving outside the folder [folder loader]
+MISSING_FILE = (
+    "missing_file"  # a listed image (or an existing caption file) that cannot be read [folder loader, images_to_shards]
+)
+OVERSIZED_FILE = "oversized_file"  # an image file over the folder loader's MAX_FILE_BYTES (never read) [folder loader]
+QUARANTINED = "quarantined"  # its key is in the quarantine list (a worker died on it; ldm.data.quarantine) [loaders]
+CORRUPT_LATENT = (
+    "corrupt_latent"  # a latent shard's .npy member missing, unloadable, misshapen or non-finite [latent loader]
+)
+ERROR = "error"  # any other exception while turning a sample into tensors [loaders]
 # shard-level reasons (count shards)
-UNREADABLE_SHARD = "unreadable_shard"  # could not be opened, or not a tar at all (nothing read) [loaders, inspect_shards]
-TRUNCATED_SHARD = "truncated_shard"    # ended early; its complete samples are kept, the last is dropped [loaders, inspect_shards]
-STALLED_SHARD = "stalled_shard"        # a read (pipe, remote or local file) sent no byte for read_timeout seconds [loaders, inspect_shards]
-NOT_LATENT_SHARD = "not_latent_shard"  # a latent shard that does not open with a readable __meta__ header [latent loader]
+UNREADABLE_SHARD = (
+    "unreadable_shard"  # could not be opened, or not a tar at all (nothing read) [loaders, inspect_shards]
+)
+TRUNCATED_SHARD = (
+    "truncated_shard"  # ended early; its complete samples are kept, the last is dropped [loaders, inspect_shards]
+)
+STALLED_SHARD = "stalled_shard"  # a read (pipe, remote or local file) sent no byte for read_timeout seconds [loaders, inspect_shards]
+NOT_LATENT_SHARD = (
+    "not_latent_shard"  # a latent shard that does not open with a readable __meta__ header [latent loader]
+)
 FOREIGN_LATENT_SHARD = "foreign_latent_shard"  # its __meta__ says another VAE/text encoder/size made it than the first shard's [latent loader]
 # kept but cut (count samples, under truncated/<what>)
-CAPTION = "caption"                    # a caption longer than max_caption_chars, cut to it [loaders]
+CAPTION = "caption"  # a caption longer than max_caption_chars, cut to it [loaders]
 
 SAMPLE_REASONS = (
-    NO_IMAGE, EMPTY_IMAGE, CORRUPT_IMAGE, TOO_MANY_PIXELS, TOO_SMALL, EMPTY_CAPTION, CORRUPT_CAPTION, CORRUPT_METADATA,
-    OVERSIZED_MEMBER, EMPTY_MEMBER, UNSAFE_PATH, MISSING_FILE, OVERSIZED_FILE, QUARANTINED, CORRUPT_LATENT, ERROR,
+    NO_IMAGE,
+    EMPTY_IMAGE,
+    CORRUPT_IMAGE,
+    TOO_MANY_PIXELS,
+    TOO_SMALL,
+    EMPTY_CAPTION,
+    CORRUPT_CAPTION,
+    CORRUPT_METADATA,
+    OVERSIZED_MEMBER,
+    EMPTY_MEMBER,
+    UNSAFE_PATH,
+    MISSING_FILE,
+    OVERSIZED_FILE,
+    QUARANTINED,
+    CORRUPT_LATENT,
+    ERROR,
 )
 SHARD_REASONS = (UNREADABLE_SHARD, TRUNCATED_SHARD, STALLED_SHARD, NOT_LATENT_SHARD, FOREIGN_LATENT_SHARD)
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -65,7 +66,9 @@ class EqualBatches:
     def __iter__(self) -> Iterator[Any]:
         import torch.distributed as dist
 
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         batches = iter(self.loader)
         while True:
             batch = next(batches, None)
@@ -186,17 +189,24 @@ class StreamDataModule(pl.LightningDataModule):
             raise ShardSpecError("train_dataloader() before setup(): no shards resolved")
         rank, world_size = self._place()
         return ShardStream(
-            self.train_sources, self.train_sample, self.batch_size, train=True, seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer, samples_per_epoch=self.samples_per_epoch, rank=rank,
-            world_size=world_size, read_timeout=self.read_timeout, max_member_bytes=self.max_member_bytes,
-        )  # fmt: skip
+            self.train_sources,
+            self.train_sample,
+            self.batch_size,
+            train=True,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            samples_per_epoch=self.samples_per_epoch,
+            rank=rank,
+            world_size=world_size,
+            read_timeout=self.read_timeout,
+            max_member_bytes=self.max_member_bytes,
+        )
 
     def train_dataloader(self) -> TrainingLoader:
         stream = self.train_stream()
         self._resolve_resume()
         make_loader = partial(self._loader, num_workers=self.num_workers, persistent=False)
-        self._train_loader = TrainingLoader(stream, make_loader, self.num_workers, self._position,
-                                            self._worker_states)  # fmt: skip
+        self._train_loader = TrainingLoader(stream, make_loader, self.num_workers, self._position, self._worker_states)
         return self._train_loader
 
     def val_dataloader(self) -> DataLoader | list:
@@ -204,8 +214,15 @@ class StreamDataModule(pl.LightningDataModule):
             return []
         rank, world_size = self._place()
         stream = ShardStream(
-            [Source(self.val_urls)], self.val_sample, self.val_batch_size, train=False, seed=self.seed,
-            rank=rank, world_size=world_size, read_timeout=self.read_timeout, max_member_bytes=self.max_member_bytes,
+            [Source(self.val_urls)],
+            self.val_sample,
+            self.val_batch_size,
+            train=False,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            read_timeout=self.read_timeout,
+            max_member_bytes=self.max_member_bytes,
         )
         # no more workers than this rank has shards: the extra ones would only start and stop
         world_size, rank = world_size or 1, rank or 0
@@ -267,8 +284,10 @@ class StreamDataModule(pl.LightningDataModule):
             if trained and self._train_loader is None:
                 epoch, _ = self._position()
                 self.epoch_base = (epoch + 1, trained)
-                _warn(f"data: the checkpoint holds no data position: a new epoch ({epoch + 1}) of freshly seeded "
-                      f"streams starts at step {self.trainer.global_step}")  # fmt: skip
+                _warn(
+                    f"data: the checkpoint holds no data position: a new epoch ({epoch + 1}) of freshly seeded "
+                    f"streams starts at step {self.trainer.global_step}"
+                )
             return
         ranks = saved["ranks"]
         last_epoch = max(int(rank["epoch"]) for rank in ranks)
@@ -284,15 +303,23 @@ class StreamDataModule(pl.LightningDataModule):
                 self._start_states[(epoch, done)] = ranks[self.trainer.global_rank]["workers"]
                 return
         self.epoch_base = (last_epoch + 1, trained)
-        _warn(f"data: the checkpoint's data position cannot be continued ({problem}): a new epoch "
-              f"({last_epoch + 1}) of freshly seeded streams starts at step {self.trainer.global_step}; "
-              f"no sample order of the run is repeated, but it is not the order an uninterrupted run reads")  # fmt: skip
+        _warn(
+            f"data: the checkpoint's data position cannot be continued ({problem}): a new epoch "
+            f"({last_epoch + 1}) of freshly seeded streams starts at step {self.trainer.global_step}; "
+            f"no sample order of the run is repeated, but it is not the order an uninterrupted run reads"
+        )
 
     def _shape_difference(self, saved: dict[str, Any]) -> str | None:
-        names = {"world_size": "ranks", "num_workers": "loader workers per rank", "batch_size": "data.batch_size",
-                 "accumulate_grad_batches": "trainer.accumulate_grad_batches", "seed": "data.seed",
-                 "batches_per_epoch": "batches per epoch", "shuffle_buffer": "data.shuffle_buffer",
-                 "data": "training shards"}  # fmt: skip
+        names = {
+            "world_size": "ranks",
+            "num_workers": "loader workers per rank",
+            "batch_size": "data.batch_size",
+            "accumulate_grad_batches": "trainer.accumulate_grad_batches",
+            "seed": "data.seed",
+            "batches_per_epoch": "batches per epoch",
+            "shuffle_buffer": "data.shuffle_buffer",
+            "data": "training shards",
+        }
         for key, now in self.shape().items():
             before = saved.get(key)
             if before != now:

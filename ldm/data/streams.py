@@ -24,9 +24,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -165,7 +166,9 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, num_workers = worker_position(self.rank, self.world_size)
         if self.train:
-            return self._training_batches(rank, world_size, logical_worker(worker, num_workers, self.start.done), num_workers)
+            return self._training_batches(
+                rank, world_size, logical_worker(worker, num_workers, self.start.done), num_workers
+            )
         self._bind("val", rank, worker)
         raw = self._validation_samples(rank, world_size, worker, num_workers)
         rng = random.Random(stream_seed(self.seed, VALIDATION, rank, worker))  # same every time
@@ -184,8 +187,9 @@ class ShardStream(IterableDataset):
         start = self.start
         self._bind("train", rank, worker)
         seed = partial(stream_seed, self.seed, rank, worker, start.epoch)
-        stream = WorkerStream(self.sources, seed, self._open, self.shuffle_buffer, lambda: self.counts.last_skip,
-                              self._read_at)  # fmt: skip
+        stream = WorkerStream(
+            self.sources, seed, self._open, self.shuffle_buffer, lambda: self.counts.last_skip, self._read_at
+        )
         made = batches_of_worker(worker, num_workers, start.done)  # this epoch's batches it made already
         state = start.worker_states[worker] if start.worker_states else None
         pending: dict[tuple[int, ...], list[tuple[Tag, int, dict[str, Any]]]] = {}
@@ -208,13 +212,19 @@ class ShardStream(IterableDataset):
             made += 1
             batch = self._collate([s for _, _, s in current])
             # kept back: samples of other shapes waiting for a batch, re-read and re-decoded on restore
-            waiting = sorted(((tag, index) for group in pending.values() for tag, index, _ in group), key=lambda p: p[1])
-            batch[POSITION_KEY] = WorkerPosition(worker, made, {
-                "stream": stream.state([tag for tag, _ in waiting]),
-                "pending": [[*tag, index] for tag, index in waiting],  # [source, draw, member, offset, index]
-                "errors": self._errors,
-                "batches": made,
-            })  # fmt: skip
+            waiting = sorted(
+                ((tag, index) for group in pending.values() for tag, index, _ in group), key=lambda p: p[1]
+            )
+            batch[POSITION_KEY] = WorkerPosition(
+                worker,
+                made,
+                {
+                    "stream": stream.state([tag for tag, _ in waiting]),
+                    "pending": [[*tag, index] for tag, index in waiting],  # [source, draw, member, offset, index]
+                    "errors": self._errors,
+                    "batches": made,
+                },
+            )
             yield batch
 
     def _restore(
@@ -232,8 +242,10 @@ class ShardStream(IterableDataset):
             if sample is not None:
                 pending.setdefault(sample_shape(sample), []).append((tag, index, sample))
         if problems or more:
-            log.warning("data: resuming: could not read again %s; the stream goes on without them (not bit-identical)",
-                        "; ".join(problems + more))  # fmt: skip
+            log.warning(
+                "data: resuming: could not read again %s; the stream goes on without them (not bit-identical)",
+                "; ".join(problems + more),
+            )
         return pending
 
     # ------------------------------------------------------------------ reading
@@ -253,7 +265,9 @@ class ShardStream(IterableDataset):
     def _read_at(self, url: str, offsets: Sequence[int]) -> dict[int, RawSample]:
         return read_samples_at(url, offsets, self.read_timeout, self.max_member_bytes)
 
-    def _checked(self, url: str, samples: Iterator[RawSample], check_header: Callable[[str, RawSample], None]) -> Iterator[RawSample]:
+    def _checked(
+        self, url: str, samples: Iterator[RawSample], check_header: Callable[[str, RawSample], None]
+    ) -> Iterator[RawSample]:
         try:
             first = next(samples, None)
             if first is None:

@@ -147,12 +147,7 @@ def caption(spec: ToySpec) -> str:
 
 def all_prompts() -> list[str]:
     """The 105 possible captions, ordered colour, then shape, then position (dict order)."""
-    return [
-        f"a {colour} {shape} in the {position}"
-        for colour in COLOURS
-        for shape in SHAPES
-        for position in POSITIONS
-    ]
+    return [f"a {colour} {shape} in the {position}" for colour in COLOURS for shape in SHAPES for position in POSITIONS]
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -278,9 +273,7 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def ensure_toy_shards(
-    out_dir: str | os.PathLike, num_train: int = 20000, num_val: int = 1000, seed: int = 0
-) -> Path:
+def ensure_toy_shards(out_dir: str | os.PathLike, num_train: int = 20000, num_val: int = 1000, seed: int = 0) -> Path:
     """Return `out_dir`, generating the shards first unless its manifest records these parameters.
 
     Not safe to call from several processes at once: under DDP call it on rank 0, then barrier.

@@ -11,7 +11,8 @@ that is what a checkpoint stores, per rank, and what a resumed run starts its wo
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from ldm.data.streams import POSITION_KEY, StreamStart, WorkerPosition, batches_of_worker
 

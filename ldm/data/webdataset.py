@@ -10,7 +10,8 @@ images become float32 in [-1, 1] once on the device (``on_after_batch_transfer``
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ldm.data.buckets import Bucket, BucketedSample, resolve_buckets
 from ldm.data.captions import DEFAULT_MAX_CAPTION_CHARS, CaptionPicker
@@ -83,11 +84,19 @@ class ShardDataModule(StreamDataModule):
         quarantine: str | None = None,
     ):
         super().__init__(
-            shards=shards, val_shards=val_shards, sources=sources, batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-            samples_per_epoch=samples_per_epoch, seed=seed, read_timeout=read_timeout,
-            max_member_bytes=max_member_bytes, prepare=prepare,
-        )  # fmt: skip
+            shards=shards,
+            val_shards=val_shards,
+            sources=sources,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            samples_per_epoch=samples_per_epoch,
+            seed=seed,
+            read_timeout=read_timeout,
+            max_member_bytes=max_member_bytes,
+            prepare=prepare,
+        )
         if small_images not in SMALL_IMAGES:
             raise UserError(f"data.small_images must be one of {list(SMALL_IMAGES)}, not {small_images!r}")
         try:
@@ -100,21 +109,37 @@ class ShardDataModule(StreamDataModule):
         self.buckets: list[Bucket] | None = resolve_buckets(buckets, image_size, bucket_step, bucket_max_ratio)
         # with buckets, an image that does not cover its bucket is never enlarged when either says so
         self.no_upscale = bucket_no_upscale or small_images == "skip"
-        self.train_sample = self._to_sample(captions, metadata_filter, max_pixels, small_images, center_crop, random_flip)
+        self.train_sample = self._to_sample(
+            captions, metadata_filter, max_pixels, small_images, center_crop, random_flip
+        )
         self.val_sample = self._to_sample(captions, metadata_filter, max_pixels, small_images, True, False)
 
     def _to_sample(
-        self, captions: CaptionPicker, metadata_filter: MetadataFilter, max_pixels: int | None, small_images: str,
-        center_crop: bool, random_flip: bool,
-    ) -> ToTrainingSample | BucketedSample:  # fmt: skip
+        self,
+        captions: CaptionPicker,
+        metadata_filter: MetadataFilter,
+        max_pixels: int | None,
+        small_images: str,
+        center_crop: bool,
+        random_flip: bool,
+    ) -> ToTrainingSample | BucketedSample:
         """Raw sample -> training sample: square crops of image_size, or crops to each image's bucket.
         Workers ship uint8 pixels (4x less to move between processes than float32); they become
         [-1, 1] floats after the transfer to the device (on_after_batch_transfer)."""
         # each converter its own quarantine: one holds one in-flight record, of one split
         quarantine = Quarantine(self.quarantine) if self.quarantine else None
         if self.buckets:
-            return BucketedSample(self.buckets, captions, metadata_filter or None, max_pixels, self.no_upscale,
-                                  center_crop, random_flip, uint8=True, quarantine=quarantine)  # fmt: skip
+            return BucketedSample(
+                self.buckets,
+                captions,
+                metadata_filter or None,
+                max_pixels,
+                self.no_upscale,
+                center_crop,
+                random_flip,
+                uint8=True,
+                quarantine=quarantine,
+            )
         transform = ImageTransform(self.image_size, center_crop=center_crop, random_flip=random_flip, uint8=True)
         return ToTrainingSample(transform, captions, metadata_filter or None, max_pixels, small_images, quarantine)
 

@@ -23,7 +23,8 @@ import bisect
 import itertools
 import random
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import webdataset as wds
 
@@ -115,8 +116,15 @@ class SourceReader:
                 time.sleep(min(60.0, 2.0 ** (self.failures - MAX_FAILED_SHARDS)))
 
     def state(self) -> dict[str, Any]:
-        return {"rng": random_state(self.rng), "draws": self.draws, "url": self.url, "member": self.member,
-                "offset": self.offset, "failures": self.failures, "ever_read": self.ever_read}  # fmt: skip
+        return {
+            "rng": random_state(self.rng),
+            "draws": self.draws,
+            "url": self.url,
+            "member": self.member,
+            "offset": self.offset,
+            "failures": self.failures,
+            "ever_read": self.ever_read,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the current shard re-opened at the sample reached (a shard read to
@@ -150,7 +158,9 @@ class WorkerStream:
     ):
         self.open_shard = open_shard
         self.read_at = read_at
-        self.readers = [SourceReader(source, i, seed(SHARDS, i), open_shard, last_skip) for i, source in enumerate(sources)]
+        self.readers = [
+            SourceReader(source, i, seed(SHARDS, i), open_shard, last_skip) for i, source in enumerate(sources)
+        ]
         self.weights = list(itertools.accumulate(source.weight for source in sources))
         self.mix_rng = random.Random(seed(MIX))  # drawn only with several sources
         self.buffer_size = shuffle_buffer if shuffle_buffer > 1 else 0
@@ -223,8 +233,12 @@ class WorkerStream:
         if raw is None:
             self.unreadable.append(f"{url}@{tag[3]}")
             if len(self.unreadable) <= 3:
-                log.warning("data: resuming: the buffered sample at byte %s of %s cannot be read again; the stream "
-                            "goes on without it (not bit-identical)", tag[3], url)  # fmt: skip
+                log.warning(
+                    "data: resuming: the buffered sample at byte %s of %s cannot be read again; the stream "
+                    "goes on without it (not bit-identical)",
+                    tag[3],
+                    url,
+                )
         return raw
 
     # ---------------------------------------------------------------- state
@@ -267,7 +281,9 @@ class WorkerStream:
         self.buffer, self.tags = [found.get(tag, _UNREAD) for tag in kept], kept
         return problems
 
-    def fetch(self, tags: Sequence[Tag], shard_urls: Sequence[Sequence[Sequence[Any]]]) -> tuple[dict[Tag, RawSample], list[str]]:
+    def fetch(
+        self, tags: Sequence[Tag], shard_urls: Sequence[Sequence[Sequence[Any]]]
+    ) -> tuple[dict[Tag, RawSample], list[str]]:
         """The raw samples of ``tags``, read again from their shards (``shard_urls`` as in ``state()``):
         by their offsets where every one of a shard has one, else each shard once, from its first
         wanted sample to its last."""

@@ -130,4 +130,3 @@ def network_calls(num_steps: int, resample_steps: int, jump_length: int) -> int:
     """Denoiser calls of a one-call-per-step sampler with RePaint resampling over ``num_steps`` steps."""
     jumps = (num_steps - 1) // jump_length if resample_steps > 1 else 0  # not from the clean end
     return num_steps + jumps * (resample_steps - 1) * jump_length
-

@@ -36,9 +36,7 @@ def velocity(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     return alpha * noise - sigma * x0
 
 
-def training_target(
-    prediction_type: PredictionType, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor
-) -> Tensor:
+def training_target(prediction_type: PredictionType, x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """The regression target of the simplified loss for each prediction type."""
     if prediction_type == "eps":
         return noise
@@ -47,9 +45,7 @@ def training_target(
     return x0
 
 
-def predict_x0(
-    prediction_type: PredictionType, output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
-) -> Tensor:
+def predict_x0(prediction_type: PredictionType, output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """The network's estimate of x_0 from its raw output.
 
     For eps-prediction this divides by alpha, undefined at zero terminal SNR: such schedules need v or x0.
@@ -61,9 +57,7 @@ def predict_x0(
     return output
 
 
-def predict_eps(
-    prediction_type: PredictionType, output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
-) -> Tensor:
+def predict_eps(prediction_type: PredictionType, output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """The network's estimate of the noise from its raw output (sigma > 0 for every training step)."""
     if prediction_type == "eps":
         return output

@@ -17,7 +17,7 @@ the next step n.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -46,8 +46,7 @@ class PerSampleNoise:
         if like.shape[0] != len(self.generators):
             raise ValueError(f"batch of {like.shape[0]} but {len(self.generators)} seeds")
         noise = [
-            torch.randn(like.shape[1:], generator=g, device=self.device, dtype=torch.float32)
-            for g in self.generators
+            torch.randn(like.shape[1:], generator=g, device=self.device, dtype=torch.float32) for g in self.generators
         ]
         return torch.stack(noise).to(device=like.device, dtype=like.dtype)
 

@@ -29,9 +29,7 @@ def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: 
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
-def scaled_linear_betas(
-    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
-) -> Tensor:
+def scaled_linear_betas(num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
     """Betas linear in sqrt(beta): Stable Diffusion's schedule.
 
     The original LDM code calls this "linear"; diffusers calls it "scaled_linear".
@@ -82,8 +80,11 @@ def shift_snr(betas: Tensor, factor: float) -> Tensor:
 
 BETA_FUNCTIONS = {"scaled_linear": scaled_linear_betas, "linear": linear_betas, "cosine": cosine_betas}
 # the arguments each beta function takes besides num_timesteps
-BETA_ARGUMENTS = {"scaled_linear": ("beta_start", "beta_end"), "linear": ("beta_start", "beta_end"),
-                  "cosine": ("offset", "max_beta")}  # fmt: skip
+BETA_ARGUMENTS = {
+    "scaled_linear": ("beta_start", "beta_end"),
+    "linear": ("beta_start", "beta_end"),
+    "cosine": ("offset", "max_beta"),
+}
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,11 @@ class ScheduleSpec:
             raise ValueError(f"schedule kind must be one of {', '.join(BETA_FUNCTIONS)}, got {self.kind!r}")
         if not isinstance(self.num_timesteps, int) or isinstance(self.num_timesteps, bool) or self.num_timesteps < 2:
             raise ValueError(f"num_timesteps must be an integer >= 2, got {self.num_timesteps!r}")
-        foreign = [name for name in ("beta_start", "beta_end", "offset", "max_beta")
-                   if getattr(self, name) is not None and name not in BETA_ARGUMENTS[self.kind]]  # fmt: skip
+        foreign = [
+            name
+            for name in ("beta_start", "beta_end", "offset", "max_beta")
+            if getattr(self, name) is not None and name not in BETA_ARGUMENTS[self.kind]
+        ]
         if foreign:
             raise ValueError(f"the {self.kind} schedule takes no {', '.join(foreign)}")
         defaults = inspect.signature(BETA_FUNCTIONS[self.kind]).parameters

@@ -11,16 +11,25 @@ refused in one line when the folder holds another job's images; a folder of imag
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from ldm.data.folder import index_folder
 from ldm.errors import UserError
 from ldm.evaluation.sampling_job import (
-    MANIFEST, FolderOutput, JobItem, Ranks, claim_out_dir, job_items, job_manifest, metadata_row, run_job,
-)  # fmt: skip
+    MANIFEST,
+    FolderOutput,
+    JobItem,
+    Ranks,
+    claim_out_dir,
+    job_items,
+    job_manifest,
+    metadata_row,
+    run_job,
+)
 
 
 def sampler_description(sampler: Callable[..., Any]) -> str:
@@ -35,9 +44,18 @@ class ClassImageJob:
     """The class images of ``prompt`` in ``directory``: which to make, making them, and their files."""
 
     def __init__(
-        self, directory: Path, prompt: str, count: int, sampler: Callable[..., torch.Tensor], steps: int,
-        guidance_scale: float, negative_prompt: str, batch_size: int, seed: int, image_size: int,
-    ):  # fmt: skip
+        self,
+        directory: Path,
+        prompt: str,
+        count: int,
+        sampler: Callable[..., torch.Tensor],
+        steps: int,
+        guidance_scale: float,
+        negative_prompt: str,
+        batch_size: int,
+        seed: int,
+        image_size: int,
+    ):
         self.directory = Path(directory)
         self.prompt = prompt
         self.count = int(count)
@@ -64,9 +82,15 @@ class ClassImageJob:
 
     def settings(self) -> dict[str, Any]:
         """What the job's images depend on besides the model and the prompt (its ``job.json``)."""
-        return {"sampler": sampler_description(self.sampler), "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "negative_prompt": self.negative_prompt, "image_size": self.image_size, "seed": self.seed,
-                "purpose": "dreambooth class images"}  # fmt: skip
+        return {
+            "sampler": sampler_description(self.sampler),
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
+            "image_size": self.image_size,
+            "seed": self.seed,
+            "purpose": "dreambooth class images",
+        }
 
     def make(self, base_model: str, device: str | torch.device | None = None) -> int:
         """Make the missing class images with ``base_model``; returns how many were made now."""
@@ -84,12 +108,18 @@ class ClassImageJob:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if written != self.count:
-            raise UserError(f"only {written} of {self.count} class images exist in {self.directory} "
-                            f"({counts['failed']} failed): rerun")  # fmt: skip
-        print(f"data: made {counts['made']} class images of {self.prompt!r} in {self.directory} ({counts['seconds']:.0f} s)")
+            raise UserError(
+                f"only {written} of {self.count} class images exist in {self.directory} "
+                f"({counts['failed']} failed): rerun"
+            )
+        print(
+            f"data: made {counts['made']} class images of {self.prompt!r} in {self.directory} ({counts['seconds']:.0f} s)"
+        )
         return int(counts["made"])
 
-    def _run(self, base_model: str, items: Sequence[JobItem], output: FolderOutput, device: torch.device) -> dict[str, Any]:
+    def _run(
+        self, base_model: str, items: Sequence[JobItem], output: FolderOutput, device: torch.device
+    ) -> dict[str, Any]:
         from ldm.pipeline import pipeline_from_checkpoint
 
         autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -98,6 +128,8 @@ class ClassImageJob:
 
         def generate(batch: list[JobItem]) -> torch.Tensor:
             prompts, seeds = [item.prompt for item in batch], [item.seed for item in batch]
-            return pipeline(prompts, seeds, self.sampler, self.steps, self.guidance_scale, self.negative_prompt, size=size)
+            return pipeline(
+                prompts, seeds, self.sampler, self.steps, self.guidance_scale, self.negative_prompt, size=size
+            )
 
         return run_job(items, generate, output, Ranks(0, 1, 0), self.batch_size)

@@ -38,7 +38,9 @@ def checked_labels(labels: Any, classes: Classes, where: str) -> dict[str, str]:
         if name is None:
             continue  # an explicit null: free
         if str(name) not in classes[attribute]:
-            raise UserError(f"{where}: {attribute} {name!r} is not one of the classifier's {', '.join(classes[attribute])}")
+            raise UserError(
+                f"{where}: {attribute} {name!r} is not one of the classifier's {', '.join(classes[attribute])}"
+            )
         checked[str(attribute)] = str(name)
     return checked
 
@@ -61,8 +63,10 @@ def named_in_prompt(prompt: str, classes: Classes) -> dict[str, str]:
         outer = [s for s in spans if not any(o[0] <= s[0] and s[1] <= o[1] and o != s for o in spans)]
         distinct = sorted({name for _, _, name in outer})
         if len(distinct) > 1:
-            raise UserError(f"prompt {prompt[:80]!r} names several {attribute} classes ({', '.join(distinct)}): "
-                            "give labels=... for classifier guidance")  # fmt: skip
+            raise UserError(
+                f"prompt {prompt[:80]!r} names several {attribute} classes ({', '.join(distinct)}): "
+                "give labels=... for classifier guidance"
+            )
         if distinct:
             found[attribute] = distinct[0]
     return found
@@ -71,21 +75,31 @@ def named_in_prompt(prompt: str, classes: Classes) -> dict[str, str]:
 def record_labels(records: Sequence[Mapping[str, Any]], labels: Any, classes: Classes) -> list[dict[str, str]]:
     """The wanted classes of each prompt record (module docstring); each record must want at least one."""
     if labels is None:
-        out = [checked_labels(r["labels"], classes, f"prompt {i} ('labels' field)") if "labels" in r
-               else named_in_prompt(r["prompt"], classes) for i, r in enumerate(records)]  # fmt: skip
+        out = [
+            checked_labels(r["labels"], classes, f"prompt {i} ('labels' field)")
+            if "labels" in r
+            else named_in_prompt(r["prompt"], classes)
+            for i, r in enumerate(records)
+        ]
     elif isinstance(labels, Mapping):
         out = [checked_labels(labels, classes, "labels")] * len(records)
     elif isinstance(labels, Sequence) and not isinstance(labels, str):
         if len(labels) != len(records):
-            raise UserError(f"labels: {len(labels)} mappings for {len(records)} prompts (give one per prompt, or one mapping for all)")
+            raise UserError(
+                f"labels: {len(labels)} mappings for {len(records)} prompts (give one per prompt, or one mapping for all)"
+            )
         out = [checked_labels(value, classes, f"labels[{i}]") for i, value in enumerate(labels)]
     else:
-        raise UserError(f"labels must be null, a mapping such as {{{_example(classes)}}} or a list of them, got {labels!r}")
+        raise UserError(
+            f"labels must be null, a mapping such as {{{_example(classes)}}} or a list of them, got {labels!r}"
+        )
     for index, wanted in enumerate(out):
         if not wanted:
             prompt = records[index]["prompt"]
-            raise UserError(f"classifier guidance: prompt {index} ({prompt[:60]!r}) names none of the classifier's "
-                            f"classes: give labels=..., e.g. labels={{{_example(classes)}}}")  # fmt: skip
+            raise UserError(
+                f"classifier guidance: prompt {index} ({prompt[:60]!r}) names none of the classifier's "
+                f"classes: give labels=..., e.g. labels={{{_example(classes)}}}"
+            )
     return out
 
 
@@ -93,7 +107,9 @@ def label_indices(batch: Sequence[Mapping[str, str]], classes: Classes) -> dict[
     """{attribute: (B,) long class indices}, -1 where an image leaves the attribute free
     (``ClassLogLikelihood``'s input)."""
     return {
-        attribute: torch.tensor([list(names).index(wanted[attribute]) if attribute in wanted else -1 for wanted in batch])
+        attribute: torch.tensor(
+            [list(names).index(wanted[attribute]) if attribute in wanted else -1 for wanted in batch]
+        )
         for attribute, names in classes.items()
     }
 
@@ -103,8 +119,14 @@ class ClassifierJob:
     class names; the VAE and schedule it was trained with), the scale, and each prompt record's labels
     (``labels``: as ``record_labels`` takes them)."""
 
-    def __init__(self, classifier: torch.nn.Module, spec: Mapping[str, Any], scale: float,
-                 records: Sequence[Mapping[str, Any]], labels: Any = None):  # fmt: skip
+    def __init__(
+        self,
+        classifier: torch.nn.Module,
+        spec: Mapping[str, Any],
+        scale: float,
+        records: Sequence[Mapping[str, Any]],
+        labels: Any = None,
+    ):
         self.classifier = classifier
         self.spec = spec
         self.classes = {name: list(names) for name, names in spec["classes"].items()}
@@ -117,4 +139,6 @@ class ClassifierJob:
 
     def guide(self, records: Sequence[int]) -> ClassifierGuide:
         """``ClassifierGuide`` for a batch of items of these prompt records."""
-        return ClassifierGuide(self.classifier, label_indices([self.labels[r] for r in records], self.classes), self.scale)
+        return ClassifierGuide(
+            self.classifier, label_indices([self.labels[r] for r in records], self.classes), self.scale
+        )

@@ -16,10 +16,9 @@ by default). Prompts longer than the context (77 tokens) are truncated.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import open_clip
 import torch

@@ -63,8 +63,10 @@ def feature_statistics(
         for images in rebatch(batches, batch_size):
             features = extractor(images.to(device))  # (B, D)
             if features.shape != (len(images), extractor.feature_dim):
-                raise ValueError(f"extractor returned {tuple(features.shape)} for {len(images)} images, "
-                                 f"expected (B, {extractor.feature_dim})")  # fmt: skip
+                raise ValueError(
+                    f"extractor returned {tuple(features.shape)} for {len(images)} images, "
+                    f"expected (B, {extractor.feature_dim})"
+                )
             stats = stats.update(features)
             bar.update(len(images))
     return stats

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from ldm.data.decode import IMAGE_EXTENSIONS, SOURCE_IMAGE_SUFFIXES
 from ldm.data.shard_reader import read_shard
-from ldm.data.skips import DataCounts
 from ldm.data.shards import expand_shards
+from ldm.data.skips import DataCounts
 from ldm.errors import UserError
 from ldm.jsonl import jsonl_rows
 

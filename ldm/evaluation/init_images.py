@@ -114,7 +114,9 @@ def _shard_images(path: Path, what: str, room: int) -> list[ImageRef]:
             if len(refs) >= room:
                 raise UserError(f"{what}: more than {MAX_IMAGES:,} images: split them into several jobs")
             keys.add(key)
-            refs.append(ImageRef(f"{path.name}/{member.name}", path, member.size, member.offset, key.rsplit("/", 1)[-1]))
+            refs.append(
+                ImageRef(f"{path.name}/{member.name}", path, member.size, member.offset, key.rsplit("/", 1)[-1])
+            )
     except UnreadableShard as error:
         raise UserError(f"{what}: {error}") from None
     return refs
@@ -139,7 +141,9 @@ def list_masks(spec: Any, images: Sequence[ImageRef]) -> list[ImageRef]:
         found = by_stem.get(image.key, [])
         if len(found) != 1:
             problem = "no mask" if not found else f"{len(found)} masks ({', '.join(r.name for r in found)})"
-            raise UserError(f"masks={spec}: {problem} for {image.name} (a mask is named like its image: {image.key}.png)")
+            raise UserError(
+                f"masks={spec}: {problem} for {image.name} (a mask is named like its image: {image.key}.png)"
+            )
         masks.append(found[0])
     return masks
 
@@ -174,8 +178,10 @@ def load_batch(
         if masks is not None:
             mask = decode(masks[index])
             if mask.size != image.size:
-                raise UserError(f"mask {masks[index].name} is {mask.size[0]}x{mask.size[1]} but {ref.name} is "
-                                f"{image.size[0]}x{image.size[1]}: a mask must have its image's size")  # fmt: skip
+                raise UserError(
+                    f"mask {masks[index].name} is {mask.size[0]}x{mask.size[1]} but {ref.name} is "
+                    f"{image.size[0]}x{image.size[1]}: a mask must have its image's size"
+                )
             grey.append(transform(mask.convert("L").convert("RGB"))[:1])  # one grey level in every channel
     as_float = lambda batch: torch.stack(batch).float() / 255  # noqa: E731
     return as_float(pixels), as_float(grey) if masks is not None else None
@@ -184,8 +190,10 @@ def load_batch(
 def check_pairing(num_records: int, num_images: int, source: str) -> None:
     """Prompts pair with inputs in order: one prompt for all, or exactly one per input."""
     if num_records not in (1, num_images):
-        raise UserError(f"{num_records} prompts for {num_images} init images ({source}): give one prompt for all of "
-                        "them, or one per image in the same order")  # fmt: skip
+        raise UserError(
+            f"{num_records} prompts for {num_images} init images ({source}): give one prompt for all of "
+            "them, or one per image in the same order"
+        )
 
 
 IMAGE_TO_IMAGE_STRENGTH = 0.8  # strength=null: diffusers' image-to-image default
@@ -206,8 +214,9 @@ class InitImageJob:
     jump_length: int = 1
 
     @classmethod
-    def from_settings(cls, init_images: Any, masks: Any, strength: float | None, resample_steps: int,
-                      jump_length: int) -> InitImageJob:  # fmt: skip
+    def from_settings(
+        cls, init_images: Any, masks: Any, strength: float | None, resample_steps: int, jump_length: int
+    ) -> InitImageJob:
         images = list_images(init_images)
         mask_refs = list_masks(masks, images) if masks is not None else None
         if strength is None:
@@ -228,7 +237,10 @@ class InitImageJob:
 
     def manifest(self) -> dict[str, Any]:
         """Digests of the inputs' contents for job.json (reads every input once)."""
-        return {"init_images": refs_digest(self.images), "masks": None if self.masks is None else refs_digest(self.masks)}
+        return {
+            "init_images": refs_digest(self.images),
+            "masks": None if self.masks is None else refs_digest(self.masks),
+        }
 
     def fields(self, record: int) -> dict[str, Any]:
         """The input of prompt record ``record``, named in its images' metadata."""
@@ -239,6 +251,10 @@ class InitImageJob:
 
     def inputs(self, records: Sequence[int], height: int, width: int) -> ImageInputs:
         """``ImageInputs`` for a batch of items of these prompt records."""
-        images, masks = load_batch([self.images[r] for r in records],
-                                   None if self.masks is None else [self.masks[r] for r in records], height, width)  # fmt: skip
+        images, masks = load_batch(
+            [self.images[r] for r in records],
+            None if self.masks is None else [self.masks[r] for r in records],
+            height,
+            width,
+        )
         return ImageInputs(images, self.strength, masks, self.resample_steps, self.jump_length)

@@ -116,10 +116,15 @@ def _fid(
         _check_reference(reference)
         references = ImageSet(reference, batch_size, rank, world)
     ref = reference_statistics(
-        references, extractor, batch_size, device, cache=reference_stats,
-        source=references.source if references else None, total=references.count() if references else None,
+        references,
+        extractor,
+        batch_size,
+        device,
+        cache=reference_stats,
+        source=references.source if references else None,
+        total=references.count() if references else None,
         progress=progress,
-    )  # fmt: skip
+    )
     generated = ImageSet(str(folder), batch_size, rank, world)
     gen = gather(feature_statistics(generated, extractor, batch_size, device, generated.count(), progress, "generated"))
     return {
@@ -249,10 +254,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.clip_weights is not None:
         clip_scorer = load_clip_scorer(args.clip_model, _existing_file(args.clip_weights, "CLIP weights"))
     results = evaluate(
-        args.samples_dir, fid_extractor=fid_extractor, reference=args.reference,
-        reference_stats=args.reference_stats, clip_scorer=clip_scorer, toy=args.toy,
-        batch_size=args.batch_size, device=device, progress=not args.no_progress,
-    )  # fmt: skip
+        args.samples_dir,
+        fid_extractor=fid_extractor,
+        reference=args.reference,
+        reference_stats=args.reference_stats,
+        clip_scorer=clip_scorer,
+        toy=args.toy,
+        batch_size=args.batch_size,
+        device=device,
+        progress=not args.no_progress,
+    )
     if _rank_and_world()[0] == 0:
         out = Path(args.out) if args.out else Path(args.samples_dir) / "metrics.json"
         atomic.write_text(out, json.dumps(results, indent=2) + "\n")
@@ -263,16 +274,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ldm.evaluation.metrics", description=__doc__.split("\n")[0],
+        prog="python -m ldm.evaluation.metrics",
+        description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+    )
     p.add_argument("samples_dir", help="folder of samples with metadata.jsonl")
     p.add_argument("--reference", help="FID reference images: a folder or webdataset shards (brace/glob)")
     p.add_argument("--reference-stats", help="cache of the reference statistics (.npz): read if present, else written")
-    p.add_argument("--fid-weights", help="Inception-v3 weights file: pt_inception-2015-12-05-6726825d.pth, "
-                   f"downloaded by hand from {FID_WEIGHTS_URL}")  # fmt: skip
-    p.add_argument("--fid-variant", default="fid", choices=sorted(INCEPTION_VARIANTS),
-                   help="'torchvision': torchvision's ImageNet weights, a non-standard FID")  # fmt: skip
+    p.add_argument(
+        "--fid-weights",
+        help="Inception-v3 weights file: pt_inception-2015-12-05-6726825d.pth, "
+        f"downloaded by hand from {FID_WEIGHTS_URL}",
+    )
+    p.add_argument(
+        "--fid-variant",
+        default="fid",
+        choices=sorted(INCEPTION_VARIANTS),
+        help="'torchvision': torchvision's ImageNet weights, a non-standard FID",
+    )
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name, or an open_clip config .json")
     p.add_argument("--clip-weights", help="open_clip weights file for the CLIP score")
     p.add_argument("--toy", action="store_true", help="toy prompt accuracy (samples of the toy dataset)")

@@ -23,9 +23,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,9 @@ class JobItem:
 
 
 # ---------------------------------------------------------------- prompts
-def read_prompt_records(prompt: str | None, prompts_file: str | None, prompts_shards: Any = None) -> list[dict[str, Any]]:
+def read_prompt_records(
+    prompt: str | None, prompts_file: str | None, prompts_shards: Any = None
+) -> list[dict[str, Any]]:
     """Prompts as records {"prompt": str, ...fields to carry}: one prompt, a text file (a prompt a
     line), a JSONL file (a "prompt" or "caption" field per line; other fields are carried into
     the metadata), or webdataset shards of captions (.txt members; key and .json carried).
@@ -89,8 +92,11 @@ def read_prompt_records(prompt: str | None, prompts_file: str | None, prompts_sh
 def _cut_long_prompts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     long = sum(len(r["prompt"]) > MAX_PROMPT_CHARS for r in records)
     if long:
-        print(f"warning: {long} prompt(s) longer than {MAX_PROMPT_CHARS} characters were cut "
-              "(the text encoder reads 77 tokens anyway)", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: {long} prompt(s) longer than {MAX_PROMPT_CHARS} characters were cut "
+            "(the text encoder reads 77 tokens anyway)",
+            file=sys.stderr,
+        )
     return [{**r, "prompt": r["prompt"][:MAX_PROMPT_CHARS]} for r in records]
 
 
@@ -134,14 +140,20 @@ def _records_from_shards(spec: Any) -> list[dict[str, Any]]:
                 _add_record(records, {"prompt": text, "key": sample["__key__"], "shard": Path(url).name}, url)
         if counts.take():
             reason, where, detail = counts.last_skip
-            raise UserError(f"{where or url}: {reason.replace('_', ' ')} ({detail}): the job's prompts would be incomplete")
+            raise UserError(
+                f"{where or url}: {reason.replace('_', ' ')} ({detail}): the job's prompts would be incomplete"
+            )
     return records
 
 
 def _caption_text(data: bytes, where: str) -> str:
     """A caption's text, its first MAX_PROMPT_LINE_BYTES bytes (a cut that ends inside a character drops it)."""
     try:
-        return codecs.getincrementaldecoder("utf-8")().decode(data[:MAX_PROMPT_LINE_BYTES], final=len(data) <= MAX_PROMPT_LINE_BYTES).strip()
+        return (
+            codecs.getincrementaldecoder("utf-8")()
+            .decode(data[:MAX_PROMPT_LINE_BYTES], final=len(data) <= MAX_PROMPT_LINE_BYTES)
+            .strip()
+        )
     except UnicodeDecodeError:
         raise UserError(f"{where} is not UTF-8 text") from None
 
@@ -169,8 +181,13 @@ def metadata_row(item: JobItem, settings: dict[str, Any], file: str | None = Non
     """The metadata of one image: the generated fields (file, index, prompt, seed and the job's
     settings) and the record's own fields. A carried field named like a generated one (a JSONL
     prompt with its own "seed", "index" or "file") cannot replace it: it is kept under "carried"."""
-    generated = {**({"file": file} if file is not None else {}), "index": item.index, "prompt": item.prompt,
-                 "seed": item.seed, **settings}  # fmt: skip
+    generated = {
+        **({"file": file} if file is not None else {}),
+        "index": item.index,
+        "prompt": item.prompt,
+        "seed": item.seed,
+        **settings,
+    }
     reserved = {*generated, "file", "carried"}
     row = {**generated, **{k: v for k, v in item.fields.items() if k not in reserved}}
     clashing = {k: v for k, v in item.fields.items() if k in reserved}
@@ -346,8 +363,11 @@ def run_job(
             for item, image, ok in zip(batch, _to_uint8(pixels), finite):
                 if not ok:
                     failed += 1
-                    print(f"error: item {item.index} (seed {item.seed}, prompt {item.prompt[:60]!r}): non-finite "
-                          "pixels (NaN/Inf), not written", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"error: item {item.index} (seed {item.seed}, prompt {item.prompt[:60]!r}): non-finite "
+                        "pixels (NaN/Inf), not written",
+                        file=sys.stderr,
+                    )
                 elif isinstance(output, ShardOutput):
                     output.write(item, image, by_shard[output.shard_of(item)])
                     made += 1
@@ -381,8 +401,12 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     if path.is_file():
         _hash_file_sample(digest, path)
     elif path.is_dir():
-        files = sorted(p for pattern in ("*", "*/*") for p in path.glob(pattern)
-                       if p.suffix in FINGERPRINT_SUFFIXES and not p.name.startswith(".") and p.is_file())  # fmt: skip
+        files = sorted(
+            p
+            for pattern in ("*", "*/*")
+            for p in path.glob(pattern)
+            if p.suffix in FINGERPRINT_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
         for file in files:
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
             _hash_file_sample(digest, file)
@@ -400,22 +424,31 @@ def _hash_file_sample(digest: Any, path: Path) -> None:
             return
         spans = [(0, FINGERPRINT_END_BYTES), (size - FINGERPRINT_END_BYTES, FINGERPRINT_END_BYTES)]
         step = (size - 2 * FINGERPRINT_END_BYTES) // (FINGERPRINT_SAMPLES + 1)
-        spans[1:1] = [(FINGERPRINT_END_BYTES + k * step, FINGERPRINT_SAMPLE_BYTES) for k in range(1, FINGERPRINT_SAMPLES + 1)]
+        spans[1:1] = [
+            (FINGERPRINT_END_BYTES + k * step, FINGERPRINT_SAMPLE_BYTES) for k in range(1, FINGERPRINT_SAMPLES + 1)
+        ]
         for offset, length in spans:
             file.seek(offset)
             digest.update(file.read(length))
 
 
 def job_manifest(
-    checkpoint: str | Path, records: Sequence[dict[str, Any]], settings: dict[str, Any],
+    checkpoint: str | Path,
+    records: Sequence[dict[str, Any]],
+    settings: dict[str, Any],
     loras: Sequence[tuple[str | Path, float]] = (),
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """What decides the job's outputs: the model (by content), the LoRAs merged into it (by content,
     with their scales, in order), the prompts, and every setting that changes pixels or metadata, as
     plain JSON (tuples become lists, as when read back from disk). ``checkpoint_path`` and
     ``lora_paths`` are recorded for people, never compared."""
-    manifest = {"checkpoint": checkpoint_fingerprint(checkpoint), "prompts": prompts_digest(records),
-                "num_prompts": len(records), "settings": settings, "checkpoint_path": str(checkpoint)}  # fmt: skip
+    manifest = {
+        "checkpoint": checkpoint_fingerprint(checkpoint),
+        "prompts": prompts_digest(records),
+        "num_prompts": len(records),
+        "settings": settings,
+        "checkpoint_path": str(checkpoint),
+    }
     if loras:  # (absent without LoRAs: job.json files written before LoRAs existed still match)
         manifest["loras"] = [[checkpoint_fingerprint(path), float(scale)] for path, scale in loras]
         manifest["lora_paths"] = [str(path) for path, _ in loras]
@@ -448,10 +481,15 @@ def claim_out_dir(directory: Path, manifest: dict[str, Any], overwrite: bool = F
         return
     samples = [path for path in leftovers if path.name != MANIFEST]
     if samples and not overwrite:  # (a job.json alone: that job made nothing yet, replace it)
-        what = "of a job without job.json" if previous is None else \
-            "of another job (" + ", ".join(_differences(previous, manifest)) + ")"  # fmt: skip
-        raise UserError(f"{directory} holds samples {what}: use another out_dir, or overwrite=true to delete "
-                        f"its {len(samples)} sample file(s) first")  # fmt: skip
+        what = (
+            "of a job without job.json"
+            if previous is None
+            else "of another job (" + ", ".join(_differences(previous, manifest)) + ")"
+        )
+        raise UserError(
+            f"{directory} holds samples {what}: use another out_dir, or overwrite=true to delete "
+            f"its {len(samples)} sample file(s) first"
+        )
     for path in leftovers:
         path.unlink(missing_ok=True)
     with atomic_path(directory / MANIFEST) as tmp:
@@ -471,7 +509,10 @@ def claim_out_dir_on_rank_zero(
         try:
             claim_out_dir(directory, make_manifest(), overwrite)
         except Exception as error:  # noqa: BLE001 - told to every rank, then raised as it was
-            failure, verdict[0] = error, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            failure, verdict[0] = (
+                error,
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+            )
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(verdict, src=0, device=device if device.type == "cuda" else None)
     if failure is not None:
@@ -506,8 +547,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if key not in old_settings:
             names.append(key)
         elif old_settings[key] != value:
-            short = all(isinstance(v, (int, float, bool, type(None))) or (isinstance(v, str) and len(v) <= 40)
-                        for v in (old_settings[key], value))  # fmt: skip
+            short = all(
+                isinstance(v, (int, float, bool, type(None))) or (isinstance(v, str) and len(v) <= 40)
+                for v in (old_settings[key], value)
+            )
             names.append(f"{key} {old_settings[key]} -> {value}" if short else key)
     names.extend(key for key in old_settings if key not in new["settings"])
     return names

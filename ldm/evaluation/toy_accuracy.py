@@ -240,7 +240,9 @@ def iter_shard_samples(paths: Iterable[str]) -> Iterator[tuple[Image.Image, str]
                 yield Image.open(io.BytesIO(sample["png"])), sample["txt"].decode("utf-8")
         if counts.take():
             reason, where, detail = counts.last_skip
-            raise ValueError(f"{where or path}: {reason.replace('_', ' ')} ({detail}): the score would be of part of the set")
+            raise ValueError(
+                f"{where or path}: {reason.replace('_', ' ')} ({detail}): the score would be of part of the set"
+            )
 
 
 def score_shards(patterns: str | Iterable[str]) -> dict:

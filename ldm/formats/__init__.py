@@ -53,7 +53,9 @@ def load_bundle(
     kind = detect_format(path)
     if kind == "training":
         if _depth >= MAX_SOURCE_DEPTH:
-            raise UserError(f"{path}: a chain of checkpoints naming each other's frozen parts, deeper than {MAX_SOURCE_DEPTH}")
+            raise UserError(
+                f"{path}: a chain of checkpoints naming each other's frozen parts, deeper than {MAX_SOURCE_DEPTH}"
+            )
         load_source = functools.partial(load_bundle, use_ema=False, _depth=_depth + 1)
         bundle = bundle_from_training_checkpoint(path, use_ema, sources, load_source)
     elif kind == "diffusers":
@@ -62,7 +64,9 @@ def load_bundle(
         return import_single_file(path, prediction_type, image_size)
     if prediction_type is not None or image_size is not None:
         metadata = bundle.metadata()
-        metadata.update({k: v for k, v in (("prediction_type", prediction_type), ("image_size", image_size)) if v is not None})
+        metadata.update(
+            {k: v for k, v in (("prediction_type", prediction_type), ("image_size", image_size)) if v is not None}
+        )
         bundle = ModelBundle.from_metadata(metadata, bundle.unet, bundle.vae, bundle.text)
     return bundle
 

@@ -26,11 +26,17 @@ SD_NORM_GROUPS = 32  # every GroupNorm of SD's U-Net and VAE (a count no tensor 
 CLIP_HEAD_WIDTH = 64
 # what an SD single file does not store, by family: the U-Net's heads, and how the text encoder is read
 FAMILIES: dict[str, dict[str, Any]] = {
-    "sd1": dict(unet=dict(num_heads=8, head_dim=None), text_model="ViT-L-14",
-                text=dict(quick_gelu=True, layer="last", pad_token_id=49407)),
-    "sd2": dict(unet=dict(num_heads=None, head_dim=64), text_model="ViT-H-14",
-                text=dict(quick_gelu=False, layer="penultimate", pad_token_id=0)),
-}  # fmt: skip
+    "sd1": dict(
+        unet=dict(num_heads=8, head_dim=None),
+        text_model="ViT-L-14",
+        text=dict(quick_gelu=True, layer="last", pad_token_id=49407),
+    ),
+    "sd2": dict(
+        unet=dict(num_heads=None, head_dim=64),
+        text_model="ViT-H-14",
+        text=dict(quick_gelu=False, layer="penultimate", pad_token_id=0),
+    ),
+}
 
 
 def unet_config_from_weights(state: dict[str, Tensor], family: str) -> dict[str, Any]:
@@ -40,8 +46,10 @@ def unet_config_from_weights(state: dict[str, Tensor], family: str) -> dict[str,
         levels = _unet_levels(state)
         context = [v.shape[1] for k, v in state.items() if k.endswith("transformer_blocks.0.attn2.to_k.weight")]
         proj_in = next(v for k, v in state.items() if k.endswith(".proj_in.weight")) if context else None
-        depth = 1 + max((int(m[1]) for k in state if (m := re.search(r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.", k))),
-                        default=0)  # fmt: skip
+        depth = 1 + max(
+            (int(m[1]) for k in state if (m := re.search(r"input_blocks\.\d+\.1\.transformer_blocks\.(\d+)\.", k))),
+            default=0,
+        )
         config = dict(
             in_channels=int(in_channels),
             out_channels=int(state["out.2.weight"].shape[0]),
@@ -49,7 +57,9 @@ def unet_config_from_weights(state: dict[str, Tensor], family: str) -> dict[str,
             channel_multipliers=tuple(width // int(model_channels) for width, _, _ in levels),
             num_res_blocks=levels[0][1],
             # downsampling factors of the attending levels, coarsest first as SD's configs list them
-            attention_resolutions=tuple(2**level for level, (_, _, attention) in reversed(list(enumerate(levels))) if attention),
+            attention_resolutions=tuple(
+                2**level for level, (_, _, attention) in reversed(list(enumerate(levels))) if attention
+            ),
             **FAMILIES[family]["unet"],
             transformer_depth=depth,
             context_dim=int(context[0]) if context else None,
@@ -60,13 +70,17 @@ def unet_config_from_weights(state: dict[str, Tensor], family: str) -> dict[str,
     except (KeyError, IndexError, StopIteration) as error:
         raise UserError(f"the U-Net's weights are not in the SD layout (no {error})") from None
     if any(n != levels[0][1] for _, n, _ in levels):
-        raise UserError(f"the U-Net has different block counts per level ({[n for _, n, _ in levels]}): not an SD layout")
+        raise UserError(
+            f"the U-Net has different block counts per level ({[n for _, n, _ in levels]}): not an SD layout"
+        )
     attending = [width for width, _, attention in levels if attention]
     per_head = config["head_dim"] or 0
     if any(width % (per_head or config["num_heads"]) for width in attending):
         heads = f"{per_head}-channel heads" if per_head else f"{config['num_heads']} heads"
-        raise UserError(f"the U-Net's attention widths {attending} do not split into {family}'s {heads}: the file "
-                        "is not shaped like its family; convert it from the diffusers folder it came from")  # fmt: skip
+        raise UserError(
+            f"the U-Net's attention widths {attending} do not split into {family}'s {heads}: the file "
+            "is not shaped like its family; convert it from the diffusers folder it came from"
+        )
     return config
 
 
@@ -120,17 +134,23 @@ def text_config_from_weights(tower: dict[str, Tensor], family: str) -> dict[str,
     try:
         vocab_size, width = (int(n) for n in tower["token_embedding.weight"].shape)
         text_cfg = dict(
-            context_length=int(tower["positional_embedding"].shape[0]), vocab_size=vocab_size, width=width,
-            heads=max(1, width // CLIP_HEAD_WIDTH), layers=count_blocks(tower),
+            context_length=int(tower["positional_embedding"].shape[0]),
+            vocab_size=vocab_size,
+            width=width,
+            heads=max(1, width // CLIP_HEAD_WIDTH),
+            layers=count_blocks(tower),
             mlp_ratio=tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
-        )  # fmt: skip
+        )
     except (KeyError, ValueError) as error:
         raise UserError(f"the text encoder's weights are not a CLIP text tower ({error})") from None
     conventions = FAMILIES[family]
     named = open_clip.get_model_config(conventions["text_model"])["text_cfg"]
     # SD 2.x files may hold one block fewer than ViT-H-14 (diffusers' never-run last block left out)
-    layers_fit = text_cfg["layers"] in (named["layers"], named["layers"] - 1) if family == "sd2" else (
-        text_cfg["layers"] == named["layers"])  # fmt: skip
+    layers_fit = (
+        text_cfg["layers"] in (named["layers"], named["layers"] - 1)
+        if family == "sd2"
+        else (text_cfg["layers"] == named["layers"])
+    )
     sizes_fit = all(text_cfg[k] == named[k] for k in ("width", "heads", "context_length", "vocab_size"))
     if layers_fit and sizes_fit and text_cfg["mlp_ratio"] == named.get("mlp_ratio", 4.0):
         return dict(model_name=conventions["text_model"], **conventions["text"])

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ldm.diffusion.schedules import NoiseSchedule, ScheduleSpec
 from ldm.errors import UserError
-from ldm.formats.text_encoder import load_text_weights
 from ldm.formats.spec import NETWORKS, checked_model_fields, checked_network_config, checked_schedule
+from ldm.formats.text_encoder import load_text_weights
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
 from ldm.models.unet import UNetModel
@@ -26,7 +26,9 @@ FAMILIES = ("sd1", "sd2", "custom")
 
 def sd_schedule(zero_terminal_snr: bool = False) -> dict[str, Any]:
     """Stable Diffusion's training schedule (scaled_linear, 0.00085 -> 0.012, T = 1000), as a spec dict."""
-    return ScheduleSpec("scaled_linear", 1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=zero_terminal_snr).to_dict()
+    return ScheduleSpec(
+        "scaled_linear", 1000, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=zero_terminal_snr
+    ).to_dict()
 
 
 def schedule_from_spec(spec: dict[str, Any]) -> NoiseSchedule:

@@ -31,7 +31,8 @@ export drops it and import leaves it out.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -76,8 +77,8 @@ def hf_to_open_clip(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             out[_HF_TO_OC_TOP[name]] = tensor
             continue
         block, module, param = _split_block_name(name, _HF_BLOCKS)
-        if module.startswith("self_attn.") and module[len("self_attn."):] in _QKV:
-            qkv.setdefault((block, param), {})[module[len("self_attn."):]] = tensor
+        if module.startswith("self_attn.") and module[len("self_attn.") :] in _QKV:
+            qkv.setdefault((block, param), {})[module[len("self_attn.") :]] = tensor
         elif module in _HF_TO_OC_BLOCK:
             out[f"{_OC_BLOCKS}{block}.{_HF_TO_OC_BLOCK[module]}.{param}"] = tensor
         else:
@@ -117,7 +118,7 @@ def open_clip_to_hf(oc_state: Mapping[str, Tensor], num_layers: int | None = Non
         prefix = f"{_HF_BLOCKS}{block}."
         if module == "attn" and param in ("in_proj_weight", "in_proj_bias"):
             for proj, part in zip(_QKV, tensor.chunk(3)):  # rows q, k, v: (W, ...) each
-                out[f"{prefix}self_attn.{proj}.{param[len('in_proj_'):]}"] = part.clone()
+                out[f"{prefix}self_attn.{proj}.{param[len('in_proj_') :]}"] = part.clone()
         elif module in oc_to_hf_block:
             out[f"{prefix}{oc_to_hf_block[module]}.{param}"] = tensor
         else:
@@ -188,7 +189,7 @@ def find_text_encoder(state: Mapping[str, Tensor]) -> tuple[Layout, dict[str, Te
     if len(found) > 1:
         raise ValueError(f"several text encoders in the weights, under prefixes {[p for _, p in found]}")
     layout, prefix = found[0]
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if layout == "open_clip":
         picked = {k: v for k, v in picked.items() if k.split(".", 1)[0] in _OC_ROOTS}
     return layout, picked
@@ -196,7 +197,7 @@ def find_text_encoder(state: Mapping[str, Tensor]) -> tuple[Layout, dict[str, Te
 
 def count_blocks(state: Mapping[str, Tensor], prefix: str = _OC_BLOCKS) -> int:
     """Number of transformer blocks in a state dict (open_clip layout by default)."""
-    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    indices = {int(k[len(prefix) :].split(".", 1)[0]) for k in state if k.startswith(prefix)}
     if indices != set(range(len(indices))):
         raise KeyError(f"blocks under {prefix!r} are not numbered 0..n-1: {sorted(indices)}")
     return len(indices)
@@ -206,6 +207,6 @@ def _split_block_name(name: str, prefix: str) -> tuple[int, str, str]:
     """``'<prefix>3.mlp.fc1.weight'`` -> ``(3, 'mlp.fc1', 'weight')``; KeyError outside the blocks."""
     if not name.startswith(prefix) or name.count(".") < prefix.count(".") + 2:
         raise KeyError(f"unexpected text-encoder tensor {name!r}")
-    index, rest = name[len(prefix):].split(".", 1)
+    index, rest = name[len(prefix) :].split(".", 1)
     module, param = rest.rsplit(".", 1)
     return int(index), module, param

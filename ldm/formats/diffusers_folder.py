@@ -27,7 +27,7 @@ from ldm.diffusion.schedules import ScheduleSpec
 from ldm.errors import UserError
 from ldm.formats.architecture import FAMILIES
 from ldm.formats.bundle import ModelBundle
-from ldm.formats.clip_layouts import count_blocks, hf_to_open_clip, hf_text_config, open_clip_to_hf, open_clip_text_cfg
+from ldm.formats.clip_layouts import count_blocks, hf_text_config, hf_to_open_clip, open_clip_text_cfg, open_clip_to_hf
 from ldm.formats.diffusers_layout import (
     unet_config_from_diffusers,
     unet_diffusers_config,
@@ -42,7 +42,12 @@ from ldm.formats.diffusers_layout import (
 DIFFUSERS_VERSION = "0.42.1"  # recorded in the configs; diffusers does not read it
 _SCHEDULE_KINDS = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
 EOT, SOT = "<|endoftext|>", "<|startoftext|>"
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors",
+    "diffusion_pytorch_model.bin",
+    "pytorch_model.bin",
+)
 # then the fp16 variant alone, as `from_pretrained(variant="fp16")` downloads it (SD 1.5's and 2.1's repos)
 WEIGHT_FILES = _WEIGHT_NAMES + tuple(name.replace(".", ".fp16.", 1) for name in _WEIGHT_NAMES)
 
@@ -98,7 +103,9 @@ def bundle_from_diffusers(
         vae=vae_from_diffusers(weights["vae"], vae_config),
         text=hf_to_open_clip(text_state),
         family=family,
-        prediction_type={"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[scheduler.get("prediction_type", "epsilon")],
+        prediction_type={"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[
+            scheduler.get("prediction_type", "epsilon")
+        ],
         image_size=int(configs["vae"].get("sample_size", 512)),
         schedule=_schedule_spec(scheduler),
     )
@@ -145,10 +152,19 @@ def _text_config(hf_config: dict[str, Any], pad_token_id: int, family: str) -> d
 def _schedule_spec(scheduler: dict[str, Any]) -> dict[str, Any]:
     """A diffusers scheduler config as our ``ScheduleSpec`` dict (diffusers' cosine has fixed constants)."""
     kind = _SCHEDULE_KINDS[scheduler.get("beta_schedule", "scaled_linear")]
-    betas = {} if kind == "cosine" else dict(beta_start=float(scheduler.get("beta_start", 0.00085)),
-                                             beta_end=float(scheduler.get("beta_end", 0.012)))  # fmt: skip
-    return ScheduleSpec(kind, int(scheduler.get("num_train_timesteps", 1000)), **betas,
-                        zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False))).to_dict()  # fmt: skip
+    betas = (
+        {}
+        if kind == "cosine"
+        else dict(
+            beta_start=float(scheduler.get("beta_start", 0.00085)), beta_end=float(scheduler.get("beta_end", 0.012))
+        )
+    )
+    return ScheduleSpec(
+        kind,
+        int(scheduler.get("num_train_timesteps", 1000)),
+        **betas,
+        zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)),
+    ).to_dict()
 
 
 def _pad_token_id(tokenizer_dir: Path) -> int:
@@ -175,17 +191,25 @@ def export_diffusers(bundle: ModelBundle, path: str | Path, dtype: torch.dtype |
     if root.exists() and any(root.iterdir()) and not is_diffusers_folder(root):
         raise UserError(f"refusing to write a diffusers folder into non-empty {root}")
     if bundle.unet_config.get("context_pooling"):
-        raise UserError("this U-Net pools its text context into the time embedding (context_pooling), which "
-                        "diffusers' UNet2DConditionModel has no weights for: export it with --to sd instead")  # fmt: skip
+        raise UserError(
+            "this U-Net pools its text context into the time embedding (context_pooling), which "
+            "diffusers' UNet2DConditionModel has no weights for: export it with --to sd instead"
+        )
     if bundle.unet_config.get("self_conditioning"):
-        raise UserError("this U-Net reads its own previous x0 estimate (self_conditioning), which diffusers' "
-                        "pipelines never pass: export it with --to sd instead")  # fmt: skip
+        raise UserError(
+            "this U-Net reads its own previous x0 estimate (self_conditioning), which diffusers' "
+            "pipelines never pass: export it with --to sd instead"
+        )
     if (patch_size := int(bundle.unet_config.get("patch_size", 1))) != 1:
-        raise UserError(f"this U-Net works on {patch_size}x{patch_size} latent patches (patch_size), which "
-                        "diffusers' UNet2DConditionModel cannot: export it with --to sd instead")  # fmt: skip
+        raise UserError(
+            f"this U-Net works on {patch_size}x{patch_size} latent patches (patch_size), which "
+            "diffusers' UNet2DConditionModel cannot: export it with --to sd instead"
+        )
     if float(bundle.schedule.get("snr_shift", 1.0)) != 1.0:
-        raise UserError(f"this model was trained with schedule.snr_shift={bundle.schedule['snr_shift']}, which "
-                        "diffusers' schedulers cannot express: export it with --to sd instead")  # fmt: skip
+        raise UserError(
+            f"this model was trained with schedule.snr_shift={bundle.schedule['snr_shift']}, which "
+            "diffusers' schedulers cannot express: export it with --to sd instead"
+        )
 
     with atomic.atomic_directory(root) as staging:  # a killed export leaves no half-written folder
         _write_folder(bundle, staging, dtype)
@@ -199,10 +223,21 @@ def _write_folder(bundle: ModelBundle, root: Path, dtype: torch.dtype | None) ->
         save_safetensors(state, root / folder / name)
         _write_json(root / folder / config_name, config)
 
-    save("unet", "diffusion_pytorch_model.safetensors", unet_to_diffusers(bundle.unet, bundle.unet_config),
-         unet_diffusers_config(bundle.unet_config, bundle.image_size // _downsampling(bundle)), "config.json")  # fmt: skip
+    save(
+        "unet",
+        "diffusion_pytorch_model.safetensors",
+        unet_to_diffusers(bundle.unet, bundle.unet_config),
+        unet_diffusers_config(bundle.unet_config, bundle.image_size // _downsampling(bundle)),
+        "config.json",
+    )
     vae_config = dict(vae_diffusers_config(bundle.vae_config), sample_size=bundle.image_size)
-    save("vae", "diffusion_pytorch_model.safetensors", vae_to_diffusers(bundle.vae, bundle.vae_config), vae_config, "config.json")
+    save(
+        "vae",
+        "diffusion_pytorch_model.safetensors",
+        vae_to_diffusers(bundle.vae, bundle.vae_config),
+        vae_config,
+        "config.json",
+    )
     num_layers = text_layers_used(bundle)
     text = {f"text_model.{k}": v for k, v in open_clip_to_hf(bundle.text, num_layers).items()}
     save("text_encoder", "model.safetensors", text, _text_encoder_config(bundle, num_layers, dtype), "config.json")
@@ -261,23 +296,39 @@ def _write_tokenizer(folder: Path, bundle: ModelBundle) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "vocab.json", vocab)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    pad = EOT if bundle.text_config.get("pad_token_id", 0) == 49407 else tokenizer.decoder[bundle.text_config.get("pad_token_id", 0)]
+    pad = (
+        EOT
+        if bundle.text_config.get("pad_token_id", 0) == 49407
+        else tokenizer.decoder[bundle.text_config.get("pad_token_id", 0)]
+    )
     specials = {"bos_token": SOT, "eos_token": EOT, "unk_token": EOT, "pad_token": pad}
     _write_json(folder / "special_tokens_map.json", specials)
-    _write_json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "clean_up_tokenization_spaces": True, "errors": "replace", **specials,
-    })  # fmt: skip
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": 77,
+            "do_lower_case": True,
+            "clean_up_tokenization_spaces": True,
+            "errors": "replace",
+            **specials,
+        },
+    )
 
 
 def _scheduler_config(bundle: ModelBundle) -> dict[str, Any]:
     spec = ScheduleSpec.from_dict(bundle.schedule)
     zero_snr = spec.zero_terminal_snr
     if spec.kind == "cosine" and (spec.offset, spec.max_beta) != (0.008, 0.999):
-        raise UserError(f"diffusers' cosine schedule has offset 0.008 and max_beta 0.999, this model's "
-                        f"{spec.offset} and {spec.max_beta}: export it with --to sd instead")  # fmt: skip
-    betas = dict(beta_start=0.00085, beta_end=0.012) if spec.kind == "cosine" else dict(beta_start=spec.beta_start,
-                                                                                          beta_end=spec.beta_end)  # fmt: skip
+        raise UserError(
+            f"diffusers' cosine schedule has offset 0.008 and max_beta 0.999, this model's "
+            f"{spec.offset} and {spec.max_beta}: export it with --to sd instead"
+        )
+    betas = (
+        dict(beta_start=0.00085, beta_end=0.012)
+        if spec.kind == "cosine"
+        else dict(beta_start=spec.beta_start, beta_end=spec.beta_end)
+    )
     return {
         "_class_name": "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,

@@ -221,8 +221,13 @@ def unet_module_map(config: Mapping[str, Any]) -> ModuleMap:
     """Module paths of `UNetModel(**config)` -> those of the same `UNet2DConditionModel`."""
     kw, widths, attention = _unet_levels(config)
     levels, blocks = len(widths), kw["num_res_blocks"]
-    names = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}  # fmt: skip
+    names = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "out.0": "conv_norm_out",
+        "out.2": "conv_out",
+    }
     k = 1  # input_blocks.0 is conv_in; then `blocks` entries per level and one per downsampler
     for level in range(levels):
         for r in range(blocks):
@@ -388,8 +393,17 @@ def vae_module_map(config: Mapping[str, Any]) -> ModuleMap:
     """Module paths of `AutoencoderKL(**config)` (ours) -> those of diffusers' `AutoencoderKL`."""
     kw, widths, attention = _vae_levels(config)
     levels, blocks = len(widths), kw["num_res_blocks"]
-    names = {m: m for m in ("quant_conv", "post_quant_conv", "encoder.conv_in", "encoder.conv_out",
-                            "decoder.conv_in", "decoder.conv_out")}  # fmt: skip
+    names = {
+        m: m
+        for m in (
+            "quant_conv",
+            "post_quant_conv",
+            "encoder.conv_in",
+            "encoder.conv_out",
+            "decoder.conv_in",
+            "decoder.conv_out",
+        )
+    }
     reshaped: set[str] = set()
     for half in ("encoder", "decoder"):
         names[f"{half}.norm_out"] = f"{half}.conv_norm_out"

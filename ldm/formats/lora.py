@@ -36,9 +36,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,16 +66,29 @@ FORMATS = ("kohya", "diffusers")
 KOHYA_UNET, KOHYA_TEXT = "lora_unet_", "lora_te_"
 _KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _DIFFUSERS_PARTS = {  # key suffix -> factor; the module path is what precedes it
-    ".lora_A.weight": "down", ".lora_B.weight": "up",
-    ".lora.down.weight": "down", ".lora.up.weight": "up",
-    ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
-}  # fmt: skip
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+}
 # attention processors of diffusers < 0.21: attn1.processor.to_q_lora.down.weight -> attn1.to_q
 _PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_TEXT_OURS = re.compile(r"^transformer\.resblocks\.(\d+)\.(attn\.q|attn\.k|attn\.v|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)$")
-_TEXT_HF = re.compile(r"^encoder\.layers\.(\d+)\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)$")
-_TEXT_TO_HF = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-               "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+_TEXT_OURS = re.compile(
+    r"^transformer\.resblocks\.(\d+)\.(attn\.q|attn\.k|attn\.v|attn\.out_proj|mlp\.c_fc|mlp\.c_proj)$"
+)
+_TEXT_HF = re.compile(
+    r"^encoder\.layers\.(\d+)\.(self_attn\.q_proj|self_attn\.k_proj|self_attn\.v_proj|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)$"
+)
+_TEXT_TO_HF = {
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 _TEXT_FROM_HF = {v: k for k, v in _TEXT_TO_HF.items()}
 
 
@@ -114,8 +128,10 @@ class UNetNames:
             layers = adaptable_layers(UNetModel(**unet_config))
         shapes = {path: tuple(layer.weight.shape) for path, layer in layers.items()}
         diffusers: dict[str, str] = {}
-        plain = not any(unet_config.get(k) for k in ("context_pooling", "self_conditioning")) and \
-            int(unet_config.get("patch_size", 1)) == 1  # fmt: skip
+        plain = (
+            not any(unet_config.get(k) for k in ("context_pooling", "self_conditioning"))
+            and int(unet_config.get("patch_size", 1)) == 1
+        )
         if plain:
             try:
                 renamed = unet_module_map(unet_config).apply({f"{p}.weight": layers[p].weight for p in layers})
@@ -146,7 +162,9 @@ def read_lora(path: str | Path, bundle: ModelBundle, use_ema: bool = True) -> Lo
         raise UserError(f"LoRA file not found: {path}")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise UserError(f"{path}: {size / 2**30:.1f} GiB is more than a LoRA file may be ({MAX_FILE_BYTES / 2**30:.0f} GiB)")
+        raise UserError(
+            f"{path}: {size / 2**30:.1f} GiB is more than a LoRA file may be ({MAX_FILE_BYTES / 2**30:.0f} GiB)"
+        )
     if path.suffix == ".safetensors":
         header, metadata = _safetensors_header(path)
         parsed = parse_lora_keys(header, metadata, bundle, path)
@@ -178,7 +196,9 @@ def _safetensors_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], to
     except UserError:
         raise
     except Exception as error:  # not a safetensors file, a corrupt header
-        raise UserError(f"{path} is not a readable safetensors file ({type(error).__name__}: {str(error)[:120]})") from error
+        raise UserError(
+            f"{path} is not a readable safetensors file ({type(error).__name__}: {str(error)[:120]})"
+        ) from error
     if sum(len(k) + len(v) for k, v in metadata.items()) > MAX_METADATA_BYTES:
         raise UserError(f"{path}: its metadata is larger than {MAX_METADATA_BYTES >> 20} MiB")
     return header, metadata
@@ -198,8 +218,10 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickled code, corrupt file: refused either way
-        raise UserError(f"{path} is not a loadable weights file ({type(error).__name__}); LoRA files are "
-                        f".safetensors or torch files of tensors only") from error  # fmt: skip
+        raise UserError(
+            f"{path} is not a loadable weights file ({type(error).__name__}); LoRA files are "
+            f".safetensors or torch files of tensors only"
+        ) from error
     if not isinstance(state, dict):
         raise UserError(f"{path} does not hold a mapping of tensors")
     if "ldm" in state and "state_dict" in state:
@@ -258,9 +280,11 @@ class ParsedLoRA:
 
 
 def parse_lora_keys(
-    header: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]], metadata: Mapping[str, str], bundle: ModelBundle,
+    header: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
+    metadata: Mapping[str, str],
+    bundle: ModelBundle,
     path: str | Path,
-) -> ParsedLoRA:  # fmt: skip
+) -> ParsedLoRA:
     """Map the keys of a LoRA file onto ``bundle``'s layers (from names, shapes and dtypes alone)."""
     if not header:
         raise UserError(f"{path} holds no tensors")
@@ -290,9 +314,9 @@ def _parse_kohya(keys: list[str], bundle: ModelBundle, path: str | Path, metadat
             unknown.append(key)
             continue
         if name.startswith(KOHYA_UNET):
-            network, target = "unet", unet_names.get(name[len(KOHYA_UNET):])
+            network, target = "unet", unet_names.get(name[len(KOHYA_UNET) :])
         elif name.startswith(KOHYA_TEXT):
-            hf = name[len(KOHYA_TEXT):].removeprefix("text_model_")
+            hf = name[len(KOHYA_TEXT) :].removeprefix("text_model_")
             network, target = "text", _kohya_text_target(hf)
         else:
             network, target = "", None
@@ -302,14 +326,21 @@ def _parse_kohya(keys: list[str], bundle: ModelBundle, path: str | Path, metadat
         factor = factors.setdefault(name, _Factor(network, target))
         setattr(factor, {"down": "down", "up": "up", "alpha": "alpha_key"}[_KOHYA_PARTS[part]], key)
     if unknown:
-        raise _unknown(path, unknown, "that name no layer of this model or no LoRA factor (LyCORIS LoHa/LoKr, DoRA "
-                                      "and other adapters are not LoRA)")  # fmt: skip
+        raise _unknown(
+            path,
+            unknown,
+            "that name no layer of this model or no LoRA factor (LyCORIS LoHa/LoKr, DoRA "
+            "and other adapters are not LoRA)",
+        )
     return ParsedLoRA("kohya", _complete(factors.values(), path), dict(metadata))
 
 
 def _kohya_text_target(underscored: str) -> str | None:
     """``encoder_layers_3_self_attn_q_proj`` -> our text target (underscores are ambiguous: match the pattern)."""
-    match = re.fullmatch(r"encoder_layers_(\d+)_(self_attn_q_proj|self_attn_k_proj|self_attn_v_proj|self_attn_out_proj|mlp_fc1|mlp_fc2)", underscored)
+    match = re.fullmatch(
+        r"encoder_layers_(\d+)_(self_attn_q_proj|self_attn_k_proj|self_attn_v_proj|self_attn_out_proj|mlp_fc1|mlp_fc2)",
+        underscored,
+    )
     if match is None:
         return None
     hf = match.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
@@ -348,8 +379,10 @@ def _diffusers_key(key: str) -> tuple[str, str, str | None]:
     network, rest = "", key
     for prefix, name in (("unet.", "unet"), ("text_encoder.", "text")):
         if key.startswith(prefix):
-            network, rest = name, key[len(prefix):]
-    if not network and key.startswith(("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")):
+            network, rest = name, key[len(prefix) :]
+    if not network and key.startswith(
+        ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+    ):
         network = "unet"  # PEFT's own save of a bare U-Net
     processor = _PROCESSOR.match(rest)
     if processor is not None:
@@ -381,13 +414,15 @@ def _peft_alpha(config: Mapping[str, Any], prefix: str, module: str) -> float | 
         return None
     alpha = config[f"{prefix}.lora_alpha"]
     patterns = config.get(f"{prefix}.alpha_pattern") or {}
-    for pattern, value in (patterns.items() if isinstance(patterns, dict) else ()):
+    for pattern, value in patterns.items() if isinstance(patterns, dict) else ():
         try:
             if re.match(rf"(.*\.)?({pattern})$", module):
                 alpha = value
                 break
         except re.error as error:
-            raise UserError(f"lora_adapter_metadata: alpha_pattern {str(pattern)[:60]!r} is not a pattern ({error})") from None
+            raise UserError(
+                f"lora_adapter_metadata: alpha_pattern {str(pattern)[:60]!r} is not a pattern ({error})"
+            ) from None
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise UserError(f"lora_adapter_metadata: {prefix}.lora_alpha is not a number ({alpha!r})")
     return float(alpha)
@@ -400,7 +435,9 @@ def _complete(factors: Sequence[_Factor], path: str | Path) -> list[_Factor]:
     return list(factors)
 
 
-def _check_shapes(parsed: ParsedLoRA, header: Mapping[str, tuple[tuple[int, ...], Any]], bundle: ModelBundle, path: str | Path) -> None:
+def _check_shapes(
+    parsed: ParsedLoRA, header: Mapping[str, tuple[tuple[int, ...], Any]], bundle: ModelBundle, path: str | Path
+) -> None:
     """Every factor pair must fit its layer: down (r, in[, k, k]), up (out, r[, 1, 1]), r <= MAX_RANK."""
     from ldm.models.lora import MAX_RANK
 
@@ -417,8 +454,10 @@ def _check_shapes(parsed: ParsedLoRA, header: Mapping[str, tuple[tuple[int, ...]
         if factor.alpha_key is not None and math.prod(header[factor.alpha_key][0]) != 1:
             raise UserError(f"{where}: alpha must be one number, got shape {header[factor.alpha_key][0]}")
         if not factors_fit(tuple(down), tuple(up), tuple(weight)):
-            raise UserError(f"{where}: LoRA factors down {tuple(down)}, up {tuple(up)} do not fit its weight "
-                            f"{tuple(weight)} (rank at most {MAX_RANK})")  # fmt: skip
+            raise UserError(
+                f"{where}: LoRA factors down {tuple(down)}, up {tuple(up)} do not fit its weight "
+                f"{tuple(weight)} (rank at most {MAX_RANK})"
+            )
 
 
 def factors_fit(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
@@ -453,8 +492,10 @@ def checked_weights(weights: LoRAWeights, bundle: ModelBundle, path: str | Path)
         for name, f in factors.items():
             weight = shapes.get(name)
             if weight is None or not factors_fit(tuple(f.down.shape), tuple(f.up.shape), tuple(weight)):
-                raise UserError(f"{path}: its {network} adapter {name} does not fit this model (down {tuple(f.down.shape)}, "
-                                f"up {tuple(f.up.shape)} for {'no such layer' if weight is None else weight})")  # fmt: skip
+                raise UserError(
+                    f"{path}: its {network} adapter {name} does not fit this model (down {tuple(f.down.shape)}, "
+                    f"up {tuple(f.up.shape)} for {'no such layer' if weight is None else weight})"
+                )
     return fitted(weights, bundle)
 
 
@@ -493,8 +534,10 @@ def lora_from_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool, path: str
     record = checkpoint.get("ldm") if isinstance(checkpoint.get("ldm"), dict) else {}
     spec = lora_spec(record.get("lora"))
     if not spec.enabled:
-        raise UserError(f"{path} is not a LoRA run's checkpoint (it was trained with task.lora.rank=0): use it as "
-                        f"the model (checkpoint=...), or export the model with --to sd")  # fmt: skip
+        raise UserError(
+            f"{path} is not a LoRA run's checkpoint (it was trained with task.lora.rank=0): use it as "
+            f"the model (checkpoint=...), or export the model with --to sd"
+        )
     state = checkpoint["state_dict"]
     prefix = "ema.module." if use_ema and any(k.startswith("ema.module.") for k in state) else "lora."
     weights = LoRAWeights(metadata={"format": "ldm", "source": str(path)})
@@ -503,7 +546,7 @@ def lora_from_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool, path: str
         for part in ("down", "up"):
             suffix = f".{part}.weight"
             if key.startswith(prefix) and key.endswith(suffix):
-                network, _, name = key[len(prefix): -len(suffix)].partition(".")
+                network, _, name = key[len(prefix) : -len(suffix)].partition(".")
                 pairs.setdefault((network, name), {})[part] = tensor
     for (network, name), factors in pairs.items():
         if set(factors) != {"down", "up"} or network not in ("unet", "text"):
@@ -544,7 +587,9 @@ def load_and_apply(bundle: ModelBundle, files: Sequence[str], scales: Sequence[f
 
 
 # ---------------------------------------------------------------------- writing
-def kohya_state(weights: LoRAWeights, unet_config: Mapping[str, Any], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def kohya_state(
+    weights: LoRAWeights, unet_config: Mapping[str, Any], dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
     """Tensors under kohya names: diffusers module names for SD-shaped U-Nets (as sd-scripts writes
     them), the original layout's otherwise; ``alpha`` as a 0-d tensor of the factors' dtype."""
     names = UNetNames.of(unet_config)
@@ -563,13 +608,17 @@ def kohya_state(weights: LoRAWeights, unet_config: Mapping[str, Any], dtype: tor
     return state
 
 
-def diffusers_state(weights: LoRAWeights, unet_config: Mapping[str, Any], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def diffusers_state(
+    weights: LoRAWeights, unet_config: Mapping[str, Any], dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
     """PEFT keys under ``unet.`` / ``text_encoder.``, alpha / r folded into ``lora_B`` (diffusers assumes
     scale 1 for files without adapter metadata, and so does ComfyUI)."""
     names = UNetNames.of(unet_config)
     if weights.unet and not names.diffusers:
-        raise UserError("this U-Net has no diffusers layout (patches, self-conditioning or context pooling): "
-                        "export its LoRA with --format kohya")  # fmt: skip
+        raise UserError(
+            "this U-Net has no diffusers layout (patches, self-conditioning or context pooling): "
+            "export its LoRA with --format kohya"
+        )
     state: dict[str, Tensor] = {}
 
     def add(name: str, f: LoRAFactors) -> None:
@@ -596,8 +645,10 @@ def kohya_metadata(weights: LoRAWeights, bundle: ModelBundle, info: Mapping[str,
     v2 = bundle.family == "sd2"
     v_prediction = bundle.prediction_type == "v"
     resolution = int(info.get("resolution") or bundle.image_size)
-    architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v" if v_prediction and resolution >= 768
-                    else "stable-diffusion-v2-512"}.get(bundle.family, "ldm-custom")  # fmt: skip
+    architecture = {
+        "sd1": "stable-diffusion-v1",
+        "sd2": "stable-diffusion-v2-768-v" if v_prediction and resolution >= 768 else "stable-diffusion-v2-512",
+    }.get(bundle.family, "ldm-custom")
     metadata: dict[str, Any] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": rank,
@@ -618,11 +669,16 @@ def kohya_metadata(weights: LoRAWeights, bundle: ModelBundle, info: Mapping[str,
     if conv:
         conv_rank, conv_alpha = _most_common([f.rank for f in conv]), _most_common([f.alpha for f in conv])
         metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _number(conv_alpha)})
-    optional = {"ss_sd_model_name": info.get("base_model") and Path(str(info["base_model"])).name,
-                "ss_steps": info.get("steps"), "ss_max_train_steps": info.get("max_steps"),
-                "ss_learning_rate": info.get("learning_rate"), "ss_optimizer": info.get("optimizer"),
-                "ss_seed": info.get("seed"), "ss_output_name": info.get("title"),
-                "ss_training_comment": info.get("comment")}  # fmt: skip
+    optional = {
+        "ss_sd_model_name": info.get("base_model") and Path(str(info["base_model"])).name,
+        "ss_steps": info.get("steps"),
+        "ss_max_train_steps": info.get("max_steps"),
+        "ss_learning_rate": info.get("learning_rate"),
+        "ss_optimizer": info.get("optimizer"),
+        "ss_seed": info.get("seed"),
+        "ss_output_name": info.get("title"),
+        "ss_training_comment": info.get("comment"),
+    }
     metadata.update({k: v for k, v in optional.items() if v is not None})
     return {k: str(v) for k, v in metadata.items()}
 
@@ -636,9 +692,13 @@ def _number(value: float) -> str:
 
 
 def export_lora(
-    weights: LoRAWeights, bundle: ModelBundle, path: str | Path, format: str = "kohya",
-    dtype: torch.dtype | None = None, info: Mapping[str, Any] | None = None,
-) -> Path:  # fmt: skip
+    weights: LoRAWeights,
+    bundle: ModelBundle,
+    path: str | Path,
+    format: str = "kohya",
+    dtype: torch.dtype | None = None,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``weights`` (LoRA of ``bundle``'s model) as a ``.safetensors`` file in ``format`` (atomically).
 
     Both formats also carry ``ldm_lora``: JSON of the base model (path and fingerprint), rank, alpha and
@@ -657,11 +717,18 @@ def export_lora(
     else:
         state = diffusers_state(weights, bundle.unet_config, dtype)
         metadata = {"format": "pt"}
-    metadata["ldm_lora"] = json.dumps({
-        "base_model": info.get("base_model"), "base_fingerprint": info.get("base_fingerprint"),
-        "family": bundle.family, "ranks": weights.ranks(), "steps": info.get("steps"),
-        "unet_layers": len(weights.unet), "text_layers": len(weights.text), "format": format,
-    })  # fmt: skip
+    metadata["ldm_lora"] = json.dumps(
+        {
+            "base_model": info.get("base_model"),
+            "base_fingerprint": info.get("base_fingerprint"),
+            "family": bundle.family,
+            "ranks": weights.ranks(),
+            "steps": info.get("steps"),
+            "unet_layers": len(weights.unet),
+            "text_layers": len(weights.text),
+            "format": format,
+        }
+    )
     save_safetensors(state, path, metadata=metadata)
     return path
 

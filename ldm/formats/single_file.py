@@ -42,8 +42,10 @@ def detect_family(state: dict[str, Tensor]) -> str:
     # SD 1.x holds OpenAI CLIP in the HF layout, SD 2.x OpenCLIP in open_clip's; the U-Net reads its width
     context = next((v for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")), None)
     context_dim = None if context is None else context.shape[1]
-    for family, prefix, width_key in (("sd1", SD1_TEXT_PREFIX, "embeddings.token_embedding.weight"),
-                                      ("sd2", SD2_TEXT_PREFIX, "token_embedding.weight")):  # fmt: skip
+    for family, prefix, width_key in (
+        ("sd1", SD1_TEXT_PREFIX, "embeddings.token_embedding.weight"),
+        ("sd2", SD2_TEXT_PREFIX, "token_embedding.weight"),
+    ):
         token_embedding = state.get(prefix + width_key)
         if token_embedding is not None and token_embedding.shape[1] == context_dim:
             return family
@@ -55,7 +57,7 @@ def detect_family(state: dict[str, Tensor]) -> str:
 
 
 def _take(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def read_single_file(path: str | Path) -> tuple[dict[str, Tensor], dict | None]:
@@ -99,10 +101,17 @@ def import_single_file(
         bundle = ModelBundle.from_metadata(metadata, unet, vae, text)
     else:
         bundle = ModelBundle(
-            unet_config=unet_config_from_weights(unet, family), vae_config=vae_config_from_weights(vae),
-            text_config=text_config_from_weights(text, family), unet=unet, vae=vae, text=text, family=family,
-            prediction_type="eps", image_size=512, schedule=sd_schedule(),
-        )  # fmt: skip
+            unet_config=unet_config_from_weights(unet, family),
+            vae_config=vae_config_from_weights(vae),
+            text_config=text_config_from_weights(text, family),
+            unet=unet,
+            vae=vae,
+            text=text,
+            family=family,
+            prediction_type="eps",
+            image_size=512,
+            schedule=sd_schedule(),
+        )
     if prediction_type is not None:
         bundle.prediction_type = prediction_type
     if image_size is not None:

@@ -82,7 +82,9 @@ def _check_local_text_tower(config: dict[str, Any]) -> None:
         raise UserError("model spec: text_config.text_cfg is not a mapping")
     remote = sorted(k for k, v in text_cfg.items() if str(k).startswith("hf_") and v)
     if remote:
-        raise UserError(f"model spec: the text tower names Hugging Face parts ({', '.join(remote)}), which load from a hub")
+        raise UserError(
+            f"model spec: the text tower names Hugging Face parts ({', '.join(remote)}), which load from a hub"
+        )
 
 
 def checked_schedule(schedule: Any) -> dict[str, Any]:

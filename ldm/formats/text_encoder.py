@@ -7,7 +7,8 @@ loading it into an ``OpenCLIPTextEncoder``, and the Hugging Face layout diffuser
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import open_clip
 from open_clip.transformer import QuickGELU
@@ -40,8 +41,10 @@ def _read_pretrained(pretrained: str, model_name: str | None) -> Mapping[str, Te
     try:
         return open_clip.create_model(model_name, pretrained=pretrained, device="cpu").state_dict()
     except Exception as error:  # open_clip raises RuntimeError/OSError/HF errors alike
-        raise UserError(f"text encoder weights {pretrained!r} are neither a local file nor a cached open_clip tag "
-                        f"for {model_name} ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None  # fmt: skip
+        raise UserError(
+            f"text encoder weights {pretrained!r} are neither a local file nor a cached open_clip tag "
+            f"for {model_name} ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        ) from None
 
 
 def load_text_weights(encoder: OpenCLIPTextEncoder, state: Mapping[str, Tensor]) -> None:

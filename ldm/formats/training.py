@@ -9,8 +9,9 @@ builds our own classes from the checked spec; nothing stored in a checkpoint is 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,14 +98,18 @@ def model_spec(config: dict[str, Any]) -> dict[str, Any]:
             unet_config=_network_node(config, "unet"),
             vae_config=_network_node(config, "autoencoder"),
             text_config=text_config,
-            unet={}, vae={}, text={},
+            unet={},
+            vae={},
+            text={},
             family=config["model"].get("family", "custom"),
             prediction_type=config["objective"]["prediction_type"],
             image_size=int(config["task"]["image_size"]),
             schedule=schedule_spec(config["schedule"]),
-        )  # fmt: skip
+        )
     except (KeyError, TypeError, AttributeError) as error:
-        raise UserError(f"the run's config does not describe a text-to-image model ({type(error).__name__}: {error})")
+        raise UserError(
+            f"the run's config does not describe a text-to-image model ({type(error).__name__}: {error})"
+        ) from None
     return bundle.metadata()
 
 
@@ -198,23 +203,29 @@ def _from_source(
     """A frozen part left out of a checkpoint, read from the file it names and checked by fingerprint."""
     stored = (record.get("frozen_sources") or {}).get(name)
     if stored is None:
-        raise UserError(f"{checkpoint_path}: its {name} is not in the file and it names no source for it "
-                        f"(a checkpoint from before sources were recorded): resume that run once with the "
-                        f"same config to save a new checkpoint")  # fmt: skip
+        raise UserError(
+            f"{checkpoint_path}: its {name} is not in the file and it names no source for it "
+            f"(a checkpoint from before sources were recorded): resume that run once with the "
+            f"same config to save a new checkpoint"
+        )
     source = FrozenSource.from_dict(stored)
     path = moved or source.path
     if source.kind != "seeded" and not (resolve_path(path).exists()):
-        raise UserError(f"{checkpoint_path}: its {name} weights are kept in {path}, which is missing: put the "
-                        f"file back, or name its new place (sample.py/convert: sources.{name}=PATH)")  # fmt: skip
+        raise UserError(
+            f"{checkpoint_path}: its {name} weights are kept in {path}, which is missing: put the "
+            f"file back, or name its new place (sample.py/convert: sources.{name}=PATH)"
+        )
     weights = _read_source(source, path, name, spec, load_model)
     if name == "conditioner":
         actual = fingerprint_state({f"model.{k}": v for k, v in weights.items()})
     else:
         actual = fingerprint_state(weights)
     if actual != source.fingerprint:
-        raise UserError(f"{checkpoint_path}: the {name} weights in {path or 'its seeded init'} differ from those "
-                        f"the run trained with (fingerprint {actual}, expected {source.fingerprint}): "
-                        f"restore the original file")  # fmt: skip
+        raise UserError(
+            f"{checkpoint_path}: the {name} weights in {path or 'its seeded init'} differ from those "
+            f"the run trained with (fingerprint {actual}, expected {source.fingerprint}): "
+            f"restore the original file"
+        )
     return weights
 
 

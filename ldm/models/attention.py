@@ -100,9 +100,7 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm transformer block: self-attention, cross-attention to the context, feed-forward."""
 
-    def __init__(
-        self, dim: int, num_heads: int, head_dim: int, context_dim: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.attn1 = CrossAttention(dim, None, num_heads, head_dim, dropout)
         self.ff = FeedForward(dim, dropout=dropout)

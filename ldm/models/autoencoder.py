@@ -269,9 +269,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised draw z = mean + std * eps, (B, C, h, w); differentiable in mean and std."""
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -365,9 +363,7 @@ class AutoencoderKL(nn.Module):
         """Unscaled latent (B, embed_dim, h, w) -> image (B, 3, h*f, w*f), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(
-        self, x: torch.Tensor, sample_posterior: bool = True
-    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruct (B, 3, H, W) through a posterior sample (or its mean); returns (x_hat, posterior)."""
         posterior = self.encode(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
@@ -384,4 +380,3 @@ class AutoencoderKL(nn.Module):
     def decode_from_latent(self, z_scaled: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, embed_dim, h, w), as sampled by the diffusion model -> image (B, 3, h*f, w*f)."""
         return self.decode(z_scaled / self.scaling_factor)
-

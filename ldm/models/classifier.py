@@ -45,9 +45,14 @@ class NoisyClassifier(nn.Module):
         self.heads_classes = {str(name): int(n) for name, n in heads.items()}
         # the constructor arguments besides heads, as plain values (what a checkpoint's spec stores)
         self.config = dict(
-            in_channels=in_channels, model_channels=model_channels, channel_multipliers=list(channel_multipliers),
-            num_res_blocks=num_res_blocks, norm_groups=norm_groups, dropout=dropout, pool_size=pool_size,
-        )  # fmt: skip
+            in_channels=in_channels,
+            model_channels=model_channels,
+            channel_multipliers=list(channel_multipliers),
+            num_res_blocks=num_res_blocks,
+            norm_groups=norm_groups,
+            dropout=dropout,
+            pool_size=pool_size,
+        )
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.pool_size = pool_size
@@ -75,4 +80,3 @@ class NoisyClassifier(nn.Module):
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)  # (B, C_level, h / 2^level, w / 2^level)
         h = F.adaptive_avg_pool2d(self.out(h), self.pool_size).flatten(1)  # (B, C_last * pool^2)
         return {name: head(h) for name, head in self.heads.items()}
-

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import open_clip
 import torch
 from open_clip.model import _build_text_tower
 from torch import Tensor, nn
-
 
 
 class OpenCLIPTextEncoder(nn.Module):

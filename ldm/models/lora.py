@@ -31,8 +31,9 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,18 +76,29 @@ class LoRASpec:
     def __post_init__(self) -> None:
         for name in ("rank", "conv_rank"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RANK):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RANK
+            ):
                 raise LoRASettingsError(f"task.lora.{name} must be an integer in 0..{MAX_RANK}, got {value!r}")
         for name in ("alpha", "conv_alpha"):
             value = getattr(self, name)
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                    raise LoRASettingsError(f"task.lora.{name} must be a positive number (or null: = rank), got {value!r}")
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not math.isfinite(value)
+                    or value <= 0
+                ):
+                    raise LoRASettingsError(
+                        f"task.lora.{name} must be a positive number (or null: = rank), got {value!r}"
+                    )
                 object.__setattr__(self, name, float32(value))
         targets = tuple([self.targets] if isinstance(self.targets, str) else self.targets)
         unknown = [t for t in targets if t not in UNET_GROUPS]
         if unknown or not targets:
-            raise LoRASettingsError(f"task.lora.targets must be a non-empty list of {', '.join(UNET_GROUPS)}, got {list(targets)}")
+            raise LoRASettingsError(
+                f"task.lora.targets must be a non-empty list of {', '.join(UNET_GROUPS)}, got {list(targets)}"
+            )
         object.__setattr__(self, "targets", targets)
         if not isinstance(self.text_encoder, bool):
             raise LoRASettingsError(f"task.lora.text_encoder must be true or false, got {self.text_encoder!r}")
@@ -117,10 +129,14 @@ class LoRASpec:
         if isinstance(config, LoRASpec):
             return config
         if not isinstance(config, Mapping):
-            raise LoRASettingsError(f"task.lora must be a mapping of {', '.join(cls.__dataclass_fields__)}, got {type(config).__name__}")
+            raise LoRASettingsError(
+                f"task.lora must be a mapping of {', '.join(cls.__dataclass_fields__)}, got {type(config).__name__}"
+            )
         unknown = sorted(set(config) - set(cls.__dataclass_fields__))
         if unknown:
-            raise LoRASettingsError(f"task.lora has no key(s) {', '.join(map(str, unknown))} (known: {', '.join(cls.__dataclass_fields__)})")
+            raise LoRASettingsError(
+                f"task.lora has no key(s) {', '.join(map(str, unknown))} (known: {', '.join(cls.__dataclass_fields__)})"
+            )
         return cls(**dict(config))
 
 
@@ -177,9 +193,12 @@ class LoRAAdapter(nn.Module):
     """``up(down(x)) * alpha / rank`` for one Linear or Conv2d layer (see the module docstring)."""
 
     def __init__(
-        self, base: nn.Linear | nn.Conv2d | tuple[int, int], rank: int, alpha: float | None = None,
+        self,
+        base: nn.Linear | nn.Conv2d | tuple[int, int],
+        rank: int,
+        alpha: float | None = None,
         device: torch.device | str | None = None,
-    ):  # fmt: skip
+    ):
         """base: the adapted layer, or (in_features, out_features) of a slice of a fused weight (q, k, v);
         the adapter is made on ``device`` (default: the base layer's)."""
         super().__init__()
@@ -195,8 +214,16 @@ class LoRAAdapter(nn.Module):
         elif isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise ValueError("LoRA adapters need a convolution with groups=1")
-            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                                  bias=False, device=device)  # fmt: skip
+            self.down = nn.Conv2d(
+                base.in_channels,
+                rank,
+                base.kernel_size,
+                base.stride,
+                base.padding,
+                base.dilation,
+                bias=False,
+                device=device,
+            )
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=device)
         elif isinstance(base, nn.Linear):
             self.down = nn.Linear(base.in_features, rank, bias=False, device=device)
@@ -241,9 +268,10 @@ def unet_lora_targets(unet: nn.Module, groups: Sequence[str]) -> dict[str, nn.Li
             children = ("to_q", "to_k", "to_v", "to_out.0")
         elif isinstance(module, SpatialTransformer) and "transformer" in groups:
             children = ("proj_in", "proj_out") + tuple(
-                f"transformer_blocks.{i}.{name}" for i in range(len(module.transformer_blocks))
+                f"transformer_blocks.{i}.{name}"
+                for i in range(len(module.transformer_blocks))
                 for name in ("ff.net.0.proj", "ff.net.2")
-            )  # fmt: skip
+            )
         elif isinstance(module, ResBlock) and "resblocks" in groups:
             children = ("in_layers.2", "emb_layers.1", "out_layers.3") + (
                 ("skip_connection",) if isinstance(module.skip_connection, nn.Conv2d) else ()
@@ -282,7 +310,9 @@ def text_lora_targets(tower_state: Mapping[str, Tensor], num_blocks: int) -> dic
         fused = tower_state[f"{block}.attn.in_proj_weight"]  # (3W, W)
         width = fused.shape[1]
         for j, name in enumerate("qkv"):
-            targets[f"{block}.attn.{name}"] = TextTarget(f"{block}.attn.in_proj_weight", j * width, (j + 1) * width, width)
+            targets[f"{block}.attn.{name}"] = TextTarget(
+                f"{block}.attn.in_proj_weight", j * width, (j + 1) * width, width
+            )
         for name in ("attn.out_proj", "mlp.c_fc", "mlp.c_proj"):
             weight = tower_state[f"{block}.{name}.weight"]
             targets[f"{block}.{name}"] = TextTarget(f"{block}.{name}.weight", 0, weight.shape[0], weight.shape[1])
@@ -315,7 +345,9 @@ class LoRANetwork(nn.Module):
     target, ``text_lora_targets``). Its state dict is ``unet.<path>.down.weight``, ``...up.weight``,
     ``text.<target>.down.weight``, ...: the trained weights of a LoRA run, and all of them."""
 
-    def __init__(self, unet_adapters: Mapping[str, LoRAAdapter], text_adapters: Mapping[str, LoRAAdapter] | None = None):
+    def __init__(
+        self, unet_adapters: Mapping[str, LoRAAdapter], text_adapters: Mapping[str, LoRAAdapter] | None = None
+    ):
         super().__init__()
         self.unet = _Tree()
         self.text = _Tree()
@@ -472,7 +504,9 @@ class AdaptedTextEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- merging into weights
-def merge_unet(state: dict[str, Tensor], factors: Mapping[str, LoRAFactors], multiplier: float = 1.0) -> dict[str, Tensor]:
+def merge_unet(
+    state: dict[str, Tensor], factors: Mapping[str, LoRAFactors], multiplier: float = 1.0
+) -> dict[str, Tensor]:
     """U-Net tensors (our names) with ``multiplier`` x each update added to ``<path>.weight``, in float32.
 
     Returns a new dict; tensors not adapted are the same objects as in ``state``."""
@@ -483,7 +517,9 @@ def merge_unet(state: dict[str, Tensor], factors: Mapping[str, LoRAFactors], mul
     return merged
 
 
-def merge_text(state: dict[str, Tensor], factors: Mapping[str, LoRAFactors], num_blocks: int, multiplier: float = 1.0) -> dict[str, Tensor]:
+def merge_text(
+    state: dict[str, Tensor], factors: Mapping[str, LoRAFactors], num_blocks: int, multiplier: float = 1.0
+) -> dict[str, Tensor]:
     """Text-tower tensors (open_clip names) with the updates added (q, k, v into their rows of ``in_proj_weight``)."""
     merged = dict(state)
     if not factors:
@@ -491,8 +527,11 @@ def merge_text(state: dict[str, Tensor], factors: Mapping[str, LoRAFactors], num
     targets = text_lora_targets(state, num_blocks)
     for name, f in factors.items():
         target = targets[name]
-        weight = merged[target.parameter].float().clone() if merged[target.parameter] is state[target.parameter] \
-            else merged[target.parameter]  # fmt: skip
-        weight[target.start:target.stop] += multiplier * f.delta()
+        weight = (
+            merged[target.parameter].float().clone()
+            if merged[target.parameter] is state[target.parameter]
+            else merged[target.parameter]
+        )
+        weight[target.start : target.stop] += multiplier * f.delta()
         merged[target.parameter] = weight
     return merged

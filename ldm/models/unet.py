@@ -217,9 +217,16 @@ class UNetModel(nn.Module):
             if heads * width != ch:
                 raise ValueError(f"UNetModel: {ch} channels do not split into heads of {width} (num_heads={heads})")
             return SpatialTransformer(
-                ch, heads, width, context_dim, transformer_depth, dropout,
-                use_linear_in_transformer, norm_groups, gradient_checkpointing,
-            )  # fmt: skip
+                ch,
+                heads,
+                width,
+                context_dim,
+                transformer_depth,
+                dropout,
+                use_linear_in_transformer,
+                norm_groups,
+                gradient_checkpointing,
+            )
 
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)

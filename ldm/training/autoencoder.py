@@ -101,7 +101,7 @@ class AutoencoderTraining(pl.LightningModule):
         self.sample_every_n_steps = sample_every_n_steps
         self.num_samples = num_samples
 
-    def train(self, mode: bool = True) -> "AutoencoderTraining":
+    def train(self, mode: bool = True) -> AutoencoderTraining:
         """Lightning puts the whole module in train mode; the frozen perceptual network stays in eval."""
         super().train(mode)
         if isinstance(self.perceptual_loss, torch.nn.Module):

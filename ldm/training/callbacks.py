@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -43,8 +44,11 @@ class RunCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         outside = [p for p in restored_paths(state_dict) if not _inside(p, self.dirpath)]
         if outside:
-            print(f"warning: ignoring the checkpoint callback state of the resumed checkpoint: it names "
-                  f"{outside[0]!r}, outside {self.dirpath} (nothing there will be deleted)", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: ignoring the checkpoint callback state of the resumed checkpoint: it names "
+                f"{outside[0]!r}, outside {self.dirpath} (nothing there will be deleted)",
+                file=sys.stderr,
+            )
             return
         super().load_state_dict(state_dict)
 
@@ -153,7 +157,9 @@ class SampleGrid(pl.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(path) as temp:
             save_image(grid, temp, format="png")
-        atomic.write_text(path.with_suffix(".json"), json.dumps({"rows": self.prompts, "seeds": seeds[: self.images_per_prompt]}))
+        atomic.write_text(
+            path.with_suffix(".json"), json.dumps({"rows": self.prompts, "seeds": seeds[: self.images_per_prompt]})
+        )
         self._log(trainer, grid, path, step)
         return path
 
@@ -223,9 +229,11 @@ class RunSummary(pl.Callback):
                 f"x {world} (devices x nodes), but expected_global_batch is {self.expected_global_batch}"
             )
         if trainer.is_global_zero:
-            print(f"global batch {total} = {micro} per device x {accumulation} accumulation x {world} devices "
-                  f"({trainer.num_nodes} node(s)); precision {trainer.precision}; "
-                  f"{trainer.max_steps} steps = {trainer.max_steps * total:,} samples")  # fmt: skip
+            print(
+                f"global batch {total} = {micro} per device x {accumulation} accumulation x {world} devices "
+                f"({trainer.num_nodes} node(s)); precision {trainer.precision}; "
+                f"{trainer.max_steps} steps = {trainer.max_steps * total:,} samples"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import time
@@ -234,8 +242,9 @@ class RunSummary(pl.Callback):
         self._start_step = trainer.global_step
         self._samples = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._samples += batch_size(batch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -254,8 +263,9 @@ class RunSummary(pl.Callback):
             f"({steps / max(seconds, 1e-9):.2f} steps/s, {samples / max(seconds, 1e-9):.1f} samples/s over "
             f"{trainer.world_size} device(s)); global step {trainer.global_step}",
             "  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/"))),
-            f"  U-Net weights sharded over {trainer.world_size} ranks (FSDP2)" if _sharded(pl_module) else
-            f"  U-Net weights identical on all ranks: {'yes' if in_sync else 'NO (desynchronised!)'}",
+            f"  U-Net weights sharded over {trainer.world_size} ranks (FSDP2)"
+            if _sharded(pl_module)
+            else f"  U-Net weights identical on all ranks: {'yes' if in_sync else 'NO (desynchronised!)'}",
             f"  run directory: {Path(trainer.default_root_dir).resolve()}",
             "-" * 72,
         ]

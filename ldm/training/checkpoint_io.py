@@ -55,8 +55,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad is not None:
             step = checkpoint.get("global_step")
             if self.refused_step is None:
-                print(f"warning: step {step}: {bad} holds NaN/Inf: not saving {path}; the previous "
-                      f"checkpoints are kept and the run stops", file=sys.stderr)  # fmt: skip
+                print(
+                    f"warning: step {step}: {bad} holds NaN/Inf: not saving {path}; the previous "
+                    f"checkpoints are kept and the run stops",
+                    file=sys.stderr,
+                )
             self.refused_step = int(step) if step is not None else -1
             return
         torch_save_atomic(checkpoint, Path(path))

@@ -183,26 +183,38 @@ def load_classifier(path: str | Path) -> tuple[NoisyClassifier, dict[str, Any]]:
         classifier = NoisyClassifier(heads, **spec["config"])
         classifier.load_state_dict(submodule_state(checkpoint["state_dict"], "classifier."))
     except (TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: the classifier's weights do not fit its spec ({str(error).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: the classifier's weights do not fit its spec ({str(error).splitlines()[0]})"
+        ) from None
     return classifier.requires_grad_(False).eval(), spec
 
 
-def check_classifier_fits(spec: Mapping[str, Any], path: str | Path, autoencoder: nn.Module, schedule: NoiseSchedule) -> None:
+def check_classifier_fits(
+    spec: Mapping[str, Any], path: str | Path, autoencoder: nn.Module, schedule: NoiseSchedule
+) -> None:
     """Refuse, in one line, a classifier trained on other latents than the model samples: another VAE
     (weights fingerprint, latent scale) or another noise schedule (its abar_t at every step)."""
     from ldm.formats.bundle import schedule_from_spec
 
     if spec.get("autoencoder_fingerprint") != fingerprint(autoencoder):
-        raise UserError(f"classifier={path} was trained on another VAE's latents than the model's (VAE fingerprint "
-                        f"{spec.get('autoencoder_fingerprint')} vs {fingerprint(autoencoder)}): train it with the model's VAE")  # fmt: skip
+        raise UserError(
+            f"classifier={path} was trained on another VAE's latents than the model's (VAE fingerprint "
+            f"{spec.get('autoencoder_fingerprint')} vs {fingerprint(autoencoder)}): train it with the model's VAE"
+        )
     scale = float(getattr(autoencoder, "scaling_factor", 1.0))
     if spec.get("latent_scale") is not None and abs(float(spec["latent_scale"]) - scale) > 1e-6 * scale:
-        raise UserError(f"classifier={path} was trained on latents scaled by {spec['latent_scale']}, the model's are "
-                        f"scaled by {scale}")  # fmt: skip
+        raise UserError(
+            f"classifier={path} was trained on latents scaled by {spec['latent_scale']}, the model's are "
+            f"scaled by {scale}"
+        )
     if spec.get("schedule") is None:
-        raise UserError(f"classifier={path}: its checkpoint names no noise schedule, so it cannot be checked against the model's")
+        raise UserError(
+            f"classifier={path}: its checkpoint names no noise schedule, so it cannot be checked against the model's"
+        )
     theirs = schedule_from_spec(spec["schedule"]).alphas_cumprod
     ours = schedule.alphas_cumprod
     if theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=1e-9):
-        raise UserError(f"classifier={path} was trained with another noise schedule than the model's ({spec['schedule']}): "
-                        "its noisy latents are not the model's")  # fmt: skip
+        raise UserError(
+            f"classifier={path} was trained with another noise schedule than the model's ({spec['schedule']}): "
+            "its noisy latents are not the model's"
+        )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -51,7 +52,12 @@ class DataSkipReport(pl.Callback):
             self._log(trainer, "train", step)
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         self._add("val", batch)
@@ -92,8 +98,10 @@ class DataSkipReport(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # other ranks may be gone: report this rank's own counts, without a collective
-        stages = {"training": (Counter(self.counts["train"]), self.samples["train"]),
-                  "validation": (Counter(self.counts["val"]), self.samples["val"])}
+        stages = {
+            "training": (Counter(self.counts["train"]), self.samples["train"]),
+            "validation": (Counter(self.counts["val"]), self.samples["val"]),
+        }
         if not any(delivered or counts for counts, delivered in stages.values()):
             return  # failed before reading anything (bad path, bad config): the error says it all
         self.report = format_report(stages, 1, note=f" (rank {trainer.global_rank} only: the run failed)")
@@ -108,9 +116,10 @@ def format_report(stages: Mapping[str, tuple[Counter, int]], world_size: int, no
             continue
         # truncated/* samples were delivered (only cut), so they are not part of what was read besides
         sample_counts = {
-            k: v for k, v in counts.items()
+            k: v
+            for k, v in counts.items()
             if k.split("/", 1)[1] not in SHARD_REASONS and not k.startswith("truncated/")
-        }  # fmt: skip
+        }
         read = delivered + sum(sample_counts.values())
         skipped = sum(v for k, v in sample_counts.items() if k.startswith("skipped/"))
         filtered = sum(v for k, v in sample_counts.items() if k.startswith("filtered/"))

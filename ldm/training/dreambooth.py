@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
@@ -112,8 +113,10 @@ class DreamBoothDataModule(FolderDataModule):
         **folder: Any,
     ):
         if folder.get("buckets"):
-            raise UserError("data=dreambooth crops every image to data.image_size (an instance batch and a class "
-                            "batch are one tensor): set data.buckets=null")  # fmt: skip
+            raise UserError(
+                "data=dreambooth crops every image to data.image_size (an instance batch and a class "
+                "batch are one tensor): set data.buckets=null"
+            )
         super().__init__(path=instance_path, **folder)
         self.instance_prompt = instance_prompt
         self.class_prompt = class_prompt
@@ -141,11 +144,17 @@ class DreamBoothDataModule(FolderDataModule):
         if self.class_sampler is None:
             raise UserError("data.class_sampler is null: give the sampler that makes the class images")
         return self.class_image_job(
-            directory=Path(self.class_path), prompt=self.class_prompt, count=self.num_class_images,
-            sampler=self.class_sampler, steps=self.class_steps, guidance_scale=self.class_guidance_scale,
-            negative_prompt=self.class_negative_prompt, batch_size=self.class_batch_size, seed=self.class_seed,
+            directory=Path(self.class_path),
+            prompt=self.class_prompt,
+            count=self.num_class_images,
+            sampler=self.class_sampler,
+            steps=self.class_steps,
+            guidance_scale=self.class_guidance_scale,
+            negative_prompt=self.class_negative_prompt,
+            batch_size=self.class_batch_size,
+            seed=self.class_seed,
             image_size=self.image_size,
-        )  # fmt: skip
+        )
 
     def prepare_data(self) -> None:
         """Generate the missing class images (rank 0 of each node; the others wait for it)."""
@@ -166,16 +175,28 @@ class DreamBoothDataModule(FolderDataModule):
         if self.with_prior:
             job_files = self._class_job().files()
             self.prior_index = class_index(Path(self.class_path), self.class_prompt, self.num_class_images, job_files)
-            log.info("data: %d instance image(s) of %r, %d class image(s) of %r", len(self.train_index),
-                     self.instance_prompt, len(self.prior_index), self.class_prompt)  # fmt: skip
+            log.info(
+                "data: %d instance image(s) of %r, %d class image(s) of %r",
+                len(self.train_index),
+                self.instance_prompt,
+                len(self.prior_index),
+                self.class_prompt,
+            )
 
     def _stream(self, train: bool) -> FolderStream | PairedStream:
         stream = super()._stream(train)
         if not train or self.prior_index is None:
             return stream
         rank, world_size = self._place()
-        prior = FolderStream(self.prior_index, self.train_sample, self.batch_size, train=True, seed=self.seed + 1,
-                             rank=rank, world_size=world_size)  # fmt: skip
+        prior = FolderStream(
+            self.prior_index,
+            self.train_sample,
+            self.batch_size,
+            train=True,
+            seed=self.seed + 1,
+            rank=rank,
+            world_size=world_size,
+        )
         return PairedStream(stream, prior)
 
 

@@ -7,7 +7,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def unet_training_flops(unet: nn.Module, latent_shape: tuple[int, ...], context_shape: tuple[int, ...], batch_size: int) -> float:
+def unet_training_flops(
+    unet: nn.Module, latent_shape: tuple[int, ...], context_shape: tuple[int, ...], batch_size: int
+) -> float:
     """FLOPs of one forward + backward of ``unet`` on a batch: 3 x the counted forward FLOPs.
 
     The forward is counted on one sample on the meta device (no compute, no memory), which is

@@ -66,7 +66,9 @@ class RunGuard(pl.Callback):
         for number, handler in self._previous_handlers.items():
             signal.signal(number, handler)
         self._previous_handlers.clear()
-        if self._saved_at != trainer.global_step and self.weights_broke_at is None:  # a finished run leaves its final state
+        if (
+            self._saved_at != trainer.global_step and self.weights_broke_at is None
+        ):  # a finished run leaves its final state
             trainer.save_checkpoint(self.checkpoint_dir / "last.ckpt")
             self._saved_at = trainer.global_step
         if _any_rank(trainer, _refused_step(trainer) is not None)[0]:  # the final save may be the first refused
@@ -111,8 +113,10 @@ class RunGuard(pl.Callback):
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
         pl_module.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
-        rank_zero_warn(f"step {trainer.global_step}: non-finite gradients, update skipped "
-                       f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)")  # fmt: skip
+        rank_zero_warn(
+            f"step {trainer.global_step}: non-finite gradients, update skipped "
+            f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in all)"
+        )
         if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row and self.stop_reason is None:
             self.stop_reason = (  # saved and stopped at the end of this step (on_train_batch_end)
                 f"{self.nonfinite_in_a_row} steps in a row had non-finite gradients: stopping with the "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -182,8 +183,10 @@ class LatentDiffusion(pl.LightningModule):
         adapted_text = self.lora is not None and bool(self.lora.text_names)
         if "latent" in batch:
             if adapted_text:
-                raise UserError("task.lora.text_encoder=true trains the text encoder, which needs captions: "
-                                "precomputed contexts (data=latents) cannot be used")  # fmt: skip
+                raise UserError(
+                    "task.lora.text_encoder=true trains the text encoder, which needs captions: "
+                    "precomputed contexts (data=latents) cannot be used"
+                )
             return batch["latent"], batch["context"]
         with torch.autocast(self.device.type, enabled=False):
             # the VAE stays in float32: half-precision VAEs overflow into NaNs and black images
@@ -301,8 +304,10 @@ class LatentDiffusion(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if isinstance(optimizer, MuonAdamW) and self._trainer is not None and _shards_parameters(self.trainer.strategy):
-            raise UserError(f"optim=muon_cosine needs each weight matrix whole on every rank, and strategy "
-                            f"{type(self.trainer.strategy).__name__} shards them: use optim=adamw_cosine")  # fmt: skip
+            raise UserError(
+                f"optim=muon_cosine needs each weight matrix whole on every rank, and strategy "
+                f"{type(self.trainer.strategy).__name__} shards them: use optim=adamw_cosine"
+            )
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -322,18 +327,23 @@ class LatentDiffusion(pl.LightningModule):
     def pipeline(self, use_ema: bool = True) -> TextToImage:
         """A text-to-image pipeline over the current weights (EMA by default)."""
         return TextToImage(
-            self.denoising_network(use_ema), self.autoencoder, self.text_encoder(use_ema), self.schedule,
-            self.objective.prediction_type, self.latent_shape,
-        )  # fmt: skip
+            self.denoising_network(use_ema),
+            self.autoencoder,
+            self.text_encoder(use_ema),
+            self.schedule,
+            self.objective.prediction_type,
+            self.latent_shape,
+        )
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         # a frozen part is left out only where it can be found again: a file it was loaded from
         left_out = [
-            name for name in self.frozen_names
+            name
+            for name in self.frozen_names
             if name in self.frozen_sources and _megabytes(getattr(self, name)) > self.frozen_in_checkpoint_mb
-        ]  # fmt: skip
+        ]
         for key in [k for k in state if k.split(".", 1)[0] in left_out]:
             del state[key]
         _make_contiguous(checkpoint)
@@ -341,7 +351,9 @@ class LatentDiffusion(pl.LightningModule):
         checkpoint["ldm"] = {
             "spec": self.model_spec,  # what sample.py and ldm.convert build the model from
             "lora": self.lora_spec.as_dict(),  # rank 0: a full fine-tune; else the adapters' settings
-            "frozen_sources": {name: dict(self.frozen_sources[name], fingerprint=fingerprints[name]) for name in left_out},
+            "frozen_sources": {
+                name: dict(self.frozen_sources[name], fingerprint=fingerprints[name]) for name in left_out
+            },
             "frozen_fingerprints": fingerprints,
             "config": self.run_config,  # for people; never read to build anything
             "rng": _gather_rng_states(),  # one entry per rank, for an exact resume
@@ -350,11 +362,15 @@ class LatentDiffusion(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.context_cache.clear()  # the frozen encoders may be about to change
         self.posterior_cache.clear()
-        trained = [k for k in self.state_dict() if k.split(".", 1)[0] not in self.frozen_names]  # (a LoRA run: its adapters)
+        trained = [
+            k for k in self.state_dict() if k.split(".", 1)[0] not in self.frozen_names
+        ]  # (a LoRA run: its adapters)
         missing = [k for k in trained if k not in checkpoint["state_dict"]]
         if missing:
-            raise UserError(f"the checkpoint lacks {len(missing)} weights of this model (e.g. {missing[0]}): "
-                            f"it was trained with another model config")  # fmt: skip
+            raise UserError(
+                f"the checkpoint lacks {len(missing)} weights of this model (e.g. {missing[0]}): "
+                f"it was trained with another model config"
+            )
         stored = checkpoint.get("ldm", {}).get("frozen_fingerprints", {})
         self._frozen_fingerprints.clear()
         for name in stored:
@@ -392,16 +408,20 @@ def check_image_size(image_size: int, autoencoder: nn.Module, unet: nn.Module) -
     """Refuse an image size the VAE and U-Net cannot halve evenly (it would fail at the first step)."""
     multiple = getattr(autoencoder, "downsampling_factor", 1) * getattr(unet, "downsampling_factor", 1)
     if image_size % multiple:
-        raise UserError(f"data.image_size={image_size} must be a multiple of {multiple} (the VAE's and the U-Net's "
-                        f"downsampling): use {max(multiple, image_size // multiple * multiple)} or "
-                        f"{(image_size // multiple + 1) * multiple}")  # fmt: skip
+        raise UserError(
+            f"data.image_size={image_size} must be a multiple of {multiple} (the VAE's and the U-Net's "
+            f"downsampling): use {max(multiple, image_size // multiple * multiple)} or "
+            f"{(image_size // multiple + 1) * multiple}"
+        )
 
 
 def check_prediction_at_zero_snr(schedule: NoiseSchedule, prediction_type: str) -> None:
     """eps-prediction cannot express x_0 where the signal is gone (x_0 = (x_t - sigma eps) / alpha, alpha = 0)."""
     if prediction_type == "eps" and schedule.zero_terminal_snr:
-        raise UserError("objective: eps-prediction cannot be trained with schedule.zero_terminal_snr=true (its "
-                        "last step implies x_0 / 0): use objective=v or objective=x0, or zero_terminal_snr=false")  # fmt: skip
+        raise UserError(
+            "objective: eps-prediction cannot be trained with schedule.zero_terminal_snr=true (its "
+            "last step implies x_0 / 0): use objective=v or objective=x0, or zero_terminal_snr=false"
+        )
 
 
 def _make_contiguous(checkpoint: dict[str, Any]) -> None:
@@ -410,14 +430,17 @@ def _make_contiguous(checkpoint: dict[str, Any]) -> None:
     Readers need not know the memory format a run trained in, and FSDP2's loader needs it: torch
     2.14's ``set_model_state_dict(broadcast_from_rank0=True)`` gives the other ranks wrong values for
     a channels_last tensor read from a file (``ldm.training.strategies.FSDP2Strategy``)."""
+
     def contiguous(value: Any) -> Any:
         return value.contiguous() if isinstance(value, Tensor) else value
 
     checkpoint["state_dict"] = {key: contiguous(value) for key, value in checkpoint["state_dict"].items()}
     for optimizer in checkpoint.get("optimizer_states", []):
         # new dicts: an optimiser's state_dict() hands out its live per-parameter state
-        optimizer["state"] = {index: {key: contiguous(value) for key, value in per_param.items()}
-                              for index, per_param in optimizer.get("state", {}).items()}  # fmt: skip
+        optimizer["state"] = {
+            index: {key: contiguous(value) for key, value in per_param.items()}
+            for index, per_param in optimizer.get("state", {}).items()
+        }
 
 
 def _match_channels_last(checkpoint: dict[str, Any]) -> None:
@@ -425,12 +448,19 @@ def _match_channels_last(checkpoint: dict[str, Any]) -> None:
     every 4-D parameter is channels_last, and checkpoints store its state contiguous. A fused AdamW
     step over mixed layouts takes another vectorised path and rounds differently: the resume would
     no longer be bit-identical. (Weights need nothing: ``load_state_dict`` copies into the live ones.)"""
+
     def channels_last(value: Any) -> Any:
-        return value.contiguous(memory_format=torch.channels_last) if isinstance(value, Tensor) and value.ndim == 4 else value
+        return (
+            value.contiguous(memory_format=torch.channels_last)
+            if isinstance(value, Tensor) and value.ndim == 4
+            else value
+        )
 
     for optimizer in checkpoint.get("optimizer_states", []):
-        optimizer["state"] = {index: {key: channels_last(value) for key, value in per_param.items()}
-                              for index, per_param in optimizer.get("state", {}).items()}  # fmt: skip
+        optimizer["state"] = {
+            index: {key: channels_last(value) for key, value in per_param.items()}
+            for index, per_param in optimizer.get("state", {}).items()
+        }
 
 
 def _megabytes(module: nn.Module) -> float:

@@ -56,8 +56,10 @@ class MuonAdamW(Optimizer):
         matrices = [p for p in params if p.ndim >= 2]
         others = [p for p in params if p.ndim < 2]
         if others and not matrices:
-            raise ValueError("MuonAdamW got no parameter of two or more dimensions (flat shards of FSDP or "
-                             "DeepSpeed?): Muon needs whole matrices; use optim=adamw_cosine with sharded strategies")  # fmt: skip
+            raise ValueError(
+                "MuonAdamW got no parameter of two or more dimensions (flat shards of FSDP or "
+                "DeepSpeed?): Muon needs whole matrices; use optim=adamw_cosine with sharded strategies"
+            )
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         groups = [{"params": matrices, "muon": True}] if matrices else []
         groups += [{"params": others, "muon": False}] if others else []

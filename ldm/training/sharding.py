@@ -10,7 +10,8 @@ unsharded: they hold no gradients or optimiser state, and their forward runs out
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,9 @@ def full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if dtensor is not None and isinstance(tensor, dtensor) else tensor
 
 
-def shard_blocks(module: nn.Module, mesh: Any, block_classes: Iterable[type], reshard_after_forward: bool = True) -> nn.Module:
+def shard_blocks(
+    module: nn.Module, mesh: Any, block_classes: Iterable[type], reshard_after_forward: bool = True
+) -> nn.Module:
     """``fully_shard`` every submodule of one of ``block_classes`` (innermost first), then ``module``."""
     from torch.distributed.fsdp import fully_shard
 

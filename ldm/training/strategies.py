@@ -22,8 +22,13 @@ def fsdp_block_classes() -> set[type]:
     return {ResBlock, SpatialTransformer}
 
 
-def fsdp(state_dict_type: str = "full", sharding_strategy: str = "FULL_SHARD", cpu_offload: bool = False,
-         activation_checkpointing: bool = False, **kwargs: Any):
+def fsdp(
+    state_dict_type: str = "full",
+    sharding_strategy: str = "FULL_SHARD",
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = False,
+    **kwargs: Any,
+):
     """Lightning's FSDPStrategy sharding the U-Net at block level.
 
     The frozen VAE and text encoder hold no gradients, so they are outside the optimiser whatever
@@ -42,8 +47,7 @@ def fsdp(state_dict_type: str = "full", sharding_strategy: str = "FULL_SHARD", c
         cpu_offload=cpu_offload,
         use_orig_params=True,
         **kwargs,
-    )  # fmt: skip
-
+    )
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -76,7 +80,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             from torch.distributed.checkpoint import FileSystemReader
 
             names = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-            checkpoint["state_dict"] = {k[len("state_dict."):]: None for k in names if k.startswith("state_dict.")}
+            checkpoint["state_dict"] = {k[len("state_dict.") :]: None for k in names if k.startswith("state_dict.")}
         return checkpoint
 
 
@@ -87,16 +91,24 @@ def _refuse_strided(path: Path) -> None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     tensors = list(checkpoint.get("state_dict", {}).items())
     for optimizer in checkpoint.get("optimizer_states", []):
-        tensors += [(f"optimizer state {key}", v) for state in optimizer.get("state", {}).values() for key, v in state.items()]
-    strided = next((name for name, value in tensors if isinstance(value, torch.Tensor) and not value.is_contiguous()), None)
+        tensors += [
+            (f"optimizer state {key}", v) for state in optimizer.get("state", {}).values() for key, v in state.items()
+        ]
+    strided = next(
+        (name for name, value in tensors if isinstance(value, torch.Tensor) and not value.is_contiguous()), None
+    )
     if strided is not None:
         from ldm.errors import UserError
 
-        raise UserError(f"{path} holds non-contiguous (channels_last) tensors ({strided}), which strategy=fsdp2 "
-                        f"cannot load exactly: resume it once with strategy=ddp, whose checkpoints are contiguous")  # fmt: skip
+        raise UserError(
+            f"{path} holds non-contiguous (channels_last) tensors ({strided}), which strategy=fsdp2 "
+            f"cannot load exactly: resume it once with strategy=ddp, whose checkpoints are contiguous"
+        )
 
 
-def fsdp2(reshard_after_forward: bool = True, save_distributed_checkpoint: bool = False, **kwargs: Any) -> FSDP2Strategy:
+def fsdp2(
+    reshard_after_forward: bool = True, save_distributed_checkpoint: bool = False, **kwargs: Any
+) -> FSDP2Strategy:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``) through Lightning's ``ModelParallelStrategy``:
     the U-Net and its EMA copy sharded per ``ResBlock`` / ``SpatialTransformer`` over every rank (no
     tensor parallelism), the frozen VAE and text encoder whole on every rank. Runs on GPUs (nccl) and
@@ -109,5 +121,6 @@ def fsdp2(reshard_after_forward: bool = True, save_distributed_checkpoint: bool 
         shards (torch.distributed.checkpoint), faster to write at scale, loadable by this strategy.
     The sharding itself is applied by the task (``LatentDiffusion.configure_model``, ``ldm.training.sharding``).
     """
-    return FSDP2Strategy(reshard_after_forward=reshard_after_forward,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)  # fmt: skip
+    return FSDP2Strategy(
+        reshard_after_forward=reshard_after_forward, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs
+    )

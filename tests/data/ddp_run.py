@@ -35,15 +35,23 @@ class KeyRecorder(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         self.val_keys[-1].extend(batch["key"])
-        self.log("val/loss", self.layer(batch["image"].mean(dim=(2, 3))).pow(2).mean(), sync_dist=True,
-                 batch_size=len(batch["key"]))
+        self.log(
+            "val/loss",
+            self.layer(batch["image"].mean(dim=(2, 3))).pow(2).mean(),
+            sync_dist=True,
+            batch_size=len(batch["key"]),
+        )
 
     def on_validation_epoch_end(self):
         self.val_keys.append([])
 
     def on_train_end(self):
-        record = {"rank": self.global_rank, "global_step": self.global_step, "train": self.train_keys,
-                  "val": [keys for keys in self.val_keys if keys]}
+        record = {
+            "rank": self.global_rank,
+            "global_step": self.global_step,
+            "train": self.train_keys,
+            "val": [keys for keys in self.val_keys if keys],
+        }
         (self.out / f"rank{self.global_rank}.json").write_text(json.dumps(record))
 
     def configure_optimizers(self):
@@ -54,14 +62,28 @@ def main(out: Path, train_spec: str, val_spec: str) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     datamodule = ShardDataModule(
-        shards=json.loads(train_spec), val_shards=json.loads(val_spec), image_size=8, batch_size=4, num_workers=2,
-        shuffle_buffer=8, samples_per_epoch=48, seed=3,
+        shards=json.loads(train_spec),
+        val_shards=json.loads(val_spec),
+        image_size=8,
+        batch_size=4,
+        num_workers=2,
+        shuffle_buffer=8,
+        samples_per_epoch=48,
+        seed=3,
     )
     report = DataSkipReport(every_n_steps=4)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, use_distributed_sampler=False,
-        logger=pl.loggers.CSVLogger(out, name="logs", version=0), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[report],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=12,
+        use_distributed_sampler=False,
+        logger=pl.loggers.CSVLogger(out, name="logs", version=0),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[report],
     )
     trainer.fit(KeyRecorder(out), datamodule=datamodule)
     if trainer.is_global_zero:

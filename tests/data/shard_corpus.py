@@ -22,6 +22,7 @@ def image_bytes(size: tuple[int, int] = (12, 10), colour=(200, 30, 30), fmt: str
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` x ``height`` pixels but carries no pixel data (a bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -83,19 +84,30 @@ def bad_corpus(directory: Path) -> tuple[list[str], set[str], dict[str, int]]:
     # shard 1: bad samples between good ones
     members = [
         *good_sample("b000"),
-        ("b001.png", b"this is not an image at all"), ("b001.txt", b"corrupt bytes"),
-        ("b002.png", b""), ("b002.txt", b"zero-byte image"),
-        ("b003.txt", b"caption but no image"), ("b003.json", b"{}"),
-        ("b004.png", png_header_only(50_000, 50_000)), ("b004.txt", b"2.5 gigapixels declared"),
-        ("b005.png", image_bytes()[:40]), ("b005.txt", b"truncated image data"),
+        ("b001.png", b"this is not an image at all"),
+        ("b001.txt", b"corrupt bytes"),
+        ("b002.png", b""),
+        ("b002.txt", b"zero-byte image"),
+        ("b003.txt", b"caption but no image"),
+        ("b003.json", b"{}"),
+        ("b004.png", png_header_only(50_000, 50_000)),
+        ("b004.txt", b"2.5 gigapixels declared"),
+        ("b005.png", image_bytes()[:40]),
+        ("b005.txt", b"truncated image data"),
         *good_sample("b006"),
-        ("b007.png", image_bytes()), ("b007.txt", b"   \n  "),  # empty caption
-        ("b008.png", image_bytes()), ("b008.txt", b"flagged"), ("b008.json", json.dumps({"punsafe": 0.9}).encode()),
-        ("b009.png", image_bytes()), ("b009.txt", b"bad json"), ("b009.json", b"{not json"),
+        ("b007.png", image_bytes()),
+        ("b007.txt", b"   \n  "),  # empty caption
+        ("b008.png", image_bytes()),
+        ("b008.txt", b"flagged"),
+        ("b008.json", json.dumps({"punsafe": 0.9}).encode()),
+        ("b009.png", image_bytes()),
+        ("b009.txt", b"bad json"),
+        ("b009.json", b"{not json"),
         *good_sample("b010", meta={"punsafe": 0.1}),
         ("__meta__", b"ignored"),
         *good_sample("b011"),
-        ("b012.png", png_header_only(2000, 1000)), ("b012.txt", b"2 megapixels declared, limit 1"),
+        ("b012.png", png_header_only(2000, 1000)),
+        ("b012.txt", b"2 megapixels declared, limit 1"),
     ]
     shard1 = write_tar(directory / "b.tar", members)
     good.update({"b000", "b006", "b010", "b011"})
@@ -134,19 +146,29 @@ def bad_corpus(directory: Path) -> tuple[list[str], set[str], dict[str, int]]:
     good_pipe = f"pipe:cat {directory / 'e.tar'}"
     good.update(keys)
 
-    urls = [shard0, shard1, shard2, shard3, shard4, str(directory / "garbage.tar"), str(directory / "empty.tar"),
-            missing, failing_pipe, stalled_pipe, good_pipe]
+    urls = [
+        shard0,
+        shard1,
+        shard2,
+        shard3,
+        shard4,
+        str(directory / "garbage.tar"),
+        str(directory / "empty.tar"),
+        missing,
+        failing_pipe,
+        stalled_pipe,
+        good_pipe,
+    ]
     counts = {
-        "skipped/corrupt_image": 2,       # b001 (garbage), b005 (truncated data)
-        "skipped/empty_image": 1,         # b002
-        "skipped/no_image": 1,            # b003
-        "skipped/too_many_pixels": 2,     # b004 (over PIL's own limit too), b012
-        "skipped/empty_caption": 1,       # b007
-        "filtered/max_unsafe": 1,         # b008
-        "skipped/corrupt_metadata": 1,    # b009
-        "skipped/truncated_shard": 3,     # c.tar, d.tar, f.tar
-        "skipped/unreadable_shard": 4,    # garbage.tar, empty.tar, missing.tar, the failing pipe
-        "skipped/stalled_shard": 1,       # the sleeping pipe
+        "skipped/corrupt_image": 2,  # b001 (garbage), b005 (truncated data)
+        "skipped/empty_image": 1,  # b002
+        "skipped/no_image": 1,  # b003
+        "skipped/too_many_pixels": 2,  # b004 (over PIL's own limit too), b012
+        "skipped/empty_caption": 1,  # b007
+        "filtered/max_unsafe": 1,  # b008
+        "skipped/corrupt_metadata": 1,  # b009
+        "skipped/truncated_shard": 3,  # c.tar, d.tar, f.tar
+        "skipped/unreadable_shard": 4,  # garbage.tar, empty.tar, missing.tar, the failing pipe
+        "skipped/stalled_shard": 1,  # the sleeping pipe
     }
     return urls, good, counts
-

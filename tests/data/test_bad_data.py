@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from shard_corpus import bad_corpus, good_sample, image_bytes, write_good_shard, write_tar
 from torch.utils.data import DataLoader
 
 from ldm.data.captions import DEFAULT_MAX_CAPTION_CHARS, CaptionPicker
@@ -18,10 +19,9 @@ from ldm.data.quarantine import Quarantine
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import Source
 from ldm.data.streams import ShardStream
-from ldm.data.worker_stream import NoReadableShard
 from ldm.data.transforms import ImageTransform
+from ldm.data.worker_stream import NoReadableShard
 from ldm.errors import UserError
-from shard_corpus import bad_corpus, good_sample, image_bytes, write_good_shard, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,12 @@ def test_training_stream_goes_on_past_bad_shards(corpus):
 
 
 def test_a_source_with_no_readable_shard_fails_with_a_clear_error(tmp_path):
-    stream = ShardStream([Source([str(tmp_path / "gone-1.tar"), str(tmp_path / "gone-2.tar")], spec="gone-*")],
-                                _to_sample(), 4, train=True)
+    stream = ShardStream(
+        [Source([str(tmp_path / "gone-1.tar"), str(tmp_path / "gone-2.tar")], spec="gone-*")],
+        _to_sample(),
+        4,
+        train=True,
+    )
     with pytest.raises(NoReadableShard, match=r"none of 16 shards drawn from gone-\* could be read.*gone-") as error:
         next(iter(stream))
     assert isinstance(error.value, UserError)
@@ -99,8 +103,11 @@ def test_unexpected_errors_are_counted_but_a_systematic_one_is_raised(tmp_path):
 
 def test_deeply_nested_json_is_corrupt_metadata_and_never_ends_the_stream(tmp_path):
     nested = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError
-    members = [m for i in range(120) for m in (
-        (f"n{i:03d}.png", image_bytes()), (f"n{i:03d}.txt", b"a caption"), (f"n{i:03d}.json", nested))]
+    members = [
+        m
+        for i in range(120)
+        for m in ((f"n{i:03d}.png", image_bytes()), (f"n{i:03d}.txt", b"a caption"), (f"n{i:03d}.json", nested))
+    ]
     shard = write_tar(tmp_path / "nested.tar", members + good_sample("z000", meta={"punsafe": 0.1}))
     keys, counts = _drain(_validation([shard]))  # (the max_unsafe filter parses every .json)
     assert keys == ["z000"] and dict(counts) == {"skipped/corrupt_metadata": 120}
@@ -118,7 +125,9 @@ def test_a_huge_caption_is_cut_to_the_cap_and_counted(tmp_path):
     picker = CaptionPicker(["txt"], max_chars=13)
     assert picker.pick(SampleMembers({"txt": b"  short \n caption  "}), random.Random(0)) == ("short caption", False)
     assert picker.pick(SampleMembers({"txt": b"one two three four"}), random.Random(0)) == ("one two three", True)
-    assert CaptionPicker(["txt"], max_chars=None)(SampleMembers({"txt": huge}), random.Random(0)) == huge.decode().strip()
+    assert (
+        CaptionPicker(["txt"], max_chars=None)(SampleMembers({"txt": huge}), random.Random(0)) == huge.decode().strip()
+    )
 
 
 class _DiesOn:
@@ -161,7 +170,8 @@ def test_a_sample_that_kills_its_worker_is_quarantined_by_the_next_attempts(tmp_
     result = json.loads(out.read_text())
     assert result["keys"] == [k for k in keys if k != "q003"] and result["counts"] == {"skipped/quarantined": 1}
     assert [json.loads(line) for line in (directory / "quarantine.jsonl").read_text().splitlines()] == [
-        {"url": shard, "key": "q003"}]
+        {"url": shard, "key": "q003"}
+    ]
     assert attempt() == 0 and len((directory / "crashes.jsonl").read_text().splitlines()) == 2  # a clean run logs none
 
 

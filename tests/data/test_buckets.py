@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shard_corpus import good_sample, write_tar
 
 from ldm.data.buckets import BucketedSample, auto_buckets, header_size, nearest_bucket, resolve_buckets
 from ldm.data.shards import Source
@@ -16,7 +17,6 @@ from ldm.data.streams import POSITION_KEY, ShardStream, StreamStart
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import ShardDataModule
 from ldm.errors import UserError
-from shard_corpus import good_sample, write_tar
 
 BUCKETS_32 = [(24, 40), (32, 32), (40, 24)]  # a small set of about 32^2 pixels
 
@@ -69,8 +69,7 @@ def test_header_size_follows_the_exif_orientation():
 
 def test_bucketed_sample_chooses_from_the_header_and_skips_small_images():
     wide = dict(good_sample("wide", size=(80, 40)))
-    sample = BucketedSample(BUCKETS_32)({"__key__": "wide", **{k.split(".")[1]: v for k, v in wide.items()}},
-                                        None)  # fmt: skip
+    sample = BucketedSample(BUCKETS_32)({"__key__": "wide", **{k.split(".")[1]: v for k, v in wide.items()}}, None)
     assert sample["image"].shape == (3, 24, 40)
     small = {"__key__": "s", **{k.split(".")[1]: v for k, v in good_sample("s", size=(30, 20))}}
     assert BucketedSample(BUCKETS_32)(small, None)["image"].shape == (3, 24, 40)  # upscaled by default
@@ -84,9 +83,12 @@ def mixed_shards(tmp_path_factory) -> list[str]:
     """Two shards of 24 samples: wide (80 x 40), square (40 x 40) and tall (30 x 60) in turn."""
     directory = tmp_path_factory.mktemp("mixed")
     sizes = [(80, 40), (40, 40), (30, 60)]
-    return [write_tar(directory / f"m{s}.tar",
-                      [m for j in range(24) for m in good_sample(f"m{s}-{j:02d}", size=sizes[j % 3])])
-            for s in range(2)]  # fmt: skip
+    return [
+        write_tar(
+            directory / f"m{s}.tar", [m for j in range(24) for m in good_sample(f"m{s}-{j:02d}", size=sizes[j % 3])]
+        )
+        for s in range(2)
+    ]
 
 
 def _shape_of_key(key: str) -> tuple[int, int, int]:
@@ -100,8 +102,11 @@ def test_shard_streams_batch_one_bucket_at_a_time(mixed_shards):
     assert {tuple(b["image"].shape[1:]) for b in batches} == {(3, 24, 40), (3, 32, 32), (3, 40, 24)}
     for batch in batches:
         assert len(batch["key"]) == 4 and {_shape_of_key(k) for k in batch["key"]} == {tuple(batch["image"].shape[1:])}
-    again = list(itertools.islice(iter(ShardStream([Source(mixed_shards)], to_sample, 4, train=True,
-                                                          shuffle_buffer=10, seed=1)), 9))  # fmt: skip
+    again = list(
+        itertools.islice(
+            iter(ShardStream([Source(mixed_shards)], to_sample, 4, train=True, shuffle_buffer=10, seed=1)), 9
+        )
+    )
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))
     # resuming from the position after 5 batches goes on with exactly the next ones: the samples of
     # other buckets that were waiting for a batch are read and decoded again, nothing else
@@ -112,9 +117,23 @@ def test_shard_streams_batch_one_bucket_at_a_time(mixed_shards):
     assert [b["key"] for b in resumed] == [b["key"] for b in batches[5:]]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(resumed, batches[5:]))
     # samples_per_epoch still gives every rank the same number of batches
-    per_rank = [len(list(ShardStream([Source(mixed_shards[:rank + 1])], to_sample, 4, train=True,
-                                            shuffle_buffer=10, samples_per_epoch=40, rank=rank, world_size=2)))
-                for rank in (0, 1)]  # fmt: skip
+    per_rank = [
+        len(
+            list(
+                ShardStream(
+                    [Source(mixed_shards[: rank + 1])],
+                    to_sample,
+                    4,
+                    train=True,
+                    shuffle_buffer=10,
+                    samples_per_epoch=40,
+                    rank=rank,
+                    world_size=2,
+                )
+            )
+        )
+        for rank in (0, 1)
+    ]
     assert per_rank == [5, 5]
 
 
@@ -127,8 +146,15 @@ def test_validation_keeps_each_buckets_last_partial_batch(mixed_shards):
 
 
 def test_shard_datamodule_with_auto_buckets(mixed_shards):
-    datamodule = ShardDataModule(shards=mixed_shards, image_size=32, batch_size=4, num_workers=0, buckets="auto",
-                                 bucket_step=8, shuffle_buffer=10)  # fmt: skip
+    datamodule = ShardDataModule(
+        shards=mixed_shards,
+        image_size=32,
+        batch_size=4,
+        num_workers=0,
+        buckets="auto",
+        bucket_step=8,
+        shuffle_buffer=10,
+    )
     assert datamodule.buckets == auto_buckets(32, 8)
     datamodule.setup("fit")
     shapes = {tuple(b["image"].shape[2:]) for b in itertools.islice(iter(datamodule.train_dataloader()), 8)}

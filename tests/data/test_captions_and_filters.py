@@ -58,22 +58,25 @@ def test_unparsable_json_is_corrupt_metadata_only_when_needed():
     assert skip.value.reason == "corrupt_metadata"
 
 
-@pytest.mark.parametrize("thresholds, metadata, rejected_by", [
-    ({"min_size": 256}, {"original_width": 300, "original_height": 200, "width": 512, "height": 512}, "min_size"),
-    ({"min_size": 256}, {"width": 300, "height": 260}, None),  # no original_*: the stored size
-    ({"max_aspect_ratio": 2.0}, {"original_width": 1000, "original_height": 400}, "max_aspect_ratio"),
-    ({"max_aspect_ratio": 2.0}, {"original_width": 400, "original_height": 300}, None),
-    ({"min_aesthetic": 5.0}, {"aesthetic": 4.9}, "min_aesthetic"),
-    ({"min_aesthetic": 5.0}, {"AESTHETIC_SCORE": "5.5"}, None),  # numbers in strings count
-    ({"min_aesthetic": 5.0}, {"AESTHETIC_SCORE": 4.0}, "min_aesthetic"),
-    ({"max_watermark": 0.5}, {"pwatermark": 0.8}, "max_watermark"),
-    ({"max_unsafe": 0.1}, {"punsafe": 0.2}, "max_unsafe"),
-    ({"min_similarity": 0.3}, {"similarity": 0.25}, "min_similarity"),
-    ({"max_unsafe": 0.1, "min_aesthetic": 5}, {}, None),  # missing fields pass
-    ({"max_unsafe": 0.1}, {"punsafe": None}, None),
-    ({"max_unsafe": 0.1}, {"punsafe": float("nan")}, None),
-    ({"max_unsafe": 0.1, "min_aesthetic": 5}, {"punsafe": 0.5, "aesthetic": 1}, "min_aesthetic"),  # argument order
-])
+@pytest.mark.parametrize(
+    "thresholds, metadata, rejected_by",
+    [
+        ({"min_size": 256}, {"original_width": 300, "original_height": 200, "width": 512, "height": 512}, "min_size"),
+        ({"min_size": 256}, {"width": 300, "height": 260}, None),  # no original_*: the stored size
+        ({"max_aspect_ratio": 2.0}, {"original_width": 1000, "original_height": 400}, "max_aspect_ratio"),
+        ({"max_aspect_ratio": 2.0}, {"original_width": 400, "original_height": 300}, None),
+        ({"min_aesthetic": 5.0}, {"aesthetic": 4.9}, "min_aesthetic"),
+        ({"min_aesthetic": 5.0}, {"AESTHETIC_SCORE": "5.5"}, None),  # numbers in strings count
+        ({"min_aesthetic": 5.0}, {"AESTHETIC_SCORE": 4.0}, "min_aesthetic"),
+        ({"max_watermark": 0.5}, {"pwatermark": 0.8}, "max_watermark"),
+        ({"max_unsafe": 0.1}, {"punsafe": 0.2}, "max_unsafe"),
+        ({"min_similarity": 0.3}, {"similarity": 0.25}, "min_similarity"),
+        ({"max_unsafe": 0.1, "min_aesthetic": 5}, {}, None),  # missing fields pass
+        ({"max_unsafe": 0.1}, {"punsafe": None}, None),
+        ({"max_unsafe": 0.1}, {"punsafe": float("nan")}, None),
+        ({"max_unsafe": 0.1, "min_aesthetic": 5}, {"punsafe": 0.5, "aesthetic": 1}, "min_aesthetic"),  # argument order
+    ],
+)
 def test_filters(thresholds, metadata, rejected_by):
     check = MetadataFilter(**thresholds)
     if rejected_by is None:

@@ -4,11 +4,11 @@ import csv
 from collections import Counter
 
 import pytorch_lightning as pl
-
 from ddp_run import KeyRecorder
+from shard_corpus import bad_corpus
+
 from ldm.data.webdataset import ShardDataModule
 from ldm.training.data_stats import DataSkipReport, format_report
-from shard_corpus import bad_corpus
 
 
 def test_report_lists_every_count_with_its_share():
@@ -29,14 +29,31 @@ def test_callback_logs_and_reports_the_counts_of_a_run(tmp_path):
     urls = [url for url in urls if "sleep" not in url and "missing" not in url]  # (setup refuses a missing file)
     expected = {**expected, "skipped/unreadable_shard": 3}
     del expected["skipped/stalled_shard"]
-    datamodule = ShardDataModule(shards=urls, val_shards=urls, image_size=8, batch_size=2, num_workers=0,
-                                 max_pixels=1_000_000, filters={"max_unsafe": 0.5}, caption_keys=["txt"],
-                                 shuffle_buffer=4, read_timeout=0.5)
+    datamodule = ShardDataModule(
+        shards=urls,
+        val_shards=urls,
+        image_size=8,
+        batch_size=2,
+        num_workers=0,
+        max_pixels=1_000_000,
+        filters={"max_unsafe": 0.5},
+        caption_keys=["txt"],
+        shuffle_buffer=4,
+        read_timeout=0.5,
+    )
     report = DataSkipReport(every_n_steps=2)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=6, val_check_interval=6, limit_val_batches=100,
-        logger=pl.loggers.CSVLogger(tmp_path, name="logs", version=0), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[report],
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        val_check_interval=6,
+        limit_val_batches=100,
+        logger=pl.loggers.CSVLogger(tmp_path, name="logs", version=0),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[report],
         use_distributed_sampler=False,
     )
     trainer.fit(KeyRecorder(tmp_path), datamodule=datamodule)

@@ -5,10 +5,10 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from shard_corpus import image_bytes, png_header_only
 
 from ldm.data.decode import decode_image
 from ldm.data.skips import SkipSample
-from shard_corpus import image_bytes, png_header_only
 
 RED = (200, 30, 30)
 
@@ -19,11 +19,23 @@ def _encode(image: Image.Image, fmt: str, **save) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt, mode", [
-    ("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"),
-    ("PNG", "RGB"), ("PNG", "L"), ("PNG", "P"), ("PNG", "1"), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "I;16"),
-    ("WEBP", "RGB"), ("WEBP", "RGBA"),
-])
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("JPEG", "CMYK"),
+        ("PNG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "P"),
+        ("PNG", "1"),
+        ("PNG", "RGBA"),
+        ("PNG", "LA"),
+        ("PNG", "I;16"),
+        ("WEBP", "RGB"),
+        ("WEBP", "RGBA"),
+    ],
+)
 def test_every_format_and_mode_decodes_to_rgb(fmt, mode):
     source = Image.new("RGB", (20, 12), RED).convert(mode)
     image = decode_image(_encode(source, fmt))
@@ -36,8 +48,11 @@ def test_every_format_and_mode_decodes_to_rgb(fmt, mode):
 def test_palette_transparency_and_alpha_become_white():
     palette = Image.new("P", (4, 4), 0)
     palette.putpalette([255, 0, 0] * 256)
-    for data in (_encode(palette, "PNG", transparency=0), _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "PNG"),
-                 _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "WEBP", lossless=True)):
+    for data in (
+        _encode(palette, "PNG", transparency=0),
+        _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "PNG"),
+        _encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), "WEBP", lossless=True),
+    ):
         assert np.asarray(decode_image(data))[0, 0].tolist() == [255, 255, 255]
 
 
@@ -93,13 +108,16 @@ def test_small_images_are_skipped_or_kept():
     assert decode_image(data, min_side=16, small_images="skip").size == (16, 40)
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty_image"),
-    (b"GIF89a but not really", "corrupt_image"),
-    (b"\x00" * 100, "corrupt_image"),
-    (image_bytes((64, 64), fmt="JPEG")[:300], "corrupt_image"),  # truncated JPEG
-    (image_bytes((64, 64), fmt="PNG")[:60], "corrupt_image"),  # truncated PNG
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty_image"),
+        (b"GIF89a but not really", "corrupt_image"),
+        (b"\x00" * 100, "corrupt_image"),
+        (image_bytes((64, 64), fmt="JPEG")[:300], "corrupt_image"),  # truncated JPEG
+        (image_bytes((64, 64), fmt="PNG")[:60], "corrupt_image"),  # truncated PNG
+    ],
+)
 def test_bad_bytes_raise_skip_with_reason(data, reason):
     with pytest.raises(SkipSample) as skip:
         decode_image(data)

@@ -8,22 +8,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from shard_corpus import write_good_shard
 
 from ldm_testing import launch_ranks
-from shard_corpus import write_good_shard
 
 HERE = Path(__file__).resolve().parent
 
 
 def _run(out: Path, train: list[str], val: list[str]) -> str:
     """Both ranks of ddp_run.py started at once, as torchrun would; rank 0's output."""
-    return launch_ranks([sys.executable, str(HERE / "ddp_run.py"), str(out), json.dumps(train), json.dumps(val)], out)[0]
+    return launch_ranks([sys.executable, str(HERE / "ddp_run.py"), str(out), json.dumps(train), json.dumps(val)], out)[
+        0
+    ]
 
 
 @pytest.mark.slow
 def test_ddp_ranks_run_equal_steps_on_uneven_shards(tmp_path):
-    shards = [write_good_shard(tmp_path / f"part{i}.tar", [f"p{i}-{j:03d}" for j in range(n)], size=(8, 8))
-              for i, n in enumerate((5, 17, 40))]
+    shards = [
+        write_good_shard(tmp_path / f"part{i}.tar", [f"p{i}-{j:03d}" for j in range(n)], size=(8, 8))
+        for i, n in enumerate((5, 17, 40))
+    ]
     (tmp_path / "broken.tar").write_bytes(b"not a tar" * 100)
     out = tmp_path / "run"
     out.mkdir()

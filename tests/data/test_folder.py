@@ -14,10 +14,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from ldm.data.buckets import BucketedSample
+from ldm.data.captions import CaptionPicker
 from ldm.data.folder import FolderError, FolderStream, assign_buckets, check_files, index_folder, split_validation
 from ldm.data.folder_datamodule import FolderDataModule
 from ldm.data.samples import ToTrainingSample
-from ldm.data.captions import CaptionPicker
 from ldm.data.streams import StreamStart
 from ldm.data.training_loader import TrainingLoader
 from ldm.data.transforms import ImageTransform
@@ -34,7 +34,7 @@ def _image(path: Path, size, colour, fmt=None) -> None:
 
 
 def _kind(key: str) -> str:
-    """"b/c/wide-3.jpg" -> "wide" (keys are the image paths relative to the folder)."""
+    """ "b/c/wide-3.jpg" -> "wide" (keys are the image paths relative to the folder)."""
     return Path(key).stem.split("-")[0]
 
 
@@ -75,8 +75,17 @@ def _stream(index, buckets=None, batch_size=4, **options):
 
 
 def test_txt_captions_from_the_real_config(txt_folder):
-    cfg = compose_config("train", ["data=folder", f"data.path={txt_folder}", "data.image_size=32", "data.num_workers=0",
-                                   "data.batch_size=4", "seed=3"])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            "data=folder",
+            f"data.path={txt_folder}",
+            "data.image_size=32",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            "seed=3",
+        ],
+    )
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")
     assert len(datamodule.train_index) == 15  # 13 + uncaptioned + broken (found by decoding)
@@ -99,8 +108,12 @@ def _metadata_folder(root: Path, kind: str) -> Path:
     rows = [{"file_name": f"img/{i}.png", "text": f"caption {i}"} for i in range(6)]
     for i in range(6):
         _image(root / f"img/{i}.png", (40, 40), (i * 40, 0, 0))
-    rows += [{"file_name": "../outside.png", "text": "escape"}, {"file_name": str(root.parent / "outside.png"),
-             "text": "absolute"}, {"file_name": "img/missing.png", "text": "gone"}, {"text": "no file"}]  # fmt: skip
+    rows += [
+        {"file_name": "../outside.png", "text": "escape"},
+        {"file_name": str(root.parent / "outside.png"), "text": "absolute"},
+        {"file_name": "img/missing.png", "text": "gone"},
+        {"text": "no file"},
+    ]
     _image(root.parent / "outside.png", (40, 40), (0, 0, 0))
     (root / "img/link.png").symlink_to(root.parent / "outside.png")
     rows.append({"file_name": "img/link.png", "text": "a symlink out"})
@@ -192,8 +205,9 @@ def test_validation_split_is_deterministic_and_disjoint(txt_folder):
     train, val = split_validation(index, 0.2)
     assert len(val) == 3 and len(train) == 12 and not set(train.paths) & set(val.paths)
     assert split_validation(index, 0.2)[1].paths == val.paths
-    datamodule = FolderDataModule(path=str(txt_folder), val_fraction=0.2, image_size=32, batch_size=2, num_workers=0,
-                                  seed=1)  # fmt: skip
+    datamodule = FolderDataModule(
+        path=str(txt_folder), val_fraction=0.2, image_size=32, batch_size=2, num_workers=0, seed=1
+    )
     datamodule.setup("fit")
     seen = [k for batch in datamodule.val_dataloader() for k in batch["key"]]
     assert sorted(seen) == sorted(p for p in val.paths if "uncaptioned" not in p and "broken" not in p)
@@ -217,10 +231,17 @@ def test_resume_deep_into_an_epoch_is_bit_identical_and_decodes_nothing_skipped(
     index = _index(txt_folder, buckets)
 
     def batches(epoch, skip, to_sample=None):
-        stream = FolderStream(index, to_sample or _samples(buckets, random_flip=True) if buckets else
-                              to_sample or _samples(None), 2, train=True, seed=9, repeats=2)  # fmt: skip
-        loader = TrainingLoader(stream, lambda s: DataLoader(s, batch_size=None, num_workers=workers), workers,
-                                lambda: (epoch, skip))  # fmt: skip
+        stream = FolderStream(
+            index,
+            to_sample or _samples(buckets, random_flip=True) if buckets else to_sample or _samples(None),
+            2,
+            train=True,
+            seed=9,
+            repeats=2,
+        )
+        loader = TrainingLoader(
+            stream, lambda s: DataLoader(s, batch_size=None, num_workers=workers), workers, lambda: (epoch, skip)
+        )
         return list(loader)
 
     straight = batches(1, 0)
@@ -249,11 +270,26 @@ def test_training_from_a_folder_with_buckets_resumes_bit_identically(txt_folder,
 
     def run(out, *extra):
         training = [o for o in TINY_TRAINING if not o.startswith(("data.", "callbacks.sample_grid"))]
-        cfg = compose_config("train", [*TINY_MODEL, *training, "data=folder", f"data.path={txt_folder}",
-                                       "data.image_size=32", "data.batch_size=2", "data.num_workers=2",
-                                       "data.buckets=auto", "data.bucket_step=8", "data.repeats=2",
-                                       "~callbacks.sample_grid", "trainer.max_steps=16", "trainer.limit_val_batches=0",
-                                       "callbacks.checkpoint.every_n_train_steps=5", *extra])  # fmt: skip
+        cfg = compose_config(
+            "train",
+            [
+                *TINY_MODEL,
+                *training,
+                "data=folder",
+                f"data.path={txt_folder}",
+                "data.image_size=32",
+                "data.batch_size=2",
+                "data.num_workers=2",
+                "data.buckets=auto",
+                "data.bucket_step=8",
+                "data.repeats=2",
+                "~callbacks.sample_grid",
+                "trainer.max_steps=16",
+                "trainer.limit_val_batches=0",
+                "callbacks.checkpoint.every_n_train_steps=5",
+                *extra,
+            ],
+        )
         with open_dict(cfg):
             cfg.paths.output_dir = str(out)
         return train(cfg)

@@ -16,7 +16,6 @@ import torch
 import webdataset as wds
 from hydra.utils import instantiate
 
-from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config, run_script
 from ldm.checkpoints import fingerprint, save_safetensors
 from ldm.data.latent_format import LatentsMismatchError, check_latents_match, read_shard_meta
 from ldm.data.latent_writer import precompute_latents
@@ -25,6 +24,7 @@ from ldm.data.webdataset import ShardDataModule
 from ldm.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.conditioners import OpenCLIPTextEncoder
+from ldm_testing import ROOT, TINY_MODEL, TINY_TRAINING, compose_config, run_script
 
 SIZE = 32  # TINY_TRAINING's data.image_size: 16x16 latents with the tiny VAE (f = 2)
 NAMES = ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
@@ -52,11 +52,22 @@ def model_overrides(tmp_path_factory) -> list[str]:
 
 def precompute_config(model_overrides, toy_data_dir, out, *overrides):
     toy = toy_data_dir / "toy"
-    return compose_config("precompute", [
-        *model_overrides, f"data.shards={toy}/train-*.tar", f"data.val_shards={toy}/val-*.tar", "data.prepare=null",
-        f"data.image_size={SIZE}", f"out={out}", "batch_size=32", "num_workers=0", "device=cpu", "progress=false",
-        *overrides,
-    ])
+    return compose_config(
+        "precompute",
+        [
+            *model_overrides,
+            f"data.shards={toy}/train-*.tar",
+            f"data.val_shards={toy}/val-*.tar",
+            "data.prepare=null",
+            f"data.image_size={SIZE}",
+            f"out={out}",
+            "batch_size=32",
+            "num_workers=0",
+            "device=cpu",
+            "progress=false",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +123,10 @@ def test_stored_posterior_and_context_equal_the_online_encoding(latents_dir, fro
     autoencoder, conditioner = frozen
     toy = toy_data_dir / "toy"
     images = ShardDataModule(  # the on-the-fly image path, batched as the precompute was (32)
-        shards=str(toy / "train-*.tar"), val_shards=str(toy / "val-*.tar"), image_size=SIZE, batch_size=32,
+        shards=str(toy / "train-*.tar"),
+        val_shards=str(toy / "val-*.tar"),
+        image_size=SIZE,
+        batch_size=32,
         num_workers=0,
     )
     images.setup("fit")
@@ -132,16 +146,26 @@ def test_store_sample_writes_one_scaled_posterior_draw_reproducibly(
     model_overrides, toy_data_dir, latents_dir, tmp_path
 ):
     for run in ("a", "b"):
-        script.precompute(precompute_config(model_overrides, toy_data_dir, tmp_path / run, "store=sample",
-                                            "data.shards=null", f"data.val_shards={toy_data_dir}/toy/val-*.tar"))
+        script.precompute(
+            precompute_config(
+                model_overrides,
+                toy_data_dir,
+                tmp_path / run,
+                "store=sample",
+                "data.shards=null",
+                f"data.val_shards={toy_data_dir}/toy/val-*.tar",
+            )
+        )
     assert _files(tmp_path / "a") == _files(tmp_path / "b")  # same seed: byte-identical
     meta, _ = read_shard_meta(str(tmp_path / "a" / "val-000000.tar"))
     drawn = _raw_samples(tmp_path / "a" / "val-000000.tar")[1:]
     posteriors = _raw_samples(latents_dir / "val-000000.tar")[1:]
-    eps = np.stack([
-        (_npy(d["latent.npy"]) / meta["scaling_factor"] - _npy(p["mean.npy"])) / np.exp(0.5 * _npy(p["logvar.npy"]))
-        for d, p in zip(drawn, posteriors)
-    ])
+    eps = np.stack(
+        [
+            (_npy(d["latent.npy"]) / meta["scaling_factor"] - _npy(p["mean.npy"])) / np.exp(0.5 * _npy(p["logvar.npy"]))
+            for d, p in zip(drawn, posteriors)
+        ]
+    )
     assert meta["store"] == "sample" and "mean.npy" not in drawn[0]
     assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05  # z = mean + std * N(0, I)
 
@@ -152,8 +176,9 @@ def test_unusable_inputs_are_dropped_and_counted_as_the_image_pipeline_does(froz
         sink.write({"__key__": "a", "png": good[0]["png"], "txt": good[0]["txt"]})
         sink.write({"__key__": "b", "png": b"not an image", "txt": b"a red circle in the center"})
         sink.write({"__key__": "c", "png": good[1]["png"], "txt": b"  "})
-    report = precompute_latents(*frozen, {"train": str(tmp_path / "in.tar")}, tmp_path / "out", image_size=SIZE,
-                                device="cpu", progress=False)
+    report = precompute_latents(
+        *frozen, {"train": str(tmp_path / "in.tar")}, tmp_path / "out", image_size=SIZE, device="cpu", progress=False
+    )
     assert report.num_samples == 1 and report.dropped == {"skipped/corrupt_image": 1, "skipped/empty_caption": 1}
     assert [s["__key__"] for s in _raw_samples(tmp_path / "out" / "train-000000.tar")] == ["__meta__", "a"]
 
@@ -196,8 +221,14 @@ def test_two_ranks_from_the_environment_write_disjoint_complete_halves(
 
 
 def test_cli_reports_a_missing_input_in_one_line(model_overrides, tmp_path, capsys):
-    status = run_script("data_scripts/precompute_latents.py", *model_overrides, "data.prepare=null",
-                        f"data.shards='{tmp_path}/nothing-{{000..003}}.tar'", f"out={tmp_path}/out", "progress=false")
+    status = run_script(
+        "data_scripts/precompute_latents.py",
+        *model_overrides,
+        "data.prepare=null",
+        f"data.shards='{tmp_path}/nothing-{{000..003}}.tar'",
+        f"out={tmp_path}/out",
+        "progress=false",
+    )
     stderr = capsys.readouterr().err
     assert status == 1, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("error: no shard found") and "nothing-" in stderr
@@ -206,8 +237,13 @@ def test_cli_reports_a_missing_input_in_one_line(model_overrides, tmp_path, caps
 
 def test_datamodule_batches_go_straight_through_encode_batch(latents_dir, model_overrides, frozen):
     datamodule = LatentShardDataModule(
-        shards=str(latents_dir / "train-*.tar"), val_shards=str(latents_dir / "val-*.tar"), image_size=SIZE,
-        batch_size=8, num_workers=0, shuffle_buffer=16, caption_dropout=0.5,
+        shards=str(latents_dir / "train-*.tar"),
+        val_shards=str(latents_dir / "val-*.tar"),
+        image_size=SIZE,
+        batch_size=8,
+        num_workers=0,
+        shuffle_buffer=16,
+        caption_dropout=0.5,
     )
     datamodule.setup("fit")
     batches = [b for _, b in zip(range(4), datamodule.train_dataloader())]
@@ -262,10 +298,18 @@ def test_model_check_names_the_mismatch(latents_dir, frozen):
 
 def _train_config(model_overrides, latents_dir, tmp_path, *overrides):
     training = [o for o in TINY_TRAINING if not o.startswith("callbacks.sample_grid")]
-    cfg = compose_config("train", [
-        *model_overrides, *training, "data=latents", f"data.shards={latents_dir}/train-*.tar",
-        f"data.val_shards={latents_dir}/val-*.tar", "~callbacks.sample_grid", *overrides,
-    ])
+    cfg = compose_config(
+        "train",
+        [
+            *model_overrides,
+            *training,
+            "data=latents",
+            f"data.shards={latents_dir}/train-*.tar",
+            f"data.val_shards={latents_dir}/val-*.tar",
+            "~callbacks.sample_grid",
+            *overrides,
+        ],
+    )
     cfg.paths.output_dir = str(tmp_path / "run")
     return cfg
 
@@ -304,11 +348,18 @@ def flipped_latents_dir(model_overrides, toy_data_dir, tmp_path_factory) -> Path
     return out
 
 
-def test_flips_store_the_flipped_images_posterior_beside_the_image_one(flipped_latents_dir, latents_dir, frozen, toy_data_dir):
+def test_flips_store_the_flipped_images_posterior_beside_the_image_one(
+    flipped_latents_dir, latents_dir, frozen, toy_data_dir
+):
     autoencoder, _ = frozen
     toy = toy_data_dir / "toy"
-    images = ShardDataModule(shards=str(toy / "train-*.tar"), val_shards=str(toy / "val-*.tar"), image_size=SIZE,
-                             batch_size=32, num_workers=0)  # fmt: skip
+    images = ShardDataModule(
+        shards=str(toy / "train-*.tar"),
+        val_shards=str(toy / "val-*.tar"),
+        image_size=SIZE,
+        batch_size=32,
+        num_workers=0,
+    )
     images.setup("fit")
     batch = images.on_after_batch_transfer(next(iter(images.val_dataloader())), 0)
     samples = _raw_samples(flipped_latents_dir / "val-000000.tar")
@@ -323,8 +374,9 @@ def test_flips_store_the_flipped_images_posterior_beside_the_image_one(flipped_l
 
 
 def test_random_flip_on_latents_needs_flipped_shards(latents_dir):
-    datamodule = LatentShardDataModule(shards=str(latents_dir / "train-*.tar"), image_size=SIZE, random_flip=True,
-                                       num_workers=0)  # fmt: skip
+    datamodule = LatentShardDataModule(
+        shards=str(latents_dir / "train-*.tar"), image_size=SIZE, random_flip=True, num_workers=0
+    )
     with pytest.raises(UserError, match="flips=true"):
         datamodule.setup("fit")
 
@@ -335,9 +387,17 @@ def test_training_on_latents_resumes_bit_identically_deep_into_an_epoch(model_ov
     from train import train
 
     def run(out, *extra):
-        cfg = _train_config(model_overrides, flipped_latents_dir, out, "data.random_flip=true", "data.num_workers=2",
-                            "data.samples_per_epoch=40", "trainer.max_steps=12",
-                            "callbacks.checkpoint.every_n_train_steps=7", *extra)  # fmt: skip
+        cfg = _train_config(
+            model_overrides,
+            flipped_latents_dir,
+            out,
+            "data.random_flip=true",
+            "data.num_workers=2",
+            "data.samples_per_epoch=40",
+            "trainer.max_steps=12",
+            "callbacks.checkpoint.every_n_train_steps=7",
+            *extra,
+        )
         return train(cfg)["task"]
 
     straight = run(tmp_path / "straight")

@@ -12,13 +12,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ldm_testing import run_script
 from ldm.data.contact_sheet import SheetLayout, wrap_text
 from ldm.data.corpus_inputs import folder_items
 from ldm.data.inspection_text import format_report
 from ldm.data.shard_inspection import inspect_shards, save_contact_sheet
 from ldm.data.shard_writing import write_shards
-
+from ldm_testing import run_script
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -51,20 +50,26 @@ def corpus(tmp_path_factory) -> list[str]:
     end-of-archive blocks are missing (the loader keeps the first: the second may lack members)."""
     root = tmp_path_factory.mktemp("shards")
     jpg, png = (lambda w, h: image_bytes(w, h, "JPEG")), image_bytes
-    write_tar(root / "a-000000.tar", [
-        {"__key__": "k0", "jpg": jpg(40, 20), "txt": b"a red cat", "json": meta(40, 20)},
-        {"__key__": "k1", "png": png(30, 30), "txt": b"dog", "json": meta(30, 30)},
-        {"__key__": "k2", "jpg": jpg(20, 40), "txt": b"  two  words ", "json": meta(20, 40)},
-        {"__key__": "k3", "png": png(50, 25), "txt": b"one two three four"},  # size from the header
-    ])
-    write_tar(root / "a-000001.tar", [
-        {"__key__": "b0", "jpg": jpg(40, 20), "json": meta(40, 20)},  # no caption
-        {"__key__": "b1", "jpg": b"not an image", "txt": b"broken", "json": meta(10, 10)},  # corrupt image
-        {"__key__": "b2", "png": png(16, 16), "txt": b"", "cls": b""},  # an empty caption, an empty member
-        {"__key__": "b3", "txt": b"orphan caption"},  # no image
-        {"__key__": "b4", "jpg": b"", "txt": b"empty image"},  # a zero-byte image
-        {"__key__": "b5", "jpg": jpg(40, 20), "txt": b"\xff\xfe bad", "json": b"{"},  # caption, json
-    ])
+    write_tar(
+        root / "a-000000.tar",
+        [
+            {"__key__": "k0", "jpg": jpg(40, 20), "txt": b"a red cat", "json": meta(40, 20)},
+            {"__key__": "k1", "png": png(30, 30), "txt": b"dog", "json": meta(30, 30)},
+            {"__key__": "k2", "jpg": jpg(20, 40), "txt": b"  two  words ", "json": meta(20, 40)},
+            {"__key__": "k3", "png": png(50, 25), "txt": b"one two three four"},  # size from the header
+        ],
+    )
+    write_tar(
+        root / "a-000001.tar",
+        [
+            {"__key__": "b0", "jpg": jpg(40, 20), "json": meta(40, 20)},  # no caption
+            {"__key__": "b1", "jpg": b"not an image", "txt": b"broken", "json": meta(10, 10)},  # corrupt image
+            {"__key__": "b2", "png": png(16, 16), "txt": b"", "cls": b""},  # an empty caption, an empty member
+            {"__key__": "b3", "txt": b"orphan caption"},  # no image
+            {"__key__": "b4", "jpg": b"", "txt": b"empty image"},  # a zero-byte image
+            {"__key__": "b5", "jpg": jpg(40, 20), "txt": b"\xff\xfe bad", "json": b"{"},  # caption, json
+        ],
+    )
     cut = root / "a-000002.tar"
     write_tar(cut, [{"__key__": f"c{i}", "png": png(10, 10, seed=i), "txt": b"x"} for i in range(3)])
     data, _ = member_end(cut, "c2.png")
@@ -84,25 +89,41 @@ def test_counts_statistics_and_bad_samples_are_exact(corpus: list[str]) -> None:
 
     assert report.bad_samples == 6
     assert report.bad_by_reason == {  # the loader's names (ldm.data.skips); samples, then shards
-        "corrupt_caption": 1, "corrupt_image": 1, "corrupt_metadata": 1, "empty_caption": 2, "empty_image": 1,
-        "empty_member": 1, "no_image": 1, "truncated_shard": 2,
+        "corrupt_caption": 1,
+        "corrupt_image": 1,
+        "corrupt_metadata": 1,
+        "empty_caption": 2,
+        "empty_image": 1,
+        "empty_member": 1,
+        "no_image": 1,
+        "truncated_shard": 2,
     }
     assert list(report.bad_by_reason)[-1] == "truncated_shard"
     assert {(e["key"], e["reason"]) for e in report.bad_examples} >= {
-        ("b2", "empty_caption"), ("b2", "empty_member"), ("b4", "empty_image"), ("b5", "corrupt_caption")}
+        ("b2", "empty_caption"),
+        ("b2", "empty_member"),
+        ("b4", "empty_image"),
+        ("b5", "corrupt_caption"),
+    }
     assert [(s["shard"], s["reason"]) for s in report.bad_shards] == [(url, "truncated_shard") for url in corpus[2:]]
     assert "end-of-archive" in report.bad_shards[1]["detail"]
 
     # captions: 9 3 10 18 | 6 0 14 11 | 1 1 | 1 (stripped; b0 has none, b5's is not UTF-8)
-    assert report.caption_chars == pytest.approx({"count": 11, "min": 0, "median": 6, "p95": 16, "max": 18, "mean": 74 / 11})
-    assert report.caption_words == pytest.approx({"count": 11, "min": 0, "median": 1, "p95": 3.5, "max": 4, "mean": 18 / 11})
+    assert report.caption_chars == pytest.approx(
+        {"count": 11, "min": 0, "median": 6, "p95": 16, "max": 18, "mean": 74 / 11}
+    )
+    assert report.caption_words == pytest.approx(
+        {"count": 11, "min": 0, "median": 1, "p95": 3.5, "max": 4, "mean": 18 / 11}
+    )
     # resolution: .json for k0 k1 k2 b0 b1; the header for k3 b2 b5 and the three 10x10 PNGs
     assert report.resolution_source == {"header": 6, "json": 5}
     assert report.image_formats == {"jpg": 6, "png": 6}
     assert {k: report.width[k] for k in ("count", "min", "median", "p95", "max")} == pytest.approx(
-        {"count": 11, "min": 10, "median": 20, "p95": 45, "max": 50})
+        {"count": 11, "min": 10, "median": 20, "p95": 45, "max": 50}
+    )
     assert {k: report.height[k] for k in ("min", "median", "p95", "max")} == pytest.approx(
-        {"min": 10, "median": 20, "p95": 35, "max": 40})
+        {"min": 10, "median": 20, "p95": 35, "max": 40}
+    )
     assert {k: report.aspect[k] for k in ("min", "median", "max")} == pytest.approx({"min": 0.5, "median": 1, "max": 2})
 
     text = format_report(report)
@@ -151,9 +172,17 @@ def test_cli(tmp_path: Path, capsys) -> None:
         (images / f"{index}.txt").write_text(f"caption {index}")
     write_shards(folder_items(images), tmp_path / "shards", samples_per_shard=4, progress=False)
     status = run_script(
-        "data_scripts/inspect_shards.py", str(tmp_path / "shards" / "shard-{000000..000001}.tar"),
-        "--json", str(tmp_path / "report.json"), "--contact-sheet", str(tmp_path / "sheet.png"),
-        "--samples", "5", "--thumb", "32", "--no-progress",
+        "data_scripts/inspect_shards.py",
+        str(tmp_path / "shards" / "shard-{000000..000001}.tar"),
+        "--json",
+        str(tmp_path / "report.json"),
+        "--contact-sheet",
+        str(tmp_path / "sheet.png"),
+        "--samples",
+        "5",
+        "--thumb",
+        "32",
+        "--no-progress",
     )
     result = capsys.readouterr()
     assert status == 0, result.err

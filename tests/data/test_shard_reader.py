@@ -8,10 +8,10 @@ import tarfile
 import tracemalloc
 
 import pytest
+from shard_corpus import good_sample, tar_bytes, write_good_shard
 
 from ldm.data.shard_reader import read_shard, split_name
 from ldm.data.skips import DataCounts
-from shard_corpus import good_sample, tar_bytes, write_good_shard
 
 
 def _read(url, **options):
@@ -35,8 +35,9 @@ def fake_tools(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/dir/remote.tar", "gs://bucket/remote.tar", "https://host/remote.tar",
-                                 "http://host/remote.tar"])
+@pytest.mark.parametrize(
+    "url", ["s3://bucket/dir/remote.tar", "gs://bucket/remote.tar", "https://host/remote.tar", "http://host/remote.tar"]
+)
 def test_object_storage_urls_are_read_through_their_tools(fake_tools, url):
     write_good_shard(fake_tools / "remote.tar", ["r0", "r1"])
     assert _read(url) == (["r0", "r1"], {})

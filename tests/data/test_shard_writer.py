@@ -31,7 +31,9 @@ def test_bytes_equal_webdatasets_tar_writer(tmp_path: Path) -> None:
     assert (tmp_path / "a.tar").read_bytes() == expected
     read = list(wds.DataPipeline(wds.SimpleShardList([str(tmp_path / "a.tar")]), wds.tarfile_to_samples()))
     assert [s["__key__"] for s in read] == [s["__key__"] for s in SAMPLES]
-    assert read[0]["txt"] == "a caf\u00e9".encode() and "__url__" not in (tmp_path / "a.tar").read_bytes().decode("latin1")
+    assert read[0]["txt"] == "a caf\u00e9".encode() and "__url__" not in (tmp_path / "a.tar").read_bytes().decode(
+        "latin1"
+    )
 
 
 def test_a_member_that_is_not_bytes_or_str_is_refused(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from ldm_testing import run_script
 from ldm.data.corpus_inputs import folder_items, table_items
 from ldm.data.sample_encoding import encode_image
 from ldm.data.shard_writing import write_shards
 from ldm.errors import UserError
+from ldm_testing import run_script
 
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
@@ -77,7 +77,9 @@ def test_folder_to_shards(corpus: Path, tmp_path: Path) -> None:
     assert len(samples) == 24
     for sample in samples:
         image_keys = {"jpg", "png", "webp"} & set(sample)
-        assert len(image_keys) == 1 and set(sample) == {"__key__", "__url__", "__local_path__", "txt", "json"} | image_keys
+        assert (
+            len(image_keys) == 1 and set(sample) == {"__key__", "__url__", "__local_path__", "txt", "json"} | image_keys
+        )
         image, meta = sample[image_keys.pop()], sample["json"]
         item = by_source[meta["source"]]
         assert sample["__key__"] == f"{item.index:09d}"
@@ -106,7 +108,9 @@ def test_encoding_rules(corpus: Path, tmp_path: Path) -> None:
     write_shards(folder_items(corpus), tmp_path / "out", samples_per_shard=100, progress=False)
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar}
-    by_source = {json.loads(data)["source"]: name.split(".")[0] for name, data in members.items() if name.endswith(".json")}
+    by_source = {
+        json.loads(data)["source"]: name.split(".")[0] for name, data in members.items() if name.endswith(".json")
+    }
     for source, key in by_source.items():
         original = (corpus / source).read_bytes()
         if source == "misnamed.jpg":
@@ -167,8 +171,15 @@ def test_table_inputs(tmp_path: Path, suffix: str) -> None:
     assert summary.skipped["missing_file"] == 1
     assert summary.skipped["empty_caption"] == (0 if suffix == ".csv" else 1)
     first = samples[0]["json"]
-    assert first == {"source": "images/0.png", "width": 10, "height": 10, "original_width": 10,
-                     "original_height": 10, "score": "0.5", "table_width": "999"}
+    assert first == {
+        "source": "images/0.png",
+        "width": 10,
+        "height": 10,
+        "original_width": 10,
+        "original_height": 10,
+        "score": "0.5",
+        "table_width": "999",
+    }
     assert samples[1]["txt"] == "one, with a comma"
     if suffix == ".csv":  # a CSV header must name both columns
         with pytest.raises(UserError, match="'text'"):
@@ -213,8 +224,19 @@ def test_existing_shards_need_overwrite(corpus: Path, tmp_path: Path) -> None:
 
 def test_cli(corpus: Path, tmp_path: Path, capsys) -> None:
     status = run_script(
-        "data_scripts/images_to_shards.py", str(corpus), "--out", str(tmp_path / "out"),
-        "--samples-per-shard", "10", "--prefix", "train", "--max-side", "16", "--workers", "2", "--no-progress",
+        "data_scripts/images_to_shards.py",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--samples-per-shard",
+        "10",
+        "--prefix",
+        "train",
+        "--max-side",
+        "16",
+        "--workers",
+        "2",
+        "--no-progress",
     )
     result = capsys.readouterr()
     assert status == 0, result.err

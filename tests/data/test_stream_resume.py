@@ -12,6 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from latent_corpus import (
+    LATENT_SHAPE,
+    empty_context,
+    latent_header,
+    latent_meta,
+    latent_sample,
+    npy,
+    write_latent_shard,
+)
+from shard_corpus import write_good_shard, write_tar
 
 from ldm.data.latent_samples import ToLatentSample
 from ldm.data.samples import ToTrainingSample
@@ -19,8 +29,6 @@ from ldm.data.shards import Source
 from ldm.data.streams import POSITION_KEY, ShardStream, StreamStart
 from ldm.data.transforms import ImageTransform
 from ldm_testing import run_training_loader
-from latent_corpus import LATENT_SHAPE, empty_context, latent_header, latent_meta, latent_sample, npy, write_latent_shard
-from shard_corpus import write_good_shard, write_tar
 
 SIZES = (5, 17, 40)  # uneven shards
 BATCH = 4
@@ -42,14 +50,22 @@ def decoder(kind: str, train: bool = True):
     """Both with random choices to reproduce: random crops and flips; noise, caption dropout and flips."""
     if kind == "images":
         return ToTrainingSample(ImageTransform(8, center_crop=False, random_flip=train))
-    return ToLatentSample(latent_meta(), empty_context(), train, caption_dropout=0.3 if train else 0.0,
-                          random_flip=train)  # fmt: skip
+    return ToLatentSample(
+        latent_meta(), empty_context(), train, caption_dropout=0.3 if train else 0.0, random_flip=train
+    )
 
 
 def stream(kind: str, urls: list[str], rank: int = 0, world_size: int = 1, to_sample=None, **options) -> ShardStream:
     options = {"seed": 5, "shuffle_buffer": 16, "samples_per_epoch": world_size * PER_RANK * BATCH, **options}
-    return ShardStream([Source(urls[:2], 2.0), Source(urls[2:])], to_sample or decoder(kind), BATCH, train=True,
-                       rank=rank, world_size=world_size, **options)  # fmt: skip
+    return ShardStream(
+        [Source(urls[:2], 2.0), Source(urls[2:])],
+        to_sample or decoder(kind),
+        BATCH,
+        train=True,
+        rank=rank,
+        world_size=world_size,
+        **options,
+    )
 
 
 def assert_same_batches(kind: str, a: list[dict], b: list[dict]) -> None:
@@ -66,6 +82,7 @@ def test_resume_deep_into_an_epoch_is_exact(shards, kind, world_size, workers):
     position: the rest of the epoch is the same, to the bit, on every rank."""
     per_rank = []
     for rank in range(world_size):
+
         def make():
             return stream(kind, shards[kind], rank, world_size)
 
@@ -117,16 +134,24 @@ def test_a_resume_decodes_only_what_the_next_batch_needs(shards, kind):
 
 def test_latent_flips_and_caption_dropout_are_drawn_per_sample(shards):
     batches = list(itertools.islice(iter(stream("latents", shards["latents"], samples_per_epoch=None)), 40))
-    rows = [(key, latent, caption) for b in batches for key, latent, caption in zip(b["key"], b["latent"], b["caption"])]
+    rows = [
+        (key, latent, caption) for b in batches for key, latent, caption in zip(b["key"], b["latent"], b["caption"])
+    ]
     means = {key: np.load(io.BytesIO(dict(latent_sample(key))[f"{key}.mean.npy"])) for key, _, _ in rows}
     # logvar -4: std e^-2, so the sign of latent / 0.5 (the scaling) shows which mean was drawn
-    flipped = [bool((torch.sign(latent) == -torch.sign(torch.from_numpy(means[key]))).float().mean() > 0.9)
-               for key, latent, _ in rows]  # fmt: skip
+    flipped = [
+        bool((torch.sign(latent) == -torch.sign(torch.from_numpy(means[key]))).float().mean() > 0.9)
+        for key, latent, _ in rows
+    ]
     assert 0.35 < np.mean(flipped) < 0.65  # half of them the flipped image's latent
     dropped = [caption == "" for _, _, caption in rows]
     assert 0.18 < np.mean(dropped) < 0.42  # caption_dropout 0.3
-    assert all(torch.equal(b["context"][i], torch.from_numpy(empty_context())) for b in batches
-               for i, caption in enumerate(b["caption"]) if caption == "")  # fmt: skip
+    assert all(
+        torch.equal(b["context"][i], torch.from_numpy(empty_context()))
+        for b in batches
+        for i, caption in enumerate(b["caption"])
+        if caption == ""
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +159,14 @@ def bad_latent_shards(tmp_path_factory) -> tuple[list[str], set[str]]:
     """Latent shards with every kind of bad shard and sample; returns (urls, keys of the good samples)."""
     directory = tmp_path_factory.mktemp("bad_latents")
     good_keys = {f"g{i:02d}" for i in range(6)}
-    nan = [(name, npy(np.full(LATENT_SHAPE, np.nan, np.float32)) if name.endswith(".mean.npy") else m)
-           for name, m in latent_sample("nan0")]  # fmt: skip
-    misshapen = [(name, npy(np.zeros((4, 3, 3), np.float32)) if name.endswith(".logvar.npy") else m)
-                 for name, m in latent_sample("shape0")]  # fmt: skip
+    nan = [
+        (name, npy(np.full(LATENT_SHAPE, np.nan, np.float32)) if name.endswith(".mean.npy") else m)
+        for name, m in latent_sample("nan0")
+    ]
+    misshapen = [
+        (name, npy(np.zeros((4, 3, 3), np.float32)) if name.endswith(".logvar.npy") else m)
+        for name, m in latent_sample("shape0")
+    ]
     missing = [(name, m) for name, m in latent_sample("miss0") if not name.endswith(".context.npy")]
     garbled = [(name, b"\x93NUMPY garbage" if name.endswith(".mean.npy") else m) for name, m in latent_sample("garb0")]
     urls = [
@@ -159,8 +188,12 @@ def test_a_corrupt_latent_shard_is_skipped_and_counted_like_a_corrupt_image_shar
     counts = Counter()
     for batch in batches:
         counts.update(batch["skipped"])
-    assert counts == {"skipped/corrupt_latent": 4, "skipped/not_latent_shard": 1,
-                      "skipped/foreign_latent_shard": 1, "skipped/unreadable_shard": 1}  # fmt: skip
+    assert counts == {
+        "skipped/corrupt_latent": 4,
+        "skipped/not_latent_shard": 1,
+        "skipped/foreign_latent_shard": 1,
+        "skipped/unreadable_shard": 1,
+    }
     # training draws them again and again: it keeps going on the good samples
     no_flips = ToLatentSample(latent_meta(), empty_context(), True)  # (the flipped members are intact)
     train = ShardStream([Source(urls)], no_flips, 4, train=True, shuffle_buffer=8)
@@ -171,8 +204,16 @@ def test_a_corrupt_latent_shard_is_skipped_and_counted_like_a_corrupt_image_shar
 
 def test_latent_validation_splits_samples_when_there_are_fewer_shards_than_ranks(shards):
     one_shard = shards["latents"][2:]  # 40 samples
-    per_rank = [[key for b in ShardStream([Source(one_shard)], decoder("latents", train=False), 4, train=False,
-                                          rank=rank, world_size=3) for key in b["key"]] for rank in range(3)]  # fmt: skip
+    per_rank = [
+        [
+            key
+            for b in ShardStream(
+                [Source(one_shard)], decoder("latents", train=False), 4, train=False, rank=rank, world_size=3
+            )
+            for key in b["key"]
+        ]
+        for rank in range(3)
+    ]
     assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])
     assert sorted(k for keys in per_rank for k in keys) == [f"s2-{j:03d}" for j in range(40)]
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_testing import run_script
 from ldm.data import toy
 from ldm.data.toy import (
     COLOURS,
@@ -25,6 +24,7 @@ from ldm.data.toy import (
     sample_spec,
     write_toy_shards,
 )
+from ldm_testing import run_script
 
 CAPTION_RE = re.compile(
     r"^a (red|green|blue|yellow|purple|orange|white) (circle|square|triangle) "
@@ -167,9 +167,7 @@ def test_refuses_to_replace_foreign_directory(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["toy"]
 
 
-def test_ensure_is_idempotent_and_regenerates(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_ensure_is_idempotent_and_regenerates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "toy"
     assert ensure_toy_shards(out, num_train=6, num_val=2, seed=1) == out
     assert f"in {out}" in capsys.readouterr().out
@@ -192,8 +190,18 @@ def test_ensure_is_idempotent_and_regenerates(
 
 def test_cli_writes_shards(tmp_path: Path) -> None:
     status = run_script(
-        "data_scripts/make_toy_shards.py", "--out", str(tmp_path / "toy"),
-        "--train", "5", "--val", "2", "--seed", "7", "--samples-per-shard", "3", "--no-progress",
+        "data_scripts/make_toy_shards.py",
+        "--out",
+        str(tmp_path / "toy"),
+        "--train",
+        "5",
+        "--val",
+        "2",
+        "--seed",
+        "7",
+        "--samples-per-shard",
+        "3",
+        "--no-progress",
     )
     assert status == 0
     manifest = json.loads((tmp_path / "toy" / "manifest.json").read_text())

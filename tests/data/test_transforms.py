@@ -8,8 +8,29 @@ from PIL import Image
 from ldm.data.transforms import ImageTransform, to_model_range, to_rgb
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "I;16", "I;16B", "I", "F",
-                                  "RGBA", "RGBa", "LA", "La", "RGBX", "1"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "RGB",
+        "L",
+        "P",
+        "PA",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "I;16",
+        "I;16B",
+        "I",
+        "F",
+        "RGBA",
+        "RGBa",
+        "LA",
+        "La",
+        "RGBX",
+        "1",
+    ],
+)
 def test_every_mode_converts_to_rgb(mode):
     image = Image.new(mode, (8, 8))
     assert to_rgb(image).mode == "RGB"

@@ -6,24 +6,26 @@ from collections import Counter
 import pytest
 import torch
 from hydra.utils import instantiate
+from shard_corpus import write_good_shard
 from torch.utils.data import DataLoader
 
-from ldm_testing import compose_config, run_training_loader
 from ldm.data.samples import ToTrainingSample
 from ldm.data.shards import ShardSpecError, Source
 from ldm.data.streams import ShardStream, StreamStart
 from ldm.data.training_loader import TrainingLoader
 from ldm.data.transforms import ImageTransform
 from ldm.data.webdataset import ShardDataModule, image_caption_pipeline
-from shard_corpus import write_good_shard
+from ldm_testing import compose_config, run_training_loader
 
 
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory) -> list[str]:
     """Three shards of 5, 17 and 40 samples, keys u0-000 ... u2-039."""
     directory = tmp_path_factory.mktemp("uneven")
-    return [write_good_shard(directory / f"u{i}.tar", [f"u{i}-{j:03d}" for j in range(n)], size=(8, 8))
-            for i, n in enumerate((5, 17, 40))]
+    return [
+        write_good_shard(directory / f"u{i}.tar", [f"u{i}-{j:03d}" for j in range(n)], size=(8, 8))
+        for i, n in enumerate((5, 17, 40))
+    ]
 
 
 def _train(urls, seed=0, epoch=0, **options) -> ShardStream:
@@ -61,8 +63,11 @@ def test_validation_reads_each_sample_once(toy_data_dir):
 def test_the_seed_makes_streams_reproducible_and_each_rank_different(uneven):
     first = _keys(iter(_train(uneven, rank=0, world_size=2)), 10)
     assert first == _keys(iter(_train(uneven, rank=0, world_size=2)), 10)
-    for other in (_train(uneven, rank=1, world_size=2), _train(uneven, seed=1, rank=0, world_size=2),
-                  _train(uneven, rank=0, world_size=2, epoch=1)):  # each epoch draws anew
+    for other in (
+        _train(uneven, rank=1, world_size=2),
+        _train(uneven, seed=1, rank=0, world_size=2),
+        _train(uneven, rank=0, world_size=2, epoch=1),
+    ):  # each epoch draws anew
         assert _keys(iter(other), 10) != first
 
 
@@ -80,8 +85,16 @@ class CountingSample:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_stream_continues_where_it_stopped_without_decoding_what_it_read(uneven, workers):
     def make_stream():
-        return ShardStream([Source(uneven[:2], 2.0), Source(uneven[2:])], ToTrainingSample(ImageTransform(8)), 4,
-                           train=True, seed=3, shuffle_buffer=20, rank=0, world_size=1)  # fmt: skip
+        return ShardStream(
+            [Source(uneven[:2], 2.0), Source(uneven[2:])],
+            ToTrainingSample(ImageTransform(8)),
+            4,
+            train=True,
+            seed=3,
+            shuffle_buffer=20,
+            rank=0,
+            world_size=1,
+        )
 
     straight, saved = run_training_loader(make_stream, workers, 0, None, 24, save_at=13)  # 13: mid-round with 2 workers
     assert saved["done"] == 13 and len(saved["workers"]) == max(workers, 1)
@@ -92,8 +105,16 @@ def test_resumed_stream_continues_where_it_stopped_without_decoding_what_it_read
     # the first batch after a resume deep into the stream decodes its own samples, nothing before
     deep, deep_state = run_training_loader(make_stream, 0, 0, None, 200, save_at=199)
     counting = CountingSample(ToTrainingSample(ImageTransform(8)))
-    stream = ShardStream([Source(uneven[:2], 2.0), Source(uneven[2:])], counting, 4, train=True, seed=3,
-                         shuffle_buffer=20, rank=0, world_size=1)  # fmt: skip
+    stream = ShardStream(
+        [Source(uneven[:2], 2.0), Source(uneven[2:])],
+        counting,
+        4,
+        train=True,
+        seed=3,
+        shuffle_buffer=20,
+        rank=0,
+        world_size=1,
+    )
     stream.start = StreamStart(0, 199, deep_state["workers"])
     assert next(iter(stream))["key"] == deep[199]["key"] and counting.calls == 4
 
@@ -109,11 +130,19 @@ def test_changing_the_number_of_workers_starts_a_new_epoch_with_one_warning(unev
 
     datamodule.trainer = Trainer()
     shape = {**datamodule.shape(), "num_workers": 2}  # the checkpoint's run had two workers
-    datamodule.load_state_dict({"format": POSITION_FORMAT, "shape": shape, "epoch_base": [0, 0],
-                                "ranks": [{"epoch": 0, "done": 7, "workers": [None, None]}]})  # fmt: skip
+    datamodule.load_state_dict(
+        {
+            "format": POSITION_FORMAT,
+            "shape": shape,
+            "epoch_base": [0, 0],
+            "ranks": [{"epoch": 0, "done": 7, "workers": [None, None]}],
+        }
+    )
     loader = datamodule.train_dataloader()
     warning = capsys.readouterr().err.strip().splitlines()
-    assert len(warning) == 1 and "loader workers per rank: 2 then, 1 now" in warning[0] and "new epoch (1)" in warning[0]
+    assert (
+        len(warning) == 1 and "loader workers per rank: 2 then, 1 now" in warning[0] and "new epoch (1)" in warning[0]
+    )
     assert datamodule._position() == (1, 0) and loader.position_state()["epoch"] == 1
     # epoch 1's streams: not those of epoch 0, which the run had started with
     first = next(iter(loader))["key"]
@@ -133,13 +162,18 @@ def test_each_worker_draws_its_own_stream(uneven):
 
 
 def test_samples_per_epoch_gives_every_rank_the_same_number_of_batches(uneven):
-    per_rank = [len(list(_train(uneven[:1] if rank else uneven, rank=rank, world_size=2, samples_per_epoch=40)))
-                for rank in (0, 1)]
+    per_rank = [
+        len(list(_train(uneven[:1] if rank else uneven, rank=rank, world_size=2, samples_per_epoch=40)))
+        for rank in (0, 1)
+    ]
     assert per_rank == [5, 5]  # ceil(40 / (2 ranks x 1 worker x 4)), whatever the shards
     epoch = iter(range(2))
-    loader = TrainingLoader(_train(uneven, rank=0, world_size=2, samples_per_epoch=40),
-                            lambda stream: DataLoader(stream, batch_size=None, num_workers=2), 2,
-                            lambda: (next(epoch), 0))  # fmt: skip
+    loader = TrainingLoader(
+        _train(uneven, rank=0, world_size=2, samples_per_epoch=40),
+        lambda stream: DataLoader(stream, batch_size=None, num_workers=2),
+        2,
+        lambda: (next(epoch), 0),
+    )
     epochs = [_keys(loader) for _ in range(2)]
     assert [len(keys) for keys in epochs] == [24, 24]  # 2 workers x ceil(40 / (2 x 2 x 4)) x 4
     assert epochs[0] != epochs[1]  # each epoch draws anew
@@ -148,8 +182,10 @@ def test_samples_per_epoch_gives_every_rank_the_same_number_of_batches(uneven):
 def test_sources_mix_in_proportion_to_their_weights(tmp_path):
     sources = []
     for name, weight in (("big", 3.0), ("small", 1.0)):
-        urls = [write_good_shard(tmp_path / f"{name}{i}.tar", [f"{name}{i}-{j:02d}" for j in range(20)], size=(8, 8))
-                for i in range(3)]
+        urls = [
+            write_good_shard(tmp_path / f"{name}{i}.tar", [f"{name}{i}-{j:02d}" for j in range(20)], size=(8, 8))
+            for i in range(3)
+        ]
         sources.append(Source(urls, weight))
     stream = ShardStream(sources, ToTrainingSample(ImageTransform(8)), 20, train=True, shuffle_buffer=50)
     keys = _keys(iter(stream), 80)
@@ -179,10 +215,19 @@ def test_validation_splits_disjointly_across_ranks_and_workers(uneven, world_siz
 
 
 def test_datamodule_from_the_real_config(uneven, tmp_path):
-    cfg = compose_config("train", [
-        "data=webdataset", f"data.shards={uneven[0].rsplit('/', 1)[0]}/u*.tar", f"data.val_shards={uneven[2]}",
-        "data.num_workers=0", "data.batch_size=4", "data.image_size=16", "data.filters.max_unsafe=0.5", "seed=7",
-    ])
+    cfg = compose_config(
+        "train",
+        [
+            "data=webdataset",
+            f"data.shards={uneven[0].rsplit('/', 1)[0]}/u*.tar",
+            f"data.val_shards={uneven[2]}",
+            "data.num_workers=0",
+            "data.batch_size=4",
+            "data.image_size=16",
+            "data.filters.max_unsafe=0.5",
+            "seed=7",
+        ],
+    )
     datamodule = instantiate(cfg.data, _convert_="all")
     assert datamodule.seed == 7
     datamodule.setup("fit")
@@ -196,8 +241,12 @@ def test_datamodule_from_the_real_config(uneven, tmp_path):
 
 
 def test_datamodule_mixes_sources_and_checks_specs(uneven, tmp_path):
-    datamodule = ShardDataModule(sources=[{"shards": uneven[0], "weight": 0.7}, {"shards": uneven[1:], "weight": 0.3}],
-                                 image_size=8, batch_size=4, num_workers=0)
+    datamodule = ShardDataModule(
+        sources=[{"shards": uneven[0], "weight": 0.7}, {"shards": uneven[1:], "weight": 0.3}],
+        image_size=8,
+        batch_size=4,
+        num_workers=0,
+    )
     datamodule.setup("fit")
     assert [(len(s.urls), s.weight) for s in datamodule.train_sources] == [(1, 0.7), (2, 0.3)]
     assert len(next(iter(datamodule.train_dataloader()))["key"]) == 4
@@ -216,8 +265,12 @@ def test_datamodule_mixes_sources_and_checks_specs(uneven, tmp_path):
 def test_datamodule_runs_prepare_and_validation_uses_no_more_workers_than_shards(toy_data_dir):
     calls = []
     datamodule = ShardDataModule(
-        shards=str(toy_data_dir / "toy" / "train-*.tar"), val_shards=str(toy_data_dir / "toy" / "val-*.tar"),
-        image_size=32, batch_size=4, num_workers=3, prepare=lambda: calls.append(1),
+        shards=str(toy_data_dir / "toy" / "train-*.tar"),
+        val_shards=str(toy_data_dir / "toy" / "val-*.tar"),
+        image_size=32,
+        batch_size=4,
+        num_workers=3,
+        prepare=lambda: calls.append(1),
     )
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from test_samplers import MU, SCHEDULE, ZSNR, GaussianNetwork, S, prior_sample
 
 from ldm.diffusion.classifier_guidance import ClassifierGuidance, ClassLogLikelihood, log_likelihood_gradient
 from ldm.diffusion.denoiser import ClassifierFreeGuidance, Denoiser
 from ldm.diffusion.parameterization import predict_eps
 from ldm.diffusion.samplers import sample_plms
 from ldm.diffusion.timesteps import sampling_timesteps
-from test_samplers import MU, S, SCHEDULE, ZSNR, GaussianNetwork, prior_sample
 
 W = torch.tensor([0.7, -1.3], dtype=torch.float64).view(1, 2, 1, 1)
 
@@ -92,11 +92,13 @@ def test_class_log_likelihood_adds_the_labelled_heads_only():
     x = torch.randn(3, 1, 2, 2)
     labels = {"colour": torch.tensor([1, -1, 2]), "shape": torch.tensor([0, 1, -1])}
     logits = FixedLogits()(x, None)
-    expected = torch.stack([
-        logits["colour"][0].log_softmax(-1)[1] + logits["shape"][0].log_softmax(-1)[0],
-        logits["shape"][1].log_softmax(-1)[1],
-        logits["colour"][2].log_softmax(-1)[2],
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            logits["colour"][0].log_softmax(-1)[1] + logits["shape"][0].log_softmax(-1)[0],
+            logits["shape"][1].log_softmax(-1)[1],
+            logits["colour"][2].log_softmax(-1)[2],
+        ]
+    )
     torch.testing.assert_close(ClassLogLikelihood(FixedLogits(), labels)(x, torch.zeros(3)), expected)
     with pytest.raises(ValueError, match="no head"):
         ClassLogLikelihood(FixedLogits(), {"position": torch.tensor([0])})

@@ -73,7 +73,9 @@ def test_sampling_runs_from_fresh_wrappers_are_identical():
     x_T = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
 
     def run():
-        model_fn = ClassifierFreeGuidance(sampling_network(network, SCHEDULE, "v"), context, torch.zeros_like(context), 2.0)
+        model_fn = ClassifierFreeGuidance(
+            sampling_network(network, SCHEDULE, "v"), context, torch.zeros_like(context), 2.0
+        )
         return sample_dpmpp_2m(Denoiser(model_fn, SCHEDULE, "v"), x_T, timesteps, SCHEDULE)
 
     first = run()

@@ -25,8 +25,9 @@ def test_the_strength_picks_the_grid_tail_that_diffusers_img2img_runs(spacing, s
     diffusers = pytest.importorskip("diffusers")
     from types import SimpleNamespace
 
-    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                        timestep_spacing=spacing, steps_offset=0)  # fmt: skip
+    scheduler = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing=spacing, steps_offset=0
+    )
     scheduler.set_timesteps(steps)
     pipeline = SimpleNamespace(scheduler=scheduler)  # get_timesteps reads only the scheduler
     expected, count = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(pipeline, steps, strength, "cpu")

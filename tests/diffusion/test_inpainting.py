@@ -41,8 +41,16 @@ def inpaint(sampler, steps, resample_steps=1, jump_length=1, n=2000, known_noise
     known = torch.full((n, 1, 1, 2), C, dtype=torch.float64)
     mask = torch.tensor([0.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2)  # keep u, repaint v
     eps = torch.randn(n, 1, 1, 2, dtype=torch.float64)
-    blend = LatentBlending(known, mask, grid, SCHEDULE, known_noise, resample_steps=resample_steps,
-                           jump_length=jump_length, denoise=correlated_x0)  # fmt: skip
+    blend = LatentBlending(
+        known,
+        mask,
+        grid,
+        SCHEDULE,
+        known_noise,
+        resample_steps=resample_steps,
+        jump_length=jump_length,
+        denoise=correlated_x0,
+    )
     out = sampler(correlated_x0, blend.start(eps, eps), grid, SCHEDULE, callback=blend)
     assert torch.equal(out[..., 0], known[..., 0])  # the known pixel is the input, bit for bit
     return out[..., 1].mean().item(), out[..., 1].std().item()

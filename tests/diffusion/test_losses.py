@@ -50,7 +50,8 @@ def test_min_snr_is_finite_at_zero_terminal_snr(prediction_type):
 
 
 @pytest.mark.parametrize(
-    ("prediction_type", "loss_space"), [("v", "x0"), ("v", "eps"), ("x0", "v"), ("x0", "eps"), ("eps", "v"), ("eps", "x0")]
+    ("prediction_type", "loss_space"),
+    [("v", "x0"), ("v", "eps"), ("x0", "v"), ("x0", "eps"), ("eps", "v"), ("eps", "x0")],
 )
 def test_loss_space_weight_gives_the_mse_of_the_implied_quantity(prediction_type, loss_space):
     t = torch.tensor([0, 10, 300, 700, 999])
@@ -129,7 +130,7 @@ def test_offset_noise_adds_per_channel_constant():
     plain = sample_noise(x0, 0.0, torch.Generator().manual_seed(0))
     offset = sample_noise(x0, 0.5, torch.Generator().manual_seed(0))
     assert torch.equal(plain, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
-    shift = (offset - plain)
+    shift = offset - plain
     assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # constant per (sample, channel)
     assert shift[:, :, 0, 0].std().item() == pytest.approx(0.5, rel=0.05)
 

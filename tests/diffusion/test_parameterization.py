@@ -67,4 +67,6 @@ def test_matches_diffusers_add_noise_and_velocity():
     x0, eps, alpha, sigma, x_t = _batch(SCHEDULE, [0, 100, 999])
     t = torch.tensor([0, 100, 999])
     assert torch.allclose(reference.add_noise(x0.float(), eps.float(), t).double(), x_t, atol=1e-5)
-    assert torch.allclose(reference.get_velocity(x0.float(), eps.float(), t).double(), velocity(x0, eps, alpha, sigma), atol=1e-5)
+    assert torch.allclose(
+        reference.get_velocity(x0.float(), eps.float(), t).double(), velocity(x0, eps, alpha, sigma), atol=1e-5
+    )

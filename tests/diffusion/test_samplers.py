@@ -35,7 +35,11 @@ STOCHASTIC = {
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }
 DETERMINISTIC = {
-    "ddim": sample_ddim, "euler": sample_euler, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "plms": sample_plms,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "plms": sample_plms,
 }
 ALL = {**STOCHASTIC, **DETERMINISTIC}
 
@@ -66,7 +70,12 @@ def prior_sample(schedule, t, n, seed=0):
 
 
 MOMENT_CASES = [(name, "eps") for name in ALL] + [
-    ("ddim", "v"), ("ddim", "x0"), ("dpmpp_2m", "v"), ("ddpm", "x0"), ("plms", "v"), ("plms", "x0"),
+    ("ddim", "v"),
+    ("ddim", "x0"),
+    ("dpmpp_2m", "v"),
+    ("ddpm", "x0"),
+    ("plms", "v"),
+    ("plms", "x0"),
 ]
 
 
@@ -102,7 +111,9 @@ def ode_error(sampler, steps):
 
 # PLMS takes its last step into the clean sample with the multistep eps (as diffusers and CompVis do),
 # not the denoising jump this reference ends with: that step alone leaves ~0.002 at 1000 steps.
-@pytest.mark.parametrize("name, tolerance", [("ddim", 0.01), ("euler", 0.01), ("heun", 0.002), ("dpmpp_2m", 0.002), ("plms", 0.003)])
+@pytest.mark.parametrize(
+    "name, tolerance", [("ddim", 0.01), ("euler", 0.01), ("heun", 0.002), ("dpmpp_2m", 0.002), ("plms", 0.003)]
+)
 def test_deterministic_samplers_converge_to_ode_solution(name, tolerance):
     errors = [ode_error(DETERMINISTIC[name], steps) for steps in (25, 100, 1000)]
     assert errors[0] > errors[1] > errors[2]
@@ -162,14 +173,20 @@ def test_ddpm_equals_ddim_eta_one_pathwise():
 
 def _toy_network(x, t, context):
     # a smooth nonlinear function of (x, t, context) standing in for a trained U-Net
-    return torch.tanh(0.7 * x + 0.001 * t.view(-1, 1, 1, 1).to(x.dtype)) + 0.1 * context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+    return torch.tanh(0.7 * x + 0.001 * t.view(-1, 1, 1, 1).to(x.dtype)) + 0.1 * context.mean(dim=(1, 2)).view(
+        -1, 1, 1, 1
+    )
 
 
 def test_ddim_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
     )
     reference.set_timesteps(20)
     context = torch.randn(2, 5, 3)
@@ -180,7 +197,9 @@ def test_ddim_matches_diffusers():
         expected = reference.step(out, t, expected).prev_sample
     ours = sample_ddim(
         Denoiser(lambda x, t: _toy_network(x, torch.full((2,), t), context), SCHEDULE, "eps"),
-        x, sampling_timesteps(1000, 20), SCHEDULE,
+        x,
+        sampling_timesteps(1000, 20),
+        SCHEDULE,
     )
     assert torch.allclose(ours, expected, atol=1e-4)
 
@@ -189,9 +208,16 @@ def test_ddim_matches_diffusers():
 def test_dpmpp_2m_matches_diffusers(prediction_type, theirs):
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.DPMSolverMultistepScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=theirs,
-        algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
-        final_sigmas_type="zero", lower_order_final=True, euler_at_final=False,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=theirs,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        euler_at_final=False,
     )
     reference.set_timesteps(15)
     context = torch.randn(2, 5, 3)
@@ -203,7 +229,9 @@ def test_dpmpp_2m_matches_diffusers(prediction_type, theirs):
     assert sampling_timesteps(1000, 15).tolist() == reference.timesteps.tolist()
     ours = sample_dpmpp_2m(
         Denoiser(lambda x, t: _toy_network(x, torch.full((2,), t), context), SCHEDULE, prediction_type),
-        x, sampling_timesteps(1000, 15), SCHEDULE,
+        x,
+        sampling_timesteps(1000, 15),
+        SCHEDULE,
     )
     assert torch.allclose(ours, expected, atol=1e-4)
 
@@ -283,7 +311,10 @@ def _order(sampler, schedule, step_counts, t_end=199):
         x_T = prior_sample(schedule, timesteps[0], 256)
         landed = {}
         sampler(
-            Denoiser(GaussianNetwork(schedule, "eps"), schedule, "eps"), x_T, timesteps, schedule,
+            Denoiser(GaussianNetwork(schedule, "eps"), schedule, "eps"),
+            x_T,
+            timesteps,
+            schedule,
             callback=lambda i, t, x, x0: landed.setdefault(i, x),
         )
         errors.append((landed[steps - 1] - _exact_ode(schedule, x_T, timesteps[0], t_end)).abs().max().item())
@@ -317,8 +348,13 @@ def _order_free_error(sampler, steps):
     timesteps = torch.arange(999, 198, -(800 // steps))
     x_T = prior_sample(SCHEDULE, timesteps[0], 256)
     landed = {}
-    sampler(Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps"), x_T, timesteps, SCHEDULE,
-            callback=lambda i, t, x, x0: landed.setdefault(i, x))
+    sampler(
+        Denoiser(GaussianNetwork(SCHEDULE, "eps"), SCHEDULE, "eps"),
+        x_T,
+        timesteps,
+        SCHEDULE,
+        callback=lambda i, t, x, x0: landed.setdefault(i, x),
+    )
     return (landed[steps - 1] - _exact_ode(SCHEDULE, x_T, timesteps[0], 199)).abs().max().item()
 
 
@@ -343,8 +379,14 @@ def test_plms_matches_diffusers_pndm_without_prk(spacing, steps):
     prediction_type = "eps"
     diffusers = pytest.importorskip("diffusers")
     reference = diffusers.PNDMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
-        skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=0,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="epsilon",
+        skip_prk_steps=True,
+        set_alpha_to_one=True,
+        timestep_spacing=spacing,
+        steps_offset=0,
     )
     reference.set_timesteps(steps)
     network = GaussianNetwork(SCHEDULE, prediction_type)
@@ -400,9 +442,17 @@ def test_a_tensor_the_callback_returns_replaces_the_state(name):
     kept = ALL[name](denoise, x, timesteps, SCHEDULE, noise_sampler=PerSampleNoise(list(range(8))), callback=keep)
     assert torch.equal(plain, kept) and seen == list(enumerate(timesteps.tolist()))
     last = len(timesteps) - 1
-    replaced = ALL[name](denoise, x, timesteps, SCHEDULE, callback=lambda i, t, x, x0: torch.full_like(x, 7.0) if i == last else None)
+    replaced = ALL[name](
+        denoise, x, timesteps, SCHEDULE, callback=lambda i, t, x, x0: torch.full_like(x, 7.0) if i == last else None
+    )
     assert torch.equal(replaced, torch.full_like(x, 7.0))
     # a replaced intermediate state changes where the sampler goes from there
-    shifted = ALL[name](denoise, x, timesteps, SCHEDULE, noise_sampler=PerSampleNoise(list(range(8))),
-                        callback=lambda i, t, x, x0: x + 1.0 if i == 2 else None)  # fmt: skip
+    shifted = ALL[name](
+        denoise,
+        x,
+        timesteps,
+        SCHEDULE,
+        noise_sampler=PerSampleNoise(list(range(8))),
+        callback=lambda i, t, x, x0: x + 1.0 if i == 2 else None,
+    )
     assert not torch.allclose(shifted, plain)

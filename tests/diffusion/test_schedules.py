@@ -96,7 +96,9 @@ def test_lookups_broadcast_and_cast():
     alpha = schedule.alpha(t, x.ndim, like=x)
     sigma = schedule.sigma(t, x.ndim, like=x)
     assert alpha.shape == (3, 1, 1, 1) and alpha.dtype == torch.float16
-    assert torch.allclose(alpha.double() ** 2 + sigma.double() ** 2, torch.ones(3, 1, 1, 1, dtype=torch.float64), atol=2e-3)
+    assert torch.allclose(
+        alpha.double() ** 2 + sigma.double() ** 2, torch.ones(3, 1, 1, 1, dtype=torch.float64), atol=2e-3
+    )
     snr = schedule.snr(t)
     assert torch.allclose(snr, schedule.alpha(t) ** 2 / schedule.sigma(t) ** 2)
 
@@ -106,11 +108,14 @@ def test_invalid_betas_rejected():
         NoiseSchedule(torch.tensor([0.1, 1.5], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("spacing, expected", [
-    ("trailing", [999, 799, 599, 399, 199]),
-    ("leading", [800, 600, 400, 200, 0]),
-    ("linspace", [999, 749, 500, 250, 0]),
-])
+@pytest.mark.parametrize(
+    "spacing, expected",
+    [
+        ("trailing", [999, 799, 599, 399, 199]),
+        ("leading", [800, 600, 400, 200, 0]),
+        ("linspace", [999, 749, 500, 250, 0]),
+    ],
+)
 def test_sampling_timesteps(spacing, expected):
     assert sampling_timesteps(1000, 5, spacing).tolist() == expected
 
@@ -128,7 +133,9 @@ def test_sampling_timesteps_rejects_bad_input():
         sampling_timesteps(1000, 10, "karras-ish")
 
 
-@pytest.mark.parametrize("kind, function", [("scaled_linear", scaled_linear_betas), ("linear", linear_betas), ("cosine", cosine_betas)])
+@pytest.mark.parametrize(
+    "kind, function", [("scaled_linear", scaled_linear_betas), ("linear", linear_betas), ("cosine", cosine_betas)]
+)
 @pytest.mark.parametrize("zero_snr, shift", [(False, 1.0), (True, 1.0), (False, 4.0)])
 def test_a_spec_builds_the_schedule_its_fields_describe(kind, function, zero_snr, shift):
     spec = ScheduleSpec(kind, 1000, zero_terminal_snr=zero_snr, snr_shift=shift)
@@ -140,8 +147,9 @@ def test_a_spec_builds_the_schedule_its_fields_describe(kind, function, zero_snr
 
 
 def test_a_spec_spells_out_its_defaults_and_refuses_what_its_kind_does_not_take():
-    assert ScheduleSpec("linear").to_dict() == dict(kind="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                                                    zero_terminal_snr=False, snr_shift=1.0)  # fmt: skip
+    assert ScheduleSpec("linear").to_dict() == dict(
+        kind="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, zero_terminal_snr=False, snr_shift=1.0
+    )
     assert "beta_start" not in ScheduleSpec("cosine").to_dict()
     with pytest.raises(ValueError, match="takes no offset"):
         ScheduleSpec("scaled_linear", offset=0.1)

@@ -9,8 +9,16 @@ from ldm.training.classifier import TOY_CLASSES
 
 
 def test_the_toy_prompts_name_all_three_attributes():
-    assert named_in_prompt("a red circle in the top left", TOY_CLASSES) == {"colour": "red", "shape": "circle", "position": "top left"}
-    assert named_in_prompt("A Blue Square, centre stage in the CENTER", TOY_CLASSES) == {"colour": "blue", "shape": "square", "position": "center"}
+    assert named_in_prompt("a red circle in the top left", TOY_CLASSES) == {
+        "colour": "red",
+        "shape": "circle",
+        "position": "top left",
+    }
+    assert named_in_prompt("A Blue Square, centre stage in the CENTER", TOY_CLASSES) == {
+        "colour": "blue",
+        "shape": "square",
+        "position": "center",
+    }
     assert named_in_prompt("", TOY_CLASSES) == {}
     assert named_in_prompt("reddish circles", TOY_CLASSES) == {}  # whole words only
 
@@ -26,14 +34,24 @@ def test_a_name_inside_a_longer_one_does_not_count_and_two_classes_are_ambiguous
 def test_labels_for_every_image_one_per_prompt_or_from_each_record():
     records = [{"prompt": ""}, {"prompt": "", "labels": {"shape": "triangle"}}]
     assert record_labels(records, {"colour": "red"}, TOY_CLASSES) == [{"colour": "red"}] * 2
-    assert record_labels(records, [{"colour": "red"}, {"colour": "blue", "shape": None}], TOY_CLASSES) == [{"colour": "red"}, {"colour": "blue"}]
-    with pytest.raises(UserError, match=r"prompt 0 \(''\) names none of the classifier's classes: give labels=..., e.g. labels=\{colour: red, shape: circle\}"):
+    assert record_labels(records, [{"colour": "red"}, {"colour": "blue", "shape": None}], TOY_CLASSES) == [
+        {"colour": "red"},
+        {"colour": "blue"},
+    ]
+    with pytest.raises(
+        UserError,
+        match=r"prompt 0 \(''\) names none of the classifier's classes: give labels=..., e.g. labels=\{colour: red, shape: circle\}",
+    ):
         record_labels(records, None, TOY_CLASSES)
     assert record_labels(records[1:] + [{"prompt": "a green square in the center"}], None, TOY_CLASSES) == [
-        {"shape": "triangle"}, {"colour": "green", "shape": "square", "position": "center"}]
+        {"shape": "triangle"},
+        {"colour": "green", "shape": "square", "position": "center"},
+    ]
     with pytest.raises(UserError, match=r"labels: 1 mappings for 2 prompts"):
         record_labels(records, [{"colour": "red"}], TOY_CLASSES)
-    with pytest.raises(UserError, match=r"labels: the classifier has no attribute 'size' \(it has colour, shape, position\)"):
+    with pytest.raises(
+        UserError, match=r"labels: the classifier has no attribute 'size' \(it has colour, shape, position\)"
+    ):
         record_labels(records, {"size": "big"}, TOY_CLASSES)
     with pytest.raises(UserError, match=r"labels\[1\]: colour 'pink' is not one of the classifier's red, green"):
         record_labels(records, [{"colour": "red"}, {"colour": "pink"}], TOY_CLASSES)

@@ -11,10 +11,10 @@ import pytorch_fid
 import pytorch_fid.inception as pytorch_fid_inception
 import torch
 import torch.nn.functional as F
+from pytorch_fid_reference import PytorchFidRun
 from torchvision.models import inception_v3
 from torchvision.models.inception import InceptionE
 
-from pytorch_fid_reference import PytorchFidRun
 from ldm.checkpoints import save_safetensors
 from ldm.errors import UserError
 from ldm.evaluation.fid_inception import InceptionV3Features, random_inception_weights

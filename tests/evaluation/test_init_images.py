@@ -22,6 +22,7 @@ def _png(path, size=(32, 32), colour=(200, 40, 40), mode="RGB"):
 
 def _png_header_only(width, height):
     """A PNG that declares width x height pixels and carries none (a decompression bomb's header)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -60,10 +61,15 @@ def test_a_folder_lists_its_image_files_by_name_and_nothing_else(tmp_path):
 
 def test_shards_give_one_image_per_sample_read_by_offset(tmp_path):
     red, green = _png_bytes(colour=(200, 0, 0)), _png_bytes(colour=(0, 200, 0))
-    shard = _tar(tmp_path / "inputs-000000.tar", [("s/0001.png", red), ("s/0001.txt", b"a caption"),
-                                                  ("s/0002.jpg", green), ("s/0002.mask.png", red)])  # fmt: skip
+    shard = _tar(
+        tmp_path / "inputs-000000.tar",
+        [("s/0001.png", red), ("s/0001.txt", b"a caption"), ("s/0002.jpg", green), ("s/0002.mask.png", red)],
+    )
     refs = list_images(str(shard))
-    assert [(r.name, r.key) for r in refs] == [("inputs-000000.tar/s/0001.png", "0001"), ("inputs-000000.tar/s/0002.jpg", "0002")]
+    assert [(r.name, r.key) for r in refs] == [
+        ("inputs-000000.tar/s/0001.png", "0001"),
+        ("inputs-000000.tar/s/0002.jpg", "0002"),
+    ]
     assert refs[0].read() == red and refs[1].read() == green
     images, masks = load_batch(refs, None, 16, 16)
     assert images.shape == (2, 3, 16, 16) and masks is None
@@ -110,7 +116,9 @@ def test_a_mask_is_resized_with_its_image_and_must_have_its_size(tmp_path):
     assert masks_out.shape == (1, 1, 16, 16)
     torch.testing.assert_close(masks_out[0, 0], pixels[0, 0], atol=0.02, rtol=0)  # the same geometry
     Image.fromarray(mask[:, :30]).save(tmp_path / "mask.png")
-    with pytest.raises(UserError, match=r"mask mask.png is 30x20 but wide.png is 40x20: a mask must have its image's size"):
+    with pytest.raises(
+        UserError, match=r"mask mask.png is 30x20 but wide.png is 40x20: a mask must have its image's size"
+    ):
         load_batch(images, list_masks(str(tmp_path / "mask.png"), images), 16, 16)
 
 
@@ -119,7 +127,11 @@ def test_bombs_huge_files_and_broken_images_are_one_line_errors(tmp_path, monkey
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (tmp_path / "big.png").write_bytes(_png_header_only(9000, 9000))  # 81 Mpx > MAX_IMAGE_PIXELS, < PIL's limit
     refs = {r.name: r for r in list_images(str(tmp_path))}
-    for name, message in (("bomb.png", "too_many_pixels"), ("big.png", "too_many_pixels: 9000x9000 > 67108864 pixels"), ("broken.png", "corrupt_image")):
+    for name, message in (
+        ("bomb.png", "too_many_pixels"),
+        ("big.png", "too_many_pixels: 9000x9000 > 67108864 pixels"),
+        ("broken.png", "corrupt_image"),
+    ):
         with pytest.raises(UserError, match=rf"^{name}: not a usable image \({message}"):
             load_batch([refs[name]], None, 16, 16)
     monkeypatch.setattr(init_images, "MAX_IMAGE_BYTES", 40)  # refused before a byte is read

@@ -58,14 +58,35 @@ def test_cli_writes_the_configured_metrics(tmp_path: Path, weights: dict[str, Pa
     checkpoint.write_bytes(b"not really a checkpoint" * 100)
     _toy_folder(tmp_path / "samples", 4, seed=0, checkpoint=checkpoint)
     out = tmp_path / "out" / "metrics.json"
-    code = main([
-        str(tmp_path / "samples"), "--clip-model", str(weights["clip_config"]), "--clip-weights",
-        str(weights["clip"]), "--toy", "--out", str(out), "--device", "cpu", "--no-progress", "--batch-size", "3",
-    ])  # fmt: skip
+    code = main(
+        [
+            str(tmp_path / "samples"),
+            "--clip-model",
+            str(weights["clip_config"]),
+            "--clip-weights",
+            str(weights["clip"]),
+            "--toy",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--batch-size",
+            "3",
+        ]
+    )
     assert code == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"samples_dir", "num_images", "created", "checkpoint", "sampling", "varying_fields",
-                            "clip_score", "toy_accuracy"}  # fmt: skip
+    assert set(metrics) == {
+        "samples_dir",
+        "num_images",
+        "created",
+        "checkpoint",
+        "sampling",
+        "varying_fields",
+        "clip_score",
+        "toy_accuracy",
+    }
     assert metrics["num_images"] == 4
     assert metrics["sampling"] == SETTINGS and metrics["varying_fields"] == ["key"]
     identity = metrics["checkpoint"]
@@ -120,15 +141,21 @@ class ColourStats(nn.Module):
 def test_evaluate_a_folder_without_metadata(tmp_path: Path) -> None:
     _toy_folder(tmp_path / "samples", 5, seed=0)
     (tmp_path / "samples" / "metadata.jsonl").unlink()
-    results = evaluate(tmp_path / "samples", fid_extractor=ColourStats(), reference=str(tmp_path / "samples"),
-                       progress=False)  # fmt: skip
+    results = evaluate(
+        tmp_path / "samples", fid_extractor=ColourStats(), reference=str(tmp_path / "samples"), progress=False
+    )
     assert results["num_images"] == 5 and results["sampling"] == {} and results["checkpoint"] is None
     assert abs(results["fid"]["value"]) < 1e-6
 
     _toy_folder(tmp_path / "reference", 6, seed=1)
     cache = tmp_path / "ref.npz"
-    first = evaluate(tmp_path / "samples", fid_extractor=ColourStats(), reference=str(tmp_path / "reference"),
-                     reference_stats=cache, progress=False)["fid"]  # fmt: skip
+    first = evaluate(
+        tmp_path / "samples",
+        fid_extractor=ColourStats(),
+        reference=str(tmp_path / "reference"),
+        reference_stats=cache,
+        progress=False,
+    )["fid"]
     cached = evaluate(tmp_path / "samples", fid_extractor=ColourStats(), reference_stats=cache, progress=False)["fid"]
     assert first["value"] > 0 and cached["value"] == pytest.approx(first["value"], rel=1e-10)
     assert (cached["num_reference"], cached["reference"]) == (6, None)

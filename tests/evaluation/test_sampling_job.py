@@ -8,17 +8,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_testing import ROOT, compose_config, start_ranks, kill_ranks, wait_ranks
 from ldm.errors import UserError
 from ldm.evaluation.sampling_job import JobItem, Ranks, job_items, read_prompt_records
+from ldm_testing import ROOT, compose_config, kill_ranks, start_ranks, wait_ranks
 from sample import sample
 
 PROMPTS = ["a red circle in the top left", "a blue square in the center", "a green triangle in the bottom left"]
 
 
 def _start(checkpoint, out_dir, prompts_file, extra=()):
-    command = [sys.executable, "sample.py", f"checkpoint={checkpoint}", f"prompts_file={prompts_file}",
-               "num_images_per_prompt=4", "steps=2", "batch_size=2", f"out_dir={out_dir}", *extra]
+    command = [
+        sys.executable,
+        "sample.py",
+        f"checkpoint={checkpoint}",
+        f"prompts_file={prompts_file}",
+        "num_images_per_prompt=4",
+        "steps=2",
+        "batch_size=2",
+        f"out_dir={out_dir}",
+        *extra,
+    ]
     return start_ranks(command, ROOT)
 
 
@@ -55,8 +64,19 @@ def test_two_ranks_killed_midway_then_rerun_write_the_whole_set_once(tiny_checkp
     assert {r["index"]: r["prompt"] for r in rows}[4] == PROMPTS[1]
 
     # the same job in one process gives the same images (each image depends only on its seed)
-    sample(compose_config("sample", [f"checkpoint={tiny_checkpoint}", f"prompts_file={prompts}",
-                                     "num_images_per_prompt=4", "steps=4", "batch_size=5", f"out_dir={tmp_path / 'one'}"]))  # fmt: skip
+    sample(
+        compose_config(
+            "sample",
+            [
+                f"checkpoint={tiny_checkpoint}",
+                f"prompts_file={prompts}",
+                "num_images_per_prompt=4",
+                "steps=4",
+                "batch_size=5",
+                f"out_dir={tmp_path / 'one'}",
+            ],
+        )
+    )
     for name in names:
         a = np.asarray(Image.open(out / name)).astype(int)
         b = np.asarray(Image.open(tmp_path / "one" / name)).astype(int)
@@ -101,7 +121,12 @@ def test_stale_temporaries_of_this_ranks_files_are_removed(tmp_path):
     items = job_items([{"prompt": p} for p in PROMPTS], 1, seed=0)  # indices 0, 1, 2
     mine = Ranks(0, 2, 0).mine(items)  # this rank: 0 and 2; rank 1 may be writing 000001 right now
     assert remove_stale_temporaries(tmp_path, FolderOutput(tmp_path).files_of(mine, items)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".000000.png", ".000001.png.xy_9ab00.tmp", ".other.tmp", "000000.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".000000.png",
+        ".000001.png.xy_9ab00.tmp",
+        ".other.tmp",
+        "000000.png",
+    ]
 
 
 @pytest.mark.slow
@@ -111,7 +136,9 @@ def test_two_ranks_write_every_item_of_shard_output_exactly_once(tiny_checkpoint
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")  # 12 items in shards of 5: 5 + 5 + 2
     out = tmp_path / "out"
-    outputs = wait_ranks(_start(tiny_checkpoint, out, prompts, extra=["output=shards", "samples_per_shard=5", "steps=1"]), timeout=600)
+    outputs = wait_ranks(
+        _start(tiny_checkpoint, out, prompts, extra=["output=shards", "samples_per_shard=5", "steps=1"]), timeout=600
+    )
     assert "12/12 images" in outputs[0]
     indices = []
     for shard in sorted(out.glob("samples-*.tar")):

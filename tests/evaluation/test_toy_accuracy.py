@@ -78,9 +78,7 @@ def test_real_images_score_at_least_99_percent(real: tuple[list[np.ndarray], lis
 
 
 @pytest.mark.parametrize("kind", ["box3", "gauss0.7"])
-def test_blurred_images_score_at_least_97_percent(
-    real: tuple[list[np.ndarray], list[str]], kind: str
-) -> None:
+def test_blurred_images_score_at_least_97_percent(real: tuple[list[np.ndarray], list[str]], kind: str) -> None:
     images, prompts = real
     assert score([_blur(image, kind) for image in images], prompts)["all"] >= 0.97
 

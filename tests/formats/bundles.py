@@ -10,11 +10,28 @@ from ldm.models.conditioners import OpenCLIPTextEncoder
 from ldm.models.unet import UNetModel
 
 TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=3)
-UNET_SD1 = dict(in_channels=4, out_channels=4, model_channels=32, channel_multipliers=(1, 2), num_res_blocks=1,
-                attention_resolutions=(2, 1), num_heads=2, head_dim=None, context_dim=32, use_linear_in_transformer=False)
+UNET_SD1 = dict(
+    in_channels=4,
+    out_channels=4,
+    model_channels=32,
+    channel_multipliers=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2, 1),
+    num_heads=2,
+    head_dim=None,
+    context_dim=32,
+    use_linear_in_transformer=False,
+)
 UNET_SD2 = dict(UNET_SD1, num_heads=None, head_dim=16, use_linear_in_transformer=True)
-VAE = dict(base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, resolution=32, z_channels=4,
-           embed_dim=4, scaling_factor=0.5)
+VAE = dict(
+    base_channels=32,
+    channel_multipliers=(1, 2),
+    num_res_blocks=1,
+    resolution=32,
+    z_channels=4,
+    embed_dim=4,
+    scaling_factor=0.5,
+)
 TEXT_SD1 = dict(model_name=None, text_cfg=TEXT_CFG, quick_gelu=True, layer="last", pad_token_id=49407)
 TEXT_SD2 = dict(model_name=None, text_cfg=TEXT_CFG, quick_gelu=False, layer="penultimate", pad_token_id=0)
 
@@ -38,8 +55,13 @@ def make_bundle(flavour: str, seed: int = 0, **custom_unet_options: Any) -> Mode
     vae = randomise(AutoencoderKL(**VAE), seed + 1)
     text = randomise(OpenCLIPTextEncoder(**text_config), seed + 2)
     return bundle_from_modules(
-        unet, vae, text, dict(unet_config=unet_config, vae_config=VAE, text_config=text_config),
-        family="custom" if custom else flavour, prediction_type="eps" if flavour == "sd1" else "v", image_size=32,
+        unet,
+        vae,
+        text,
+        dict(unet_config=unet_config, vae_config=VAE, text_config=text_config),
+        family="custom" if custom else flavour,
+        prediction_type="eps" if flavour == "sd1" else "v",
+        image_size=32,
         schedule=sd_schedule(zero_terminal_snr=flavour == "sd2"),
     )
 

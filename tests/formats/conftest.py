@@ -1,6 +1,6 @@
 import pytest
-
 from bundles import make_bundle
+
 from ldm.formats.bundle import ModelBundle
 
 

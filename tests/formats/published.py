@@ -29,11 +29,20 @@ def write_tokenizer(folder: Path, pad: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    special = {name: {"content": token, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-               for name, token in (("bos_token", SOT), ("eos_token", EOT), ("unk_token", EOT))}  # fmt: skip
+    special = {
+        name: {"content": token, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+        for name, token in (("bos_token", SOT), ("eos_token", EOT), ("unk_token", EOT))
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps({**special, "pad_token": pad}))
-    config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": 77,
-              "tokenizer_class": "CLIPTokenizer", **special, "pad_token": pad}  # fmt: skip
+    config = {
+        "add_prefix_space": False,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": 77,
+        "tokenizer_class": "CLIPTokenizer",
+        **special,
+        "pad_token": pad,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
@@ -52,24 +61,51 @@ def write_published_folder(root: Path, family: str, dtype: torch.dtype = torch.f
 
     sd2 = family == "sd2"
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=WIDTH, attention_head_dim=[2, 4] if sd2 else 2, use_linear_projection=sd2,
-    )  # fmt: skip
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=WIDTH,
+        attention_head_dim=[2, 4] if sd2 else 2,
+        use_linear_projection=sd2,
+    )
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
-    )  # fmt: skip
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_attention_heads=2,
-        num_hidden_layers=TEXT_LAYERS - 1 if sd2 else TEXT_LAYERS, max_position_embeddings=77,
-        hidden_act="gelu" if sd2 else "quick_gelu", pad_token_id=1, bos_token_id=0, eos_token_id=2,
-    ))  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32,
+    )
+    text = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=WIDTH,
+            intermediate_size=4 * WIDTH,
+            num_attention_heads=2,
+            num_hidden_layers=TEXT_LAYERS - 1 if sd2 else TEXT_LAYERS,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
+    )
     if sd2:
         scheduler = diffusers.DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
-        )  # fmt: skip
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        )
     else:
         scheduler = diffusers.PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
@@ -80,10 +116,15 @@ def write_published_folder(root: Path, family: str, dtype: torch.dtype = torch.f
     write_tokenizer(folder / "tokenizer", pad)
     files = [str(folder / "tokenizer" / name) for name in ("vocab.json", "merges.txt")]
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=transformers.CLIPTokenizer(*files, pad_token=pad),
-        unet=unet.to(dtype), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        vae=vae.to(dtype),
+        text_encoder=text.to(dtype),
+        tokenizer=transformers.CLIPTokenizer(*files, pad_token=pad),
+        unet=unet.to(dtype),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     shutil.rmtree(folder / "tokenizer")  # transformers 5.x writes tokenizer.json; published folders have 4.x's files
     write_tokenizer(folder / "tokenizer", pad)
@@ -103,6 +144,9 @@ def with_text_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 def diffusers_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors of a diffusers folder as stored: {"unet": ..., "vae": ..., "text_encoder": ...}."""
-    files = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors"}  # fmt: skip
+    files = {
+        "unet": "diffusion_pytorch_model.safetensors",
+        "vae": "diffusion_pytorch_model.safetensors",
+        "text_encoder": "model.safetensors",
+    }
     return {part: load_file(str(Path(folder) / part / name)) for part, name in files.items()}

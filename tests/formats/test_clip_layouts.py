@@ -18,8 +18,16 @@ PROMPTS = ["a red circle in the top left", "a blue square in the center!", ""]
 EOT = 49407
 # OpenAI CLIP's text-model conventions, at toy sizes
 HF_TINY = dict(
-    vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=EOT, pad_token_id=EOT,
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=EOT,
+    pad_token_id=EOT,
 )
 OC_TINY = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3)
 
@@ -60,8 +68,10 @@ def test_sd1_hf_text_model_parity():
         assert max_diff(ours, expected) <= 1e-4
         assert torch.equal(ours, encoder.encode_tokens(tokens))
         # the check can fail: q and k exchanged is far off
-        swapped = {k.replace("q_proj", "@").replace("k_proj", "q_proj").replace("@", "k_proj"): v
-                   for k, v in hf.state_dict().items()}
+        swapped = {
+            k.replace("q_proj", "@").replace("k_proj", "q_proj").replace("@", "k_proj"): v
+            for k, v in hf.state_dict().items()
+        }
         load_text_weights_hf(encoder, swapped)
         assert max_diff(encoder(PROMPTS), expected) > 1e-2
 
@@ -158,12 +168,20 @@ def test_find_text_encoder_prefixes():
 # The published configs of the real encoders (openai/clip-vit-large-patch14's text model; the
 # text_encoder/config.json of stabilityai/stable-diffusion-2-1), as far as the network goes.
 REAL = {
-    "sd1": (dict(model_name="ViT-L-14", quick_gelu=True, layer="last", pad_token_id=EOT),
-            dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                 hidden_act="quick_gelu")),
-    "sd2": (dict(model_name="ViT-H-14", layer="penultimate"),
-            dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                 hidden_act="gelu")),
+    "sd1": (
+        dict(model_name="ViT-L-14", quick_gelu=True, layer="last", pad_token_id=EOT),
+        dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+        ),
+    ),
+    "sd2": (
+        dict(model_name="ViT-H-14", layer="penultimate"),
+        dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, hidden_act="gelu"),
+    ),
 }
 
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-
 from bundles import TEXT_CFG, assert_same_tensors, make_bundle
-from ldm.errors import UserError
+
 from bench.presets import network_configs
+from ldm.errors import UserError
 from ldm.formats.diffusers_folder import _text_config, export_diffusers, import_diffusers, text_family
 
 diffusers = pytest.importorskip("diffusers")
@@ -22,13 +22,19 @@ def test_round_trip_is_bit_identical(bundle, tmp_path):
     assert_same_tensors(back.unet, bundle.unet)
     assert_same_tensors(back.vae, bundle.vae)
     layers = 2 if bundle.family == "sd2" else 3  # SD 2.x runs (and diffusers keeps) the first 2 of 3 blocks
-    used = {k: v for k, v in bundle.text.items() if k != "text_projection" and not k.startswith("transformer.resblocks.2.")}
-    assert_same_tensors({k: v for k, v in back.text.items() if k != "text_projection"},
-                        used if layers == 2 else {k: v for k, v in bundle.text.items() if k != "text_projection"})
+    used = {
+        k: v for k, v in bundle.text.items() if k != "text_projection" and not k.startswith("transformer.resblocks.2.")
+    }
+    assert_same_tensors(
+        {k: v for k, v in back.text.items() if k != "text_projection"},
+        used if layers == 2 else {k: v for k, v in bundle.text.items() if k != "text_projection"},
+    )
     assert back.prediction_type == bundle.prediction_type and back.schedule == bundle.schedule
     assert back.image_size == bundle.image_size
     # the family is recognised by structure at this small width, and SD 2.x's tower keeps its dropped block
-    assert back.family == bundle.family and back.text_config == dict(bundle.text_config, text_cfg=dict(TEXT_CFG, mlp_ratio=4.0))
+    assert back.family == bundle.family and back.text_config == dict(
+        bundle.text_config, text_cfg=dict(TEXT_CFG, mlp_ratio=4.0)
+    )
     assert back.vae_config["scaling_factor"] == bundle.vae_config["scaling_factor"]
 
 
@@ -47,7 +53,10 @@ def test_diffusers_loads_the_export_and_matches(bundle, tmp_path):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, local_files_only=True)
     unet, vae, text = bundle.build()
     tokens = text.tokenize(PROMPTS)
-    assert pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids.tolist() == tokens.tolist()
+    assert (
+        pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids.tolist()
+        == tokens.tolist()
+    )
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
     with torch.no_grad():
         context = text.encode_tokens(tokens)
@@ -103,24 +112,37 @@ def test_refuses_a_shifted_schedule(tmp_path):
         export_diffusers(bundle, tmp_path / "out")
 
 
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
-SD21_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                 hidden_act="gelu")  # stabilityai/stable-diffusion-2-1/text_encoder: 23 of ViT-H's 24 blocks
+SD15_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    vocab_size=49408,
+    hidden_act="quick_gelu",
+)  # openai/clip-vit-large-patch14
+SD21_TEXT = dict(
+    SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"
+)  # stabilityai/stable-diffusion-2-1/text_encoder: 23 of ViT-H's 24 blocks
 
 
 def test_full_size_text_encoders_get_the_family_presets():
     assert text_family(SD15_TEXT, 49407, 768) == "sd1"
     assert _text_config(SD15_TEXT, 49407, "sd1") == network_configs("sd15")["text"]
     assert text_family(SD21_TEXT, 0, 1024) == "sd2"
-    assert _text_config(SD21_TEXT, 0, "sd2") == network_configs("sd21_base")["text"]  # ViT-H-14, penultimate: 24 blocks, 23 run
+    assert (
+        _text_config(SD21_TEXT, 0, "sd2") == network_configs("sd21_base")["text"]
+    )  # ViT-H-14, penultimate: 24 blocks, 23 run
 
 
-@pytest.mark.parametrize("config, pad, context", [
-    (SD15_TEXT, 0, 768),  # OpenAI CLIP padded with "!": neither family's tokenizer
-    (SD21_TEXT, 49407, 1024),  # OpenCLIP padded with EOT
-    (SD15_TEXT, 49407, 1024),  # the U-Net does not attend to this encoder's tokens directly
-])
+@pytest.mark.parametrize(
+    "config, pad, context",
+    [
+        (SD15_TEXT, 0, 768),  # OpenAI CLIP padded with "!": neither family's tokenizer
+        (SD21_TEXT, 49407, 1024),  # OpenCLIP padded with EOT
+        (SD15_TEXT, 49407, 1024),  # the U-Net does not attend to this encoder's tokens directly
+    ],
+)
 def test_text_encoders_of_neither_family_stay_custom(config, pad, context):
     assert text_family(config, pad, context) == "custom"
     text_config = _text_config(config, pad, "custom")

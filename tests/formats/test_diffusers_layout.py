@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from bench.presets import network_configs
 from ldm.formats import diffusers_layout
-from ldm.models.autoencoder import AutoencoderKL
 from ldm.formats.diffusers_layout import (
     unet_config_from_diffusers,
     unet_diffusers_config,
@@ -23,45 +23,92 @@ from ldm.formats.diffusers_layout import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
-from bench.presets import network_configs
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
 
 # SD's structure (four levels, attention at factors 4/2/1, two ResBlocks per level) at a tenth of its width.
-SD_SHAPED = dict(model_channels=32, channel_multipliers=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(4, 2, 1), context_dim=64)  # fmt: skip
+SD_SHAPED = dict(
+    model_channels=32,
+    channel_multipliers=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(4, 2, 1),
+    context_dim=64,
+)
 UNETS = {
     "sd1": dict(SD_SHAPED, num_heads=8, head_dim=None, use_linear_in_transformer=False),
     "sd2": dict(SD_SHAPED, num_heads=None, head_dim=16, use_linear_in_transformer=True),
     # The toy's mix (head count with linear projections), a level without attention, one ResBlock per level.
-    "toy": dict(model_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2, 4),
-                num_heads=4, head_dim=None, context_dim=64, use_linear_in_transformer=True),
-}  # fmt: skip
+    "toy": dict(
+        model_channels=32,
+        channel_multipliers=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2, 4),
+        num_heads=4,
+        head_dim=None,
+        context_dim=64,
+        use_linear_in_transformer=True,
+    ),
+}
 VAES = {
     "sd": dict(base_channels=32, channel_multipliers=(1, 2, 2, 2), num_res_blocks=2),
     # Attention inside a level (SD's VAE has none; diffusers' converter does not map these keys).
-    "level_attention": dict(base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, resolution=32,
-                            attention_resolutions=(16,), norm_groups=16),
-}  # fmt: skip
+    "level_attention": dict(
+        base_channels=32,
+        channel_multipliers=(1, 2),
+        num_res_blocks=1,
+        resolution=32,
+        attention_resolutions=(16,),
+        norm_groups=16,
+    ),
+}
 
 # The architecture keys of the published `unet/config.json` / `vae/config.json` of SD 1.5 and SD 2.1.
 SD15_UNET_JSON = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-    "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
     "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}  # fmt: skip
-SD21_UNET_JSON = dict(SD15_UNET_JSON, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, sample_size=96,
-                      use_linear_projection=True, upcast_attention=True, dual_cross_attention=False,
-                      num_class_embeds=None, only_cross_attention=False)  # fmt: skip
+}
+SD21_UNET_JSON = dict(
+    SD15_UNET_JSON,
+    attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024,
+    sample_size=96,
+    use_linear_projection=True,
+    upcast_attention=True,
+    dual_cross_attention=False,
+    num_class_embeds=None,
+    only_cross_attention=False,
+)
 SD_VAE_JSON = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
-    "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-}  # fmt: skip
+}
 
 
 def _diffusers() -> Any:
@@ -123,11 +170,17 @@ def _unet_inputs(batch: int = 2, size: int = 16) -> tuple[torch.Tensor, ...]:
 
 def _unet_original_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The `model.params` of an SD inference yaml for a U-Net built from `kwargs` (what the converter reads)."""
-    unet = dict(in_channels=4, out_channels=4, model_channels=kwargs["model_channels"],
-                channel_mult=list(kwargs["channel_multipliers"]), num_res_blocks=kwargs["num_res_blocks"],
-                attention_resolutions=list(kwargs["attention_resolutions"]), transformer_depth=1,
-                context_dim=kwargs["context_dim"],
-                use_linear_in_transformer=kwargs["use_linear_in_transformer"])  # fmt: skip
+    unet = dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=kwargs["model_channels"],
+        channel_mult=list(kwargs["channel_multipliers"]),
+        num_res_blocks=kwargs["num_res_blocks"],
+        attention_resolutions=list(kwargs["attention_resolutions"]),
+        transformer_depth=1,
+        context_dim=kwargs["context_dim"],
+        use_linear_in_transformer=kwargs["use_linear_in_transformer"],
+    )
     if kwargs["num_heads"] is not None:
         unet["num_heads"] = kwargs["num_heads"]
     else:
@@ -138,9 +191,18 @@ def _unet_original_config(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _vae_original_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The slice of an LDM yaml that diffusers' VAE converter reads."""
-    ddconfig = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=kwargs["base_channels"],
-                    ch_mult=list(kwargs["channel_multipliers"]), num_res_blocks=kwargs["num_res_blocks"],
-                    attn_resolutions=[], dropout=0.0)  # fmt: skip
+    ddconfig = dict(
+        double_z=True,
+        z_channels=4,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=kwargs["base_channels"],
+        ch_mult=list(kwargs["channel_multipliers"]),
+        num_res_blocks=kwargs["num_res_blocks"],
+        attn_resolutions=[],
+        dropout=0.0,
+    )
     return {"model": {"params": {"first_stage_config": {"params": {"embed_dim": 4, "ddconfig": ddconfig}}}}}
 
 
@@ -293,7 +355,11 @@ def test_keys_outside_the_config_are_refused() -> None:
 
 @pytest.mark.parametrize("name", [*sorted(UNETS), "sd15", "sd21"])
 def test_unet_config_round_trips(name: str) -> None:
-    config = network_configs({"sd15": "sd15", "sd21": "sd21_base"}[name])["unet"] if name in ("sd15", "sd21") else UNETS[name]
+    config = (
+        network_configs({"sd15": "sd15", "sd21": "sd21_base"}[name])["unet"]
+        if name in ("sd15", "sd21")
+        else UNETS[name]
+    )
     config = dict(config, dropout=0.1, norm_groups=16, transformer_depth=2) if name == "sd1" else config
     assert unet_config_from_diffusers(unet_diffusers_config(config, 64)) == _unet_architecture(config)
 

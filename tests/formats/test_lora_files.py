@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from published import write_published_folder
 from safetensors.torch import load_file, save_file
 
 from ldm.errors import UserError
@@ -21,7 +22,6 @@ from ldm.formats.lora import (
     read_lora,
 )
 from ldm.models.lora import LoRAFactors, LoRANetwork, LoRASpec, LoRAWeights
-from published import write_published_folder
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -38,7 +38,9 @@ def published(request, tmp_path_factory):
 
 
 def diffusers_pipeline(folder):
-    return diffusers.StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None)
+    return diffusers.StableDiffusionPipeline.from_pretrained(
+        str(folder), torch_dtype=torch.float32, safety_checker=None
+    )
 
 
 def random_lora(bundle, spec: LoRASpec, seed: int = 0) -> LoRAWeights:
@@ -53,7 +55,11 @@ def random_lora(bundle, spec: LoRASpec, seed: int = 0) -> LoRAWeights:
 
 def unet_inputs():
     generator = torch.Generator().manual_seed(7)
-    return torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([10, 600]), torch.randn(2, 77, 32, generator=generator)
+    return (
+        torch.randn(2, 4, 8, 8, generator=generator),
+        torch.tensor([10, 600]),
+        torch.randn(2, 77, 32, generator=generator),
+    )
 
 
 def relative(a, b) -> float:
@@ -65,7 +71,9 @@ def assert_same_model(bundle, loras, pipe):
     merged = apply_loras(bundle, loras)
     unet, _, text = merged.build()
     x, t, context = unet_inputs()
-    tokens = pipe.tokenizer(["a photo of sks dog", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    tokens = pipe.tokenizer(
+        ["a photo of sks dog", ""], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         reference = pipe.unet(x, t, encoder_hidden_states=context).sample
         assert relative(unet(x, t, context), reference) < TOLERANCE
@@ -97,20 +105,25 @@ def test_a_file_written_by_diffusers_and_peft_reads_to_the_same_model(published,
     family, folder, bundle = published
     pipe = diffusers_pipeline(folder)
     # as diffusers' train_dreambooth_lora.py does, with alpha != r so the adapter metadata matters
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]))
-    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]))
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"])
+    )
+    pipe.text_encoder.add_adapter(
+        LoraConfig(r=2, lora_alpha=1, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"])
+    )
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn(p.shape, generator=generator))
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        str(tmp_path), weight_name="pytorch_lora_weights.safetensors",
+        str(tmp_path),
+        weight_name="pytorch_lora_weights.safetensors",
         unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
         unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
-    )  # fmt: skip
+    )
     path = tmp_path / "pytorch_lora_weights.safetensors"
     keys = list(load_file(str(path)))
     assert any(".lora.down.weight" in k or ".lora_A.weight" in k for k in keys)  # diffusers' own spellings
@@ -133,22 +146,48 @@ def handmade_kohya_file(path, family: str, layout: str = "diffusers", alphas: st
     3x3 convolutions), ``per-module`` (resize_lora.py: each its own), ``missing-first`` (old files)."""
     generator = torch.Generator().manual_seed(11)
     rank = 4
-    linear = lambda out_f, in_f: (torch.randn(rank, in_f, generator=generator), torch.randn(out_f, rank, generator=generator))  # noqa: E731
-    conv = lambda out_c, in_c, k: (torch.randn(rank, in_c, k, k, generator=generator), torch.randn(out_c, rank, 1, 1, generator=generator))  # noqa: E731
+    linear = lambda out_f, in_f: (
+        torch.randn(rank, in_f, generator=generator),
+        torch.randn(out_f, rank, generator=generator),
+    )  # noqa: E731
+    conv = lambda out_c, in_c, k: (
+        torch.randn(rank, in_c, k, k, generator=generator),
+        torch.randn(out_c, rank, 1, 1, generator=generator),
+    )  # noqa: E731
     unet = {  # (diffusers name, original-layout name): factors
-        ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"): linear(32, 32),
-        ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", "input_blocks.1.1.transformer_blocks.0.attn2.to_k"): linear(32, 32),
-        ("up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0", "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0"): linear(32, 32),
-        ("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj", "middle_block.1.transformer_blocks.0.ff.net.0.proj"): linear(512, 64),
-        ("down_blocks.0.attentions.0.proj_in", "input_blocks.1.1.proj_in"): conv(32, 32, 1) if family == "sd1" else linear(32, 32),
+        (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+        ): linear(32, 32),
+        (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+        ): linear(32, 32),
+        (
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0",
+            "output_blocks.3.1.transformer_blocks.0.attn1.to_out.0",
+        ): linear(32, 32),
+        (
+            "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj",
+            "middle_block.1.transformer_blocks.0.ff.net.0.proj",
+        ): linear(512, 64),
+        ("down_blocks.0.attentions.0.proj_in", "input_blocks.1.1.proj_in"): conv(32, 32, 1)
+        if family == "sd1"
+        else linear(32, 32),
         ("down_blocks.0.resnets.0.conv1", "input_blocks.1.0.in_layers.2"): conv(32, 32, 3),
         ("down_blocks.1.resnets.0.time_emb_proj", "input_blocks.3.0.emb_layers.1"): linear(64, 128),
         ("down_blocks.0.downsamplers.0.conv", "input_blocks.2.0.op"): conv(32, 32, 3),
-    }  # fmt: skip
+    }
     text = {}  # sd-scripts adapts every projection of CLIPAttention and CLIPMLP
     for layer in range(2):
-        for module, shape in (("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (32, 32)), ("self_attn.v_proj", (32, 32)),
-                              ("self_attn.out_proj", (32, 32)), ("mlp.fc1", (128, 32)), ("mlp.fc2", (32, 128))):  # fmt: skip
+        for module, shape in (
+            ("self_attn.q_proj", (32, 32)),
+            ("self_attn.k_proj", (32, 32)),
+            ("self_attn.v_proj", (32, 32)),
+            ("self_attn.out_proj", (32, 32)),
+            ("mlp.fc1", (128, 32)),
+            ("mlp.fc2", (32, 128)),
+        ):
             text[f"text_model.encoder.layers.{layer}.{module}"] = linear(*shape)
     state = {}
     for index, ((theirs, ours), (down, up)) in enumerate(unet.items()):
@@ -241,8 +280,13 @@ def test_ours_to_kohya_to_ours_is_bit_identical(published, tmp_path):
 def test_kohya_export_carries_the_metadata_the_tools_show(published, tmp_path):
     family, _, bundle = published
     weights = random_lora(bundle, LoRASpec(rank=8, alpha=4.0, targets=ALL, conv_rank=4, conv_alpha=2.0))
-    path = export_lora(weights, bundle, tmp_path / "k.safetensors", "kohya",
-                       info={"base_model": "/models/v1-5.safetensors", "steps": 1200, "resolution": 512})  # fmt: skip
+    path = export_lora(
+        weights,
+        bundle,
+        tmp_path / "k.safetensors",
+        "kohya",
+        info={"base_model": "/models/v1-5.safetensors", "steps": 1200, "resolution": 512},
+    )
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -268,17 +312,36 @@ def kohya_pair(name="lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_a
     return {f"{name}.lora_down.weight": torch.randn(rank, in_f), f"{name}.lora_up.weight": torch.randn(out_f, rank)}
 
 
-@pytest.mark.parametrize("state, message", [
-    ({**kohya_pair(), "lora_unet_mid_block_attentions_0_hada_w1_a": torch.zeros(2, 2)}, "1 key"),
-    ({**kohya_pair(), **kohya_pair("lora_unet_not_a_layer")}, "2 key"),
-    (kohya_pair(out_f=64), "do not fit"),
-    (kohya_pair(rank=5000, out_f=32), "do not fit"),
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(2, 32)}, "other half"),
-    ({**kohya_pair(), "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0)}, "SDXL"),
-    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": torch.zeros(32, 32)}, "neither kohya"),
-    ({k: v.to(torch.int32) for k, v in kohya_pair().items()}, "floating-point"),
-    ({**kohya_pair(), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.ones(3)}, "one number"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({**kohya_pair(), "lora_unet_mid_block_attentions_0_hada_w1_a": torch.zeros(2, 2)}, "1 key"),
+        ({**kohya_pair(), **kohya_pair("lora_unet_not_a_layer")}, "2 key"),
+        (kohya_pair(out_f=64), "do not fit"),
+        (kohya_pair(rank=5000, out_f=32), "do not fit"),
+        (
+            {
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(
+                    2, 32
+                )
+            },
+            "other half",
+        ),
+        ({**kohya_pair(), "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0)}, "SDXL"),
+        (
+            {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": torch.zeros(32, 32)},
+            "neither kohya",
+        ),
+        ({k: v.to(torch.int32) for k, v in kohya_pair().items()}, "floating-point"),
+        (
+            {
+                **kohya_pair(),
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha": torch.ones(3),
+            },
+            "one number",
+        ),
+    ],
+)
 def test_hostile_lora_files_fail_in_one_line(sd1_bundle, tmp_path, state, message):
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
@@ -328,8 +391,10 @@ def test_custom_unets_export_kohya_in_the_original_layout_and_refuse_diffusers(t
     assert not UNetNames.of(bundle.unet_config).diffusers
     weights = random_lora(bundle, LoRASpec(rank=2))
     path = export_lora(weights, bundle, tmp_path / "k.safetensors", "kohya")
-    assert all(k.startswith("lora_unet_input_blocks_") or k.startswith(("lora_unet_middle", "lora_unet_output"))
-               for k in load_file(str(path)))  # fmt: skip
+    assert all(
+        k.startswith("lora_unet_input_blocks_") or k.startswith(("lora_unet_middle", "lora_unet_output"))
+        for k in load_file(str(path))
+    )
     back = fitted(read_lora(path, bundle), bundle)
     assert back.unet.keys() == weights.unet.keys()
     with pytest.raises(UserError, match="--format kohya"):
@@ -339,7 +404,13 @@ def test_custom_unets_export_kohya_in_the_original_layout_and_refuse_diffusers(t
 def test_factors_of_another_shape_convention_are_fitted(sd1_bundle):
     # a Linear layer's factors stored 4-d (as some tools do) merge like the 2-d ones
     f = LoRAFactors(torch.randn(2, 32), torch.randn(32, 2), 2.0)
-    as_4d = LoRAWeights(unet={"input_blocks.1.1.transformer_blocks.0.attn1.to_q": LoRAFactors(f.down[..., None, None], f.up[..., None, None], 2.0)})
+    as_4d = LoRAWeights(
+        unet={
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_q": LoRAFactors(
+                f.down[..., None, None], f.up[..., None, None], 2.0
+            )
+        }
+    )
     fitted_4d = fitted(as_4d, sd1_bundle).unet["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
     assert torch.equal(fitted_4d.delta(), f.delta())
 
@@ -347,8 +418,10 @@ def test_factors_of_another_shape_convention_are_fitted(sd1_bundle):
 def test_torch_files_of_tensors_read_like_safetensors(sd1_bundle, tmp_path):
     torch.save(kohya_pair(), tmp_path / "lora.pt")
     weights = read_lora(tmp_path / "lora.pt", sd1_bundle)
-    assert list(weights.unet) == ["input_blocks.1.1.transformer_blocks.0.attn1.to_q"] and weights.unet[
-        "input_blocks.1.1.transformer_blocks.0.attn1.to_q"].alpha == 2.0  # fmt: skip
+    assert (
+        list(weights.unet) == ["input_blocks.1.1.transformer_blocks.0.attn1.to_q"]
+        and weights.unet["input_blocks.1.1.transformer_blocks.0.attn1.to_q"].alpha == 2.0
+    )
     torch.save({k: v.long() for k, v in kohya_pair().items()}, tmp_path / "ints.pt")
     with pytest.raises(UserError, match="floating-point"):
         read_lora(tmp_path / "ints.pt", sd1_bundle)
@@ -360,7 +433,9 @@ def test_convert_turns_one_lora_layout_into_the_other_given_its_model(published,
     _, folder, bundle = published
     weights = random_lora(bundle, LoRASpec(rank=4, alpha=2.0, targets=ALL, text_encoder=True))
     kohya = export_lora(weights, bundle, tmp_path / "k.safetensors", "kohya")
-    convert([str(kohya), str(tmp_path / "d.safetensors"), "--to", "lora", "--format", "diffusers", "--base", str(folder)])
+    convert(
+        [str(kohya), str(tmp_path / "d.safetensors"), "--to", "lora", "--format", "diffusers", "--base", str(folder)]
+    )
     back = read_lora(tmp_path / "d.safetensors", bundle)
     assert back.metadata["format"] == "diffusers" and back.unet.keys() == weights.unet.keys()
     for name, f in weights.unet.items():

@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 import torch
+from published import TEXT_LAYERS, diffusers_tensors, with_text_model_prefix, write_published_folder
 from safetensors.torch import load_file, save_file
 
 from ldm.convert import main as convert
 from ldm.formats import export_diffusers, export_single_file, load_bundle
 from ldm.formats.single_file import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX
-from published import TEXT_LAYERS, diffusers_tensors, with_text_model_prefix, write_published_folder
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -151,7 +151,11 @@ def test_a_folder_of_fp16_variant_files_imports(published, tmp_path):
     """``from_pretrained(..., variant="fp16")`` downloads only ``*.fp16.safetensors`` files."""
     family, folder = published
     copy = shutil.copytree(folder, tmp_path / "pipe")
-    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+    for part, name in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
         (copy / part / f"{name}.safetensors").rename(copy / part / f"{name}.fp16.safetensors")
     bundle, reference = load_bundle(copy), load_bundle(folder)
     assert bundle.metadata() == reference.metadata()
@@ -175,21 +179,40 @@ def test_bf16_folders_convert_losslessly(family, tmp_path):
 
 # The configs of the published full-size models (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1),
 # as far as they differ from diffusers' and transformers' defaults.
-_SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-               up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4)  # fmt: skip
+_SD_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    latent_channels=4,
+)
 FULL_SIZE = {
     "sd1": dict(
         unet=dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64),
         vae=dict(_SD_VAE, sample_size=512),
-        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                          hidden_act="quick_gelu", projection_dim=768),  # fmt: skip
+        text_encoder=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        ),
         scheduler=dict(_class_name="PNDMScheduler", prediction_type="epsilon"),
     ),
     "sd2": dict(
-        unet=dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=96),
+        unet=dict(
+            cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=96
+        ),
         vae=dict(_SD_VAE, sample_size=768),
-        text_encoder=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                          hidden_act="gelu", projection_dim=512),  # fmt: skip
+        text_encoder=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=512,
+        ),
         scheduler=dict(_class_name="DDIMScheduler", prediction_type="v_prediction"),
     ),
 }
@@ -209,7 +232,11 @@ def test_full_size_sd15_and_sd21_keys_survive_diffusers_converters(family):
         unet = diffusers.UNet2DConditionModel(**configs["unet"])
         vae = diffusers.AutoencoderKL(**configs["vae"])
         text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs["text_encoder"]))
-    weights = {"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": with_text_model_prefix(text.state_dict())}
+    weights = {
+        "unet": unet.state_dict(),
+        "vae": vae.state_dict(),
+        "text_encoder": with_text_model_prefix(text.state_dict()),
+    }
     weights["text_encoder"].pop("text_model.embeddings.position_ids", None)  # a buffer transformers 4.x may list
     configs = dict(configs, unet=dict(unet.config), vae=dict(vae.config), text_encoder=text.config.to_dict())
     bundle = bundle_from_diffusers(configs, weights, 49407 if family == "sd1" else 0)

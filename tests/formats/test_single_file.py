@@ -3,14 +3,18 @@ import json
 
 import pytest
 import torch
+from bundles import TEXT_CFG, assert_same_tensors, make_bundle
 from safetensors.torch import load_file, save_file
 
-from bundles import TEXT_CFG, assert_same_tensors, make_bundle
 from ldm.errors import UserError
 from ldm.formats import load_bundle
 from ldm.formats.bundle import schedule_from_spec
 from ldm.formats.single_file import (
-    SD1_TEXT_PREFIX, detect_family, export_single_file, import_single_file, single_file_state,
+    SD1_TEXT_PREFIX,
+    detect_family,
+    export_single_file,
+    import_single_file,
+    single_file_state,
 )
 
 
@@ -75,10 +79,22 @@ def test_a_foreign_sd1_shaped_file_of_any_width_imports_with_the_architecture_of
     path = tmp_path / "foreign.safetensors"
     save_file({k: v.contiguous() for k, v in single_file_state(bundle).items()}, str(path))  # no metadata
     back = load_bundle(path)
-    assert back.family == "sd1" and back.unet_config == {**bundle.unet_config, "num_heads": 8, "transformer_depth": 1,
-                                                                  "dropout": 0.0, "norm_groups": 32}
-    assert back.vae_config == {**bundle.vae_config, "attention_resolutions": [], "resolution": 256,
-                               "scaling_factor": 0.18215, "norm_groups": 32, "in_channels": 3, "out_channels": 3}  # SD's: no tensor holds them
+    assert back.family == "sd1" and back.unet_config == {
+        **bundle.unet_config,
+        "num_heads": 8,
+        "transformer_depth": 1,
+        "dropout": 0.0,
+        "norm_groups": 32,
+    }
+    assert back.vae_config == {
+        **bundle.vae_config,
+        "attention_resolutions": [],
+        "resolution": 256,
+        "scaling_factor": 0.18215,
+        "norm_groups": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+    }  # SD's: no tensor holds them
     assert back.text_config["text_cfg"] == {**TEXT_CFG, "heads": 1, "mlp_ratio": 4.0}  # 32 wide: one 64-wide head
     back.build()  # and the networks build from it and take its weights (strict)
 
@@ -90,12 +106,17 @@ def test_a_foreign_file_whose_widths_do_not_fit_its_familys_heads_is_one_line(tm
         load_bundle(path)
 
 
-@pytest.mark.parametrize("state, message", [
-    ({"conditioner.embedders.0.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, "SDXL"),
-    ({"encoder.weight": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
-    ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 512)},
-     "unrecognised"),
-])
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"conditioner.embedders.0.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}, "SDXL"),
+        ({"encoder.weight": torch.zeros(1)}, "not a Stable Diffusion checkpoint"),
+        (
+            {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 512)},
+            "unrecognised",
+        ),
+    ],
+)
 def test_detection_errors_are_one_line(state, message):
     with pytest.raises(UserError, match=message):
         detect_family(state)

@@ -29,7 +29,10 @@ def test_pretrained_weights_from_local_files(tmp_path):
         assert torch.equal(loaded(PROMPTS), source(PROMPTS))
     torch.save({"state_dict": {f"model.{k}": v for k, v in source.model.state_dict().items()}}, tmp_path / "clip.pt")
     with torch.no_grad():
-        assert torch.equal(open_clip_text_encoder(model_name=None, text_cfg=TINY, pretrained=str(tmp_path / "clip.pt"))(PROMPTS), source(PROMPTS))
+        assert torch.equal(
+            open_clip_text_encoder(model_name=None, text_cfg=TINY, pretrained=str(tmp_path / "clip.pt"))(PROMPTS),
+            source(PROMPTS),
+        )
 
 
 def test_missing_weights_are_a_clear_error(tmp_path):

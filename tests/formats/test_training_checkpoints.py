@@ -23,7 +23,15 @@ def _rewritten(source, target, edit):
 def test_the_checkpoint_stores_a_typed_spec(tiny_checkpoint):
     checkpoint = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     spec = checkpoint["ldm"]["spec"]
-    assert set(spec) == {"unet_config", "vae_config", "text_config", "family", "prediction_type", "image_size", "schedule"}
+    assert set(spec) == {
+        "unet_config",
+        "vae_config",
+        "text_config",
+        "family",
+        "prediction_type",
+        "image_size",
+        "schedule",
+    }
     assert "_target_" not in str(spec)
     assert spec["unet_config"]["model_channels"] == 32
     assert spec["schedule"]["kind"] == "scaled_linear"
@@ -36,7 +44,9 @@ def test_a_checkpoint_naming_code_never_runs_it(tiny_checkpoint, tmp_path, where
 
     def plant(checkpoint):
         # frozen parts left out, so the loader must build them from what the file says
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("autoencoder.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("autoencoder.")
+        }
         if where == "legacy_config":
             del checkpoint["ldm"]["spec"]
             checkpoint["ldm"]["config"]["model"]["autoencoder"] = payload
@@ -73,17 +83,18 @@ def test_a_stored_hub_tag_in_a_checkpoint_is_refused(tiny_checkpoint, tmp_path):
 
 def _large_frozen_run(run_dir, toy_data_dir, tmp_path):
     """A run whose VAE comes from a weights file and is left out of its checkpoints (as SD's is)."""
-    from ldm_testing import train_tiny_checkpoint
-
     from ldm.models.autoencoder import AutoencoderKL
+    from ldm_testing import train_tiny_checkpoint
 
     vae = AutoencoderKL(base_channels=16, channel_multipliers=(1, 1), num_res_blocks=1, norm_groups=8, resolution=64)
     weights = tmp_path / "weights" / "vae.safetensors"
     save_safetensors(vae.state_dict(), weights)
     checkpoint = train_tiny_checkpoint(
-        run_dir, toy_data_dir, 2,
+        run_dir,
+        toy_data_dir,
+        2,
         [f"model.autoencoder.path={weights}", "task.frozen_in_checkpoint_mb=0"],
-    )  # fmt: skip
+    )
     return checkpoint, weights, vae
 
 
@@ -100,8 +111,10 @@ def test_a_checkpoint_with_frozen_parts_by_reference_stands_alone(toy_data_dir, 
     shutil.move(weights, moved)
     with pytest.raises(UserError, match=f"kept in {weights.resolve()}, which is missing"):
         load_bundle(checkpoint_path)
-    assert torch.equal(load_bundle(checkpoint_path, sources={"autoencoder": str(moved)}).vae["quant_conv.weight"],
-                       vae.state_dict()["quant_conv.weight"])  # fmt: skip
+    assert torch.equal(
+        load_bundle(checkpoint_path, sources={"autoencoder": str(moved)}).vae["quant_conv.weight"],
+        vae.state_dict()["quant_conv.weight"],
+    )
 
     changed = {k: v + 1 for k, v in vae.state_dict().items()}
     save_safetensors(changed, moved)

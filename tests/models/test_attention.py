@@ -36,10 +36,23 @@ def test_cross_attention_without_context_is_self_attention() -> None:
 
 def test_transformer_block_parameter_names_follow_sd() -> None:
     names = set(BasicTransformerBlock(dim=32, num_heads=4, head_dim=8, context_dim=48).state_dict())
-    expected = {"attn1.to_q.weight", "attn1.to_k.weight", "attn1.to_v.weight", "attn1.to_out.0.weight",
-                "attn1.to_out.0.bias", "ff.net.0.proj.weight", "ff.net.0.proj.bias", "ff.net.2.weight",
-                "ff.net.2.bias", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight",
-                "norm3.bias"}  # fmt: skip
+    expected = {
+        "attn1.to_q.weight",
+        "attn1.to_k.weight",
+        "attn1.to_v.weight",
+        "attn1.to_out.0.weight",
+        "attn1.to_out.0.bias",
+        "ff.net.0.proj.weight",
+        "ff.net.0.proj.bias",
+        "ff.net.2.weight",
+        "ff.net.2.bias",
+        "norm1.weight",
+        "norm1.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "norm3.weight",
+        "norm3.bias",
+    }
     expected |= {name.replace("attn1", "attn2") for name in expected if name.startswith("attn1")}
     assert names == expected
     block = BasicTransformerBlock(dim=32, num_heads=4, head_dim=8, context_dim=48)

@@ -102,9 +102,7 @@ def test_default_is_the_stable_diffusion_vae():
     assert sd.downsampling_factor == 8 and sd.latent_channels == 4 and sd.scaling_factor == 0.18215
 
 
-@pytest.mark.parametrize(
-    "multipliers, size, latent_size", [((1, 2, 2), 64, 16), ((1, 2, 2, 2), 256, 32)]
-)
+@pytest.mark.parametrize("multipliers, size, latent_size", [((1, 2, 2), 64, 16), ((1, 2, 2, 2), 256, 32)])
 def test_latent_shapes(multipliers, size, latent_size):
     # On the meta device only shapes are computed, so 256x256 costs nothing.
     with torch.device("meta"):

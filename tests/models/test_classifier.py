@@ -43,7 +43,9 @@ def test_gradient_reaches_the_input():
 def test_config_rebuilds_the_same_architecture():
     classifier = _classifier(channel_multipliers=(1, 2, 2), pool_size=2)
     rebuilt = NoisyClassifier(HEADS, **classifier.config)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in classifier.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in classifier.state_dict().items()
+    }
     assert classifier.config["channel_multipliers"] == [1, 2, 2]
 
 

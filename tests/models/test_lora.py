@@ -24,8 +24,15 @@ from ldm.models.lora import (
 )
 from ldm.models.unet import UNetModel
 
-UNET = dict(model_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(2, 1), num_heads=2,
-            context_dim=32, transformer_depth=1)  # fmt: skip
+UNET = dict(
+    model_channels=32,
+    channel_multipliers=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2, 1),
+    num_heads=2,
+    context_dim=32,
+    transformer_depth=1,
+)
 TEXT = dict(model_name=None, text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
 ALL = ("attention", "transformer", "resblocks")
 
@@ -50,8 +57,11 @@ def inputs():
     return x, torch.tensor([3, 700]), torch.randn(2, 77, 32, generator=generator)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(6, 5, 1), nn.Conv2d(6, 5, 3, padding=1),
-                                   nn.Conv2d(6, 5, 3, stride=2, padding=1)], ids=["linear", "1x1", "3x3", "3x3-stride2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "layer",
+    [nn.Linear(6, 5), nn.Conv2d(6, 5, 1), nn.Conv2d(6, 5, 3, padding=1), nn.Conv2d(6, 5, 3, stride=2, padding=1)],
+    ids=["linear", "1x1", "3x3", "3x3-stride2"],
+)
 def test_the_update_is_the_product_of_the_factors_on_every_layer_kind(layer):
     # closed form: layer(x) + adapter(x) == the layer with weight W + (alpha / r) up @ down
     adapter = randomised(LoRAAdapter(layer, rank=3, alpha=6.0))
@@ -83,8 +93,13 @@ def test_target_groups_name_the_layers_kohya_and_diffusers_adapt(unet):
     transformer = unet_lora_targets(unet, ["transformer"])
     assert {"input_blocks.1.1.proj_in", "middle_block.1.transformer_blocks.0.ff.net.2"} <= set(transformer)
     resblocks = unet_lora_targets(unet, ["resblocks"])
-    assert {"input_blocks.1.0.in_layers.2", "input_blocks.2.0.op", "output_blocks.1.2.conv",
-            "input_blocks.3.0.skip_connection", "middle_block.0.emb_layers.1"} <= set(resblocks)  # fmt: skip
+    assert {
+        "input_blocks.1.0.in_layers.2",
+        "input_blocks.2.0.op",
+        "output_blocks.1.2.conv",
+        "input_blocks.3.0.skip_connection",
+        "middle_block.0.emb_layers.1",
+    } <= set(resblocks)
     assert not set(attention) & set(transformer) | set(transformer) & set(resblocks)
 
 
@@ -133,7 +148,10 @@ def test_text_encoder_adapts_q_k_v_rows_of_the_fused_projection():
         # the q adapter of block 0 changes the first third of in_proj_weight only
         q = network.text_adapter("transformer.resblocks.0.attn.q")
         only_q = merge_text(dict(encoder.model.state_dict()), {"transformer.resblocks.0.attn.q": q.factors()}, 2)
-        change = (only_q["transformer.resblocks.0.attn.in_proj_weight"] - encoder.model.transformer.resblocks[0].attn.in_proj_weight)
+        change = (
+            only_q["transformer.resblocks.0.attn.in_proj_weight"]
+            - encoder.model.transformer.resblocks[0].attn.in_proj_weight
+        )
         assert change[32:].abs().max() == 0 and change[:32].abs().max() > 0
 
 
@@ -153,11 +171,16 @@ def test_only_the_adapters_receive_gradients(unet):
     assert all(p.grad is None for p in (*unet.parameters(), *encoder.parameters()))
 
 
-@pytest.mark.parametrize("config, message", [
-    (dict(rank=-1), "task.lora.rank"), (dict(rank=4, alpha=0), "task.lora.alpha"),
-    (dict(rank=4, targets=["mlp"]), "task.lora.targets"), (dict(rank=4, colour="red"), "no key"),
-    (dict(rank=4, alpha=math.inf), "task.lora.alpha"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(rank=-1), "task.lora.rank"),
+        (dict(rank=4, alpha=0), "task.lora.alpha"),
+        (dict(rank=4, targets=["mlp"]), "task.lora.targets"),
+        (dict(rank=4, colour="red"), "no key"),
+        (dict(rank=4, alpha=math.inf), "task.lora.alpha"),
+    ],
+)
 def test_bad_lora_settings_are_one_line_errors(config, message):
     with pytest.raises(UserError, match=message):
         lora_spec(config)
@@ -165,5 +188,8 @@ def test_bad_lora_settings_are_one_line_errors(config, message):
 
 def test_alpha_is_stored_as_float32_so_files_round_trip_it_exactly():
     spec = LoRASpec(rank=4, alpha=0.1)
-    assert spec.alpha == float(torch.tensor(0.1, dtype=torch.float32)) and spec.rank_alpha(nn.Linear(2, 2)) == (4, spec.alpha)
+    assert spec.alpha == float(torch.tensor(0.1, dtype=torch.float32)) and spec.rank_alpha(nn.Linear(2, 2)) == (
+        4,
+        spec.alpha,
+    )
     assert LoRASpec(rank=4).rank_alpha(nn.Conv2d(2, 2, 3)) == (4, 4.0)  # alpha null: = rank

@@ -10,12 +10,24 @@ import torch
 from bench.presets import network_configs
 from ldm.models.unet import UNetModel, timestep_embedding
 
-TINY = dict(model_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
-            num_heads=4, context_dim=64)  # fmt: skip
+TINY = dict(
+    model_channels=32,
+    channel_multipliers=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(1, 2),
+    num_heads=4,
+    context_dim=64,
+)
 
 # SD's structure (four levels, attention at factors 4/2/1, two ResBlocks per level) at a fifth of its width.
-SD_SHAPED = dict(model_channels=64, channel_multipliers=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(4, 2, 1), context_dim=64, norm_groups=32)  # fmt: skip
+SD_SHAPED = dict(
+    model_channels=64,
+    channel_multipliers=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(4, 2, 1),
+    context_dim=64,
+    norm_groups=32,
+)
 FLAVOURS = {
     "sd1": dict(SD_SHAPED, num_heads=8, head_dim=None, use_linear_in_transformer=False),
     "sd2": dict(SD_SHAPED, num_heads=None, head_dim=32, use_linear_in_transformer=True),
@@ -105,11 +117,16 @@ def test_presets_have_the_published_sizes(preset: str, num_params: int) -> None:
 def _original_config(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The `model.params` part of an SD inference yaml that describes a U-Net built from `kwargs`."""
     unet = dict(
-        in_channels=4, out_channels=4, model_channels=kwargs["model_channels"],
-        channel_mult=list(kwargs["channel_multipliers"]), num_res_blocks=kwargs["num_res_blocks"],
-        attention_resolutions=list(kwargs["attention_resolutions"]), transformer_depth=1,
-        context_dim=kwargs["context_dim"], use_linear_in_transformer=kwargs["use_linear_in_transformer"],
-    )  # fmt: skip
+        in_channels=4,
+        out_channels=4,
+        model_channels=kwargs["model_channels"],
+        channel_mult=list(kwargs["channel_multipliers"]),
+        num_res_blocks=kwargs["num_res_blocks"],
+        attention_resolutions=list(kwargs["attention_resolutions"]),
+        transformer_depth=1,
+        context_dim=kwargs["context_dim"],
+        use_linear_in_transformer=kwargs["use_linear_in_transformer"],
+    )
     if kwargs["num_heads"] is not None:
         unet["num_heads"] = kwargs["num_heads"]
     else:
@@ -160,11 +177,16 @@ def test_context_pooling_starts_as_the_plain_unet_and_then_conditions_every_resb
     emb = pooled.time_embed(timestep_embedding(t, 32))
     query, (k, v) = pooled.context_pool.query, pooled.context_pool.to_kv(context).chunk(2, dim=-1)
     heads, width = 4, 16  # num_heads of TINY; one head at a time, by hand
-    summary = torch.cat([
-        torch.softmax(k[..., h * width:(h + 1) * width] @ query[h * width:(h + 1) * width] / width**0.5, dim=-1)
-        .unsqueeze(1).bmm(v[..., h * width:(h + 1) * width]).squeeze(1)
-        for h in range(heads)
-    ], dim=-1)  # fmt: skip
+    summary = torch.cat(
+        [
+            torch.softmax(k[..., h * width : (h + 1) * width] @ query[h * width : (h + 1) * width] / width**0.5, dim=-1)
+            .unsqueeze(1)
+            .bmm(v[..., h * width : (h + 1) * width])
+            .squeeze(1)
+            for h in range(heads)
+        ],
+        dim=-1,
+    )
     expected = emb + pooled.context_pool.proj_out(summary)
     torch.testing.assert_close(pooled.context_pool(context) + emb, expected)
     assert not torch.allclose(pooled(x, t, context), plain(x, t, context))
@@ -216,7 +238,8 @@ def test_self_conditioning_reads_the_estimate_through_the_second_half_of_conv_in
         # conv_in is linear: the estimate's half adds its own convolution to the first activations
         with_estimate = self_conditioned.input_blocks[0][0](torch.cat([x, estimate], 1))
         torch.testing.assert_close(
-            with_estimate, plain.input_blocks[0][0](x) + torch.nn.functional.conv2d(estimate, estimate_weight, padding=1)
+            with_estimate,
+            plain.input_blocks[0][0](x) + torch.nn.functional.conv2d(estimate, estimate_weight, padding=1),
         )
         assert not torch.allclose(self_conditioned(x, t, context, estimate), plain(x, t, context))
 

@@ -11,8 +11,9 @@ from ldm.cli import one_line_errors
 from train import train
 
 
-def test_resume_of_a_foreign_checkpoint_deletes_nothing_outside_the_run(train_config, tiny_checkpoint, tmp_path,
-                                                                       capsys):  # fmt: skip
+def test_resume_of_a_foreign_checkpoint_deletes_nothing_outside_the_run(
+    train_config, tiny_checkpoint, tmp_path, capsys
+):
     # saves at steps 4 and 6 (every 2, as the tiny checkpoint's callback: the state key must match)
     cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=6", "callbacks.checkpoint.save_top_k=2")
     dirpath = str(Path(cfg.paths.output_dir) / "checkpoints")
@@ -25,9 +26,11 @@ def test_resume_of_a_foreign_checkpoint_deletes_nothing_outside_the_run(train_co
     checkpoint["callbacks"][key].update(
         dirpath=dirpath,  # as if written by this very run, so Lightning restores everything
         best_k_models={f"{escape}/victim": torch.tensor(-1.0), f"{escape}/victim.txt": torch.tensor(-2.0)},
-        kth_best_model_path=f"{escape}/victim.txt", kth_value=torch.tensor(-2.0),
-        best_model_path=f"{escape}/victim", last_model_path=f"{escape}/victim",
-    )  # fmt: skip
+        kth_best_model_path=f"{escape}/victim.txt",
+        kth_value=torch.tensor(-2.0),
+        best_model_path=f"{escape}/victim",
+        last_model_path=f"{escape}/victim",
+    )
     foreign = tmp_path / "foreign.ckpt"
     torch.save(checkpoint, foreign)
 
@@ -44,9 +47,16 @@ def test_checkpoint_state_inside_the_run_is_restored(tmp_path):
     callback = RunCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="step", mode="max", save_top_k=2)
     assert callback.state_key.startswith("ModelCheckpoint{")  # checkpoints of older runs keep restoring
     inside = str(tmp_path / "checkpoints" / "step_0000002.ckpt")
-    callback.load_state_dict({"dirpath": callback.dirpath, "best_model_score": torch.tensor(2.0),
-                              "best_model_path": inside, "best_k_models": {inside: torch.tensor(2.0)},
-                              "kth_best_model_path": inside, "last_model_path": ""})  # fmt: skip
+    callback.load_state_dict(
+        {
+            "dirpath": callback.dirpath,
+            "best_model_score": torch.tensor(2.0),
+            "best_model_path": inside,
+            "best_k_models": {inside: torch.tensor(2.0)},
+            "kth_best_model_path": inside,
+            "last_model_path": "",
+        }
+    )
     assert callback.best_k_models == {inside: torch.tensor(2.0)} and callback.kth_best_model_path == inside
 
 
@@ -63,9 +73,15 @@ class PoisonWeights(pl.Callback):
 
 
 def test_nan_weights_are_never_saved_and_the_run_stops(train_config, capsys):
-    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=20", "trainer.val_check_interval=1000",
-                       "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=2",
-                       "+callbacks.poison._target_=test_checkpoint_safety.PoisonWeights", "+callbacks.poison.step=3")
+    cfg = train_config(
+        "~callbacks.sample_grid",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=1000",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "callbacks.checkpoint.save_top_k=2",
+        "+callbacks.poison._target_=test_checkpoint_safety.PoisonWeights",
+        "+callbacks.poison.step=3",
+    )
     with pytest.raises(SystemExit), one_line_errors():
         train(cfg)
     stderr = capsys.readouterr().err
@@ -84,8 +100,11 @@ def test_nan_weights_are_never_saved_and_the_run_stops(train_config, capsys):
 def test_the_finiteness_check_flags_nan_and_inf_and_nothing_finite():
     from ldm.training.checkpoint_io import first_nonfinite
 
-    huge = {"fp32": torch.full((1000,), 3.0e38), "fp16": torch.full((10,), 65504.0, dtype=torch.float16),
-            "steps": torch.arange(3)}  # a float64 sum of finite weights cannot overflow  # fmt: skip
+    huge = {
+        "fp32": torch.full((1000,), 3.0e38),
+        "fp16": torch.full((10,), 65504.0, dtype=torch.float16),
+        "steps": torch.arange(3),
+    }  # a float64 sum of finite weights cannot overflow
     assert first_nonfinite(huge) is None
     for value in (float("nan"), float("inf"), -float("inf")):
         broken = torch.ones(5, dtype=torch.bfloat16)

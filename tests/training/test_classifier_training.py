@@ -6,7 +6,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ldm.data.toy import render, sample_spec, caption
+from ldm.data.toy import caption, render, sample_spec
 from ldm.errors import UserError
 from ldm.training.classifier import CLASSIFIER_SPEC, caption_labels, load_classifier
 from ldm_testing import TINY_TRAINING, compose_config

@@ -29,20 +29,39 @@ def photos(tmp_path_factory) -> Path:
 
 def dreambooth_config(out: Path, data: Path, base: Path, photos: Path, class_path: Path, *extra: str):
     training = [o for o in TINY_TRAINING if not o.startswith("data.")]  # (the toy shards' data keys)
-    cfg = compose_config("train", [*TINY_MODEL, *training, "~callbacks.sample_grid", "data=dreambooth",
-                                   f"model.pretrained={base}", f"data.instance_path={photos}",
-                                   f"data.instance_prompt='{INSTANCE_PROMPT}'", f"data.class_prompt='{CLASS_PROMPT}'",
-                                   f"data.class_path={class_path}", "data.num_class_images=4", "data.class_steps=2",
-                                   "data.class_guidance_scale=2", "data.image_size=32", "data.batch_size=2",
-                                   "data.num_workers=0", "data.repeats=2", "trainer.max_steps=2",
-                                   "trainer.limit_val_batches=0", *extra])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_MODEL,
+            *training,
+            "~callbacks.sample_grid",
+            "data=dreambooth",
+            f"model.pretrained={base}",
+            f"data.instance_path={photos}",
+            f"data.instance_prompt='{INSTANCE_PROMPT}'",
+            f"data.class_prompt='{CLASS_PROMPT}'",
+            f"data.class_path={class_path}",
+            "data.num_class_images=4",
+            "data.class_steps=2",
+            "data.class_guidance_scale=2",
+            "data.image_size=32",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.repeats=2",
+            "trainer.max_steps=2",
+            "trainer.limit_val_batches=0",
+            *extra,
+        ],
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.data_dir = str(data)
     return cfg
 
 
-def test_class_images_are_made_once_and_batches_pair_them_with_the_photos(tiny_checkpoint, toy_data_dir, photos, tmp_path, capsys):
+def test_class_images_are_made_once_and_batches_pair_them_with_the_photos(
+    tiny_checkpoint, toy_data_dir, photos, tmp_path, capsys
+):
     from hydra.utils import instantiate
 
     class_path = tmp_path / "class_images"
@@ -70,9 +89,17 @@ def test_another_class_prompt_in_the_same_folder_is_refused(tiny_checkpoint, toy
     from hydra.utils import instantiate
 
     class_path = tmp_path / "class_images"
-    instantiate(dreambooth_config(tmp_path / "a", toy_data_dir, tiny_checkpoint, photos, class_path).data, _convert_="all").prepare_data()
-    other = dreambooth_config(tmp_path / "b", toy_data_dir, tiny_checkpoint, photos, class_path,
-                              "data.class_prompt='a blue square in the center'")  # fmt: skip
+    instantiate(
+        dreambooth_config(tmp_path / "a", toy_data_dir, tiny_checkpoint, photos, class_path).data, _convert_="all"
+    ).prepare_data()
+    other = dreambooth_config(
+        tmp_path / "b",
+        toy_data_dir,
+        tiny_checkpoint,
+        photos,
+        class_path,
+        "data.class_prompt='a blue square in the center'",
+    )
     with pytest.raises(UserError, match="another job"):
         instantiate(other.data, _convert_="all").prepare_data()
 
@@ -89,7 +116,9 @@ def test_dreambooth_trains_as_full_fine_tune_and_as_lora(tiny_checkpoint, toy_da
 def test_buckets_are_refused(tiny_checkpoint, toy_data_dir, photos, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = dreambooth_config(tmp_path / "run", toy_data_dir, tiny_checkpoint, photos, tmp_path / "class", "data.buckets=auto")
+    cfg = dreambooth_config(
+        tmp_path / "run", toy_data_dir, tiny_checkpoint, photos, tmp_path / "class", "data.buckets=auto"
+    )
     with pytest.raises(Exception, match="buckets=null"):
         instantiate(cfg.data, _convert_="all")
 
@@ -112,5 +141,5 @@ def test_the_paired_stream_resumes_where_it_stopped(tiny_checkpoint, toy_data_di
     stream.start = StreamStart(1, 1)  # as TrainingLoader sets it: epoch 1, one batch of it trained
     resumed = list(stream)
     assert len(resumed) == len(straight) // 2 - 1
-    for a, b in zip(straight[len(straight) // 2 + 1:], resumed):
+    for a, b in zip(straight[len(straight) // 2 + 1 :], resumed):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])

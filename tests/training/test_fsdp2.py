@@ -7,22 +7,34 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_ddp import assert_same_training, rank_jobs, straight_and_resumed
 
 from ldm.checkpoints import load_training_checkpoint, submodule_state
 from ldm.convert import main as convert
 from ldm.pipeline import pipeline_from_checkpoint
 from ldm_testing import TINY_MODEL, TINY_TRAINING
-from test_ddp import assert_same_training, rank_jobs, straight_and_resumed
 
-EPOCH = ["data.num_workers=1", "data.samples_per_epoch=64", "trainer.max_steps=10",
-         "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
+EPOCH = [
+    "data.num_workers=1",
+    "data.samples_per_epoch=64",
+    "trainer.max_steps=10",
+    "callbacks.checkpoint.every_n_train_steps=3",
+]
 
 
 @pytest.mark.slow
 def test_fsdp2_trains_like_ddp_samples_resumes_exactly_and_checkpoints_load_anywhere(tmp_path, toy_data_dir):
     # Muon needs whole weight matrices (it refuses sharded strategies): AdamW here
-    common = [*TINY_MODEL, *TINY_TRAINING, "trainer.devices=2", "optim=adamw_cosine", *EPOCH,
-              f"paths.data_dir={toy_data_dir}", "data.prepare.num_train=256", "data.prepare.num_val=32"]  # fmt: skip
+    common = [
+        *TINY_MODEL,
+        *TINY_TRAINING,
+        "trainer.devices=2",
+        "optim=adamw_cosine",
+        *EPOCH,
+        f"paths.data_dir={toy_data_dir}",
+        "data.prepare.num_train=256",
+        "data.prepare.num_val=32",
+    ]
     fsdp2 = [*common, "strategy=fsdp2"]
     jobs = straight_and_resumed(tmp_path, "fsdp2", fsdp2)
     jobs[1]["overrides"].append("~callbacks.sample_grid")

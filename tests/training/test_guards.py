@@ -10,10 +10,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ldm_testing import ROOT
 from ldm.checkpoints import load_training_checkpoint, torch_save_atomic
 from ldm.training.guards import RunGuard
 from ldm.training.latent_diffusion import LatentDiffusion
+from ldm_testing import ROOT
 from train import train
 
 
@@ -55,9 +55,14 @@ def test_too_many_non_finite_steps_stop_with_last_good_weights(train_config, mon
 
 def test_sigterm_checkpoints_and_resume_continues(train_config, caplog):
     # a real SIGTERM to this process at step 3 (in-process: a fresh interpreter would spend ~10 s importing)
-    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=100000", "trainer.val_check_interval=1000",
-                       "callbacks.checkpoint.every_n_train_steps=1000",
-                       "+callbacks.preemption._target_=ldm_testing.SignalAtStep", "+callbacks.preemption.step=3")
+    cfg = train_config(
+        "~callbacks.sample_grid",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=1000",
+        "callbacks.checkpoint.every_n_train_steps=1000",
+        "+callbacks.preemption._target_=ldm_testing.SignalAtStep",
+        "+callbacks.preemption.step=3",
+    )
     reached_outside = []  # a SIGTERM the guard does not take must fail this test, not kill pytest
 
     def fallback(*args):
@@ -76,8 +81,13 @@ def test_sigterm_checkpoints_and_resume_continues(train_config, caplog):
     assert load_training_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == stopped_at
     assert 3 <= stopped_at <= 4  # the step that got the signal finishes, nothing after it
 
-    resumed = train_config("~callbacks.sample_grid", "resume=auto", f"trainer.max_steps={stopped_at + 2}",
-                           "trainer.val_check_interval=1000", "callbacks.checkpoint.every_n_train_steps=1000")
+    resumed = train_config(
+        "~callbacks.sample_grid",
+        "resume=auto",
+        f"trainer.max_steps={stopped_at + 2}",
+        "trainer.val_check_interval=1000",
+        "callbacks.checkpoint.every_n_train_steps=1000",
+    )
     assert train(resumed)["trainer"].global_step == stopped_at + 2
     assert load_training_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == stopped_at + 2
 
@@ -135,10 +145,15 @@ echo "$* last.ckpt=$state" >> "$RECORD"
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals and shell scripts")
 def test_preempted_slurm_job_saves_before_it_requeues(train_config, tmp_path, monkeypatch):
     # requeueing ends the job: the checkpoint must be on disk before scontrol runs
-    cfg = train_config("~callbacks.sample_grid", "trainer.max_steps=100000", "trainer.val_check_interval=1000",
-                       "callbacks.checkpoint.every_n_train_steps=1000",  # no periodic last.ckpt to mislead
-                       "+callbacks.preemption._target_=ldm_testing.SignalAtStep", "+callbacks.preemption.step=2",
-                       "+callbacks.preemption.signal_name=SIGUSR1")  # fmt: skip
+    cfg = train_config(
+        "~callbacks.sample_grid",
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=1000",
+        "callbacks.checkpoint.every_n_train_steps=1000",  # no periodic last.ckpt to mislead
+        "+callbacks.preemption._target_=ldm_testing.SignalAtStep",
+        "+callbacks.preemption.step=2",
+        "+callbacks.preemption.signal_name=SIGUSR1",
+    )
     bin_dir, record = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
@@ -149,7 +164,9 @@ def test_preempted_slurm_job_saves_before_it_requeues(train_config, tmp_path, mo
     monkeypatch.setenv("CHECKPOINT", str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"))
     stopped_at = train(cfg)["trainer"].global_step
     assert record.read_text().splitlines() == ["requeue 4242 last.ckpt=written"]
-    assert load_training_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == stopped_at
+    assert (
+        load_training_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")["global_step"] == stopped_at
+    )
 
 
 class NanGradientOnRank(pl.Callback):
@@ -174,11 +191,25 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path
 
     run = tmp_path / "run"
     outputs = launch_ranks(
-        [sys.executable, "train.py", *TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid",
-         "trainer.devices=2", "strategy=ddp", "trainer.max_steps=3", f"paths.data_dir={toy_data_dir}",
-         "data.prepare.num_train=256", "data.prepare.num_val=32", f"hydra.run.dir={run}",
-         "+callbacks.nan._target_=test_guards.NanGradientOnRank", "+callbacks.nan.rank=1", "+callbacks.nan.step=1"],
-        ROOT, env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "training"), str(ROOT / "tests")])},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "train.py",
+            *TINY_MODEL,
+            *TINY_TRAINING,
+            "~callbacks.sample_grid",
+            "trainer.devices=2",
+            "strategy=ddp",
+            "trainer.max_steps=3",
+            f"paths.data_dir={toy_data_dir}",
+            "data.prepare.num_train=256",
+            "data.prepare.num_val=32",
+            f"hydra.run.dir={run}",
+            "+callbacks.nan._target_=test_guards.NanGradientOnRank",
+            "+callbacks.nan.rank=1",
+            "+callbacks.nan.step=1",
+        ],
+        ROOT,
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "training"), str(ROOT / "tests")])},
+    )
     assert "step 1: non-finite gradients, update skipped" in outputs[0]  # rank 0 (its own gradients finite) skipped too
     assert "U-Net weights identical on all ranks: yes" in outputs[0]

@@ -17,14 +17,31 @@ from ldm_testing import TINY_MODEL, TINY_TRAINING, compose_config, run_script, t
 from train import train
 
 STEPS = 4
-LORA = ["task.lora.rank=4", "task.lora.alpha=2", "task.lora.targets=[attention,transformer,resblocks]",
-        "task.lora.conv_rank=2", "task.lora.text_encoder=true", "task.frozen_in_checkpoint_mb=0"]  # fmt: skip
+LORA = [
+    "task.lora.rank=4",
+    "task.lora.alpha=2",
+    "task.lora.targets=[attention,transformer,resblocks]",
+    "task.lora.conv_rank=2",
+    "task.lora.text_encoder=true",
+    "task.frozen_in_checkpoint_mb=0",
+]
 
 
 def _run(out: Path, data: Path, base: Path, max_steps: int, *extra: str):
-    cfg = compose_config("train", [*TINY_MODEL, *TINY_TRAINING, "~callbacks.sample_grid", f"trainer.max_steps={max_steps}",
-                                   "data.num_workers=2", "callbacks.checkpoint.every_n_train_steps=2",
-                                   f"model.pretrained={base}", *LORA, *extra])  # fmt: skip
+    cfg = compose_config(
+        "train",
+        [
+            *TINY_MODEL,
+            *TINY_TRAINING,
+            "~callbacks.sample_grid",
+            f"trainer.max_steps={max_steps}",
+            "data.num_workers=2",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            f"model.pretrained={base}",
+            *LORA,
+            *extra,
+        ],
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
         cfg.paths.data_dir = str(data)
@@ -38,8 +55,14 @@ def runs(tmp_path_factory, toy_data_dir):
     root = tmp_path_factory.mktemp("lora")
     base = train_tiny_checkpoint(root / "base", toy_data_dir, steps=2)
     straight = _run(root / "straight", toy_data_dir, base, STEPS)
-    _run(root / "interrupted", toy_data_dir, base, STEPS, "+callbacks.stop._target_=ldm_testing.StopAfterStep",
-         f"+callbacks.stop.step={STEPS // 2}")  # fmt: skip
+    _run(
+        root / "interrupted",
+        toy_data_dir,
+        base,
+        STEPS,
+        "+callbacks.stop._target_=ldm_testing.StopAfterStep",
+        f"+callbacks.stop.step={STEPS // 2}",
+    )
     half = root / "interrupted" / "checkpoints" / "step_0000002.ckpt"
     resumed = _run(root / "interrupted", toy_data_dir, base, STEPS, f"resume={half}")
     return base, straight, resumed, root
@@ -64,8 +87,9 @@ def test_only_the_adapters_are_trained_averaged_and_saved(runs):
     assert set(checkpoint["ldm"]["frozen_sources"]) == {"unet", "autoencoder", "conditioner"}
     adapters = [p for p in straight.lora.parameters()]
     assert len(checkpoint["optimizer_states"][0]["state"]) == len(adapters)
-    assert {k.removeprefix("ema.module.") for k in state if k.startswith("ema.module.")} == \
-        {k.removeprefix("lora.") for k in state if k.startswith("lora.")}  # fmt: skip
+    assert {k.removeprefix("ema.module.") for k in state if k.startswith("ema.module.")} == {
+        k.removeprefix("lora.") for k in state if k.startswith("lora.")
+    }
     assert any(k.startswith("ema.module.text.") for k in state)  # text encoder adapters too
     base_unet = submodule_state(load_training_checkpoint(base)["state_dict"], "ema.module.")
     assert all(torch.equal(v, base_unet[k]) for k, v in straight.unet.state_dict().items())  # never updated
@@ -86,17 +110,36 @@ def test_the_checkpoint_samples_as_the_base_with_its_adapters_merged(runs, tmp_p
     assert convert([str(checkpoint), str(tmp_path / "toy_lora.safetensors"), "--to", "lora"]) is None
     common = ["prompt=a red circle in the top left", "num_images_per_prompt=2", "steps=2", "device=cpu"]
     assert run_script("sample.py", f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'a'}", *common) == 0
-    assert run_script("sample.py", f"checkpoint={base}", f"lora=[{tmp_path / 'toy_lora.safetensors'}]",
-                      f"out_dir={tmp_path / 'b'}", *common) == 0  # fmt: skip
-    from PIL import Image
+    assert (
+        run_script(
+            "sample.py",
+            f"checkpoint={base}",
+            f"lora=[{tmp_path / 'toy_lora.safetensors'}]",
+            f"out_dir={tmp_path / 'b'}",
+            *common,
+        )
+        == 0
+    )
     import numpy as np
+    from PIL import Image
 
     for name in ("000000.png", "000001.png"):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name))
+        )
     # the job remembers its LoRAs: another scale into the same folder is refused in one line
     capsys.readouterr()
-    assert run_script("sample.py", f"checkpoint={base}", f"lora=[{tmp_path / 'toy_lora.safetensors'}]", "lora_scale=[0.5]",
-                      f"out_dir={tmp_path / 'b'}", *common) == 1  # fmt: skip
+    assert (
+        run_script(
+            "sample.py",
+            f"checkpoint={base}",
+            f"lora=[{tmp_path / 'toy_lora.safetensors'}]",
+            "lora_scale=[0.5]",
+            f"out_dir={tmp_path / 'b'}",
+            *common,
+        )
+        == 1
+    )
     assert "loras" in capsys.readouterr().err
 
 
@@ -108,7 +151,16 @@ def test_convert_exports_the_merged_model_and_the_adapters_in_both_layouts(runs,
     assert all(torch.equal(merged.unet[k], v) for k, v in load_bundle(checkpoint).unet.items())
     # --merge-lora on the base gives the same model as the run's checkpoint
     convert([str(checkpoint), str(tmp_path / "lora.safetensors"), "--to", "lora", "--format", "kohya"])
-    convert([str(base), str(tmp_path / "remerged.safetensors"), "--to", "sd", "--merge-lora", f"{tmp_path / 'lora.safetensors'}:1"])
+    convert(
+        [
+            str(base),
+            str(tmp_path / "remerged.safetensors"),
+            "--to",
+            "sd",
+            "--merge-lora",
+            f"{tmp_path / 'lora.safetensors'}:1",
+        ]
+    )
     remerged = load_bundle(tmp_path / "remerged.safetensors")
     assert all(torch.allclose(remerged.unet[k], v, atol=1e-6) for k, v in merged.unet.items())
     # the toy's patched U-Net has no diffusers layout: a one-line refusal

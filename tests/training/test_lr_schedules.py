@@ -3,8 +3,8 @@
 import pytest
 from hydra.utils import instantiate
 
-from ldm_testing import compose_config
 from ldm.training.lr_schedules import WarmupCosine
+from ldm_testing import compose_config
 
 
 def test_a_warmup_longer_than_the_run_is_shortened_with_one_line(capsys):

@@ -13,8 +13,13 @@ STEPS = 6
 
 
 def _run(train_config, out: Path, max_steps: int, *extra: str):
-    cfg = train_config("~callbacks.sample_grid", f"trainer.max_steps={max_steps}", "data.num_workers=2",
-                       "callbacks.checkpoint.every_n_train_steps=3", *extra)  # fmt: skip
+    cfg = train_config(
+        "~callbacks.sample_grid",
+        f"trainer.max_steps={max_steps}",
+        "data.num_workers=2",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        *extra,
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     return train(cfg)
@@ -31,8 +36,14 @@ CACHES = ("task.channels_last=true", "task.posterior_cache_size=64", "task.conte
 def test_resume_is_bit_identical(train_config, tmp_path, optim):
     options = (*CACHES, f"optim={optim}")
     straight = _run(train_config, tmp_path / "straight", STEPS, *options)["task"]
-    _run(train_config, tmp_path / "interrupted", STEPS, *options, "+callbacks.stop._target_=ldm_testing.StopAfterStep",
-         f"+callbacks.stop.step={STEPS // 2}")  # fmt: skip
+    _run(
+        train_config,
+        tmp_path / "interrupted",
+        STEPS,
+        *options,
+        "+callbacks.stop._target_=ldm_testing.StopAfterStep",
+        f"+callbacks.stop.step={STEPS // 2}",
+    )
     half = tmp_path / "interrupted" / "checkpoints" / "step_0000003.ckpt"
     assert load_training_checkpoint(half)["global_step"] == STEPS // 2
     resumed = _run(train_config, tmp_path / "interrupted", STEPS, *options, f"resume={half}")["task"]

@@ -1,8 +1,8 @@
 """A run directory is someone's work: refusals, resume=auto's choice, temp files, resume= errors."""
 
 import shutil
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,8 +124,13 @@ def test_resume_auto_loads_pretrained_weights_on_the_first_launch(train_config, 
         return SimpleNamespace(prediction_type="x0")  # the bundle load_weights_into returns
 
     monkeypatch.setattr(train_module, "load_weights_into", fake_load_weights_into)
-    overrides = ("~callbacks.sample_grid", f"+model.pretrained={tmp_path / 'sd.safetensors'}", "resume=auto",
-                 "optim.optimizer.lr=0", "callbacks.checkpoint.every_n_train_steps=1000")  # fmt: skip
+    overrides = (
+        "~callbacks.sample_grid",
+        f"+model.pretrained={tmp_path / 'sd.safetensors'}",
+        "resume=auto",
+        "optim.optimizer.lr=0",
+        "callbacks.checkpoint.every_n_train_steps=1000",
+    )
     first = train(train_config(*overrides, "trainer.max_steps=2"))
     assert loaded == [str(tmp_path / "sd.safetensors")]
     assert all(torch.all(p == 0.01) for p in first["task"].unet.parameters())  # lr 0: still the file's weights
