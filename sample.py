@@ -216,7 +216,7 @@ def sample(cfg: DictConfig) -> list[dict[str, Any]]:
         raise UserError(f"steps={cfg.steps} is more than the model's {pipeline.schedule.num_timesteps} timesteps")
     height, width = image_size_of(cfg, pipeline)
     if classifier is not None:
-        from ldm.training.classifier import check_classifier_fits
+        from ldm.training.classifier import check_classifier_fits  # Lightning loads only for guided jobs
 
         check_classifier_fits(classifier.spec, cfg.classifier, pipeline.autoencoder, pipeline.schedule)
         classifier.classifier.to(device)
@@ -291,7 +291,7 @@ def load_classifier_job(cfg: DictConfig, records: list[dict[str, Any]]) -> Class
     """The guidance classifier (on the CPU) and the classes each prompt record is guided to."""
     if cfg.get("classifier") is None:
         return None
-    from ldm.training.classifier import load_classifier
+    from ldm.training.classifier import load_classifier  # Lightning loads only for guided jobs
 
     network, spec = load_classifier(cfg.classifier)
     return ClassifierJob(network, spec, cfg.classifier_scale, records, _plain(cfg.labels))

@@ -41,6 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm.data.toy import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, ToySpec, all_prompts, bounding_box, render
+from ldm.evaluation.toy_accuracy import parse_caption, score
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAMPLER = 20, "dpmpp_2m"  # the toy's sampling defaults (bench/toy_end_to_end.py)
 
@@ -81,7 +84,6 @@ def caption_of(labels: dict) -> str:
 def scored_draws(folder: Path, caption_of_row, draws: int, **fields) -> list[dict]:
     """One result per draw j (image j of every prompt: seed + index, so draw j of two jobs with the same seed
     starts from the same noise), scored by the pixels against ``caption_of_row(row)``."""
-    from ldm.evaluation.toy_accuracy import score
 
     rows = rows_of(folder)
     results = []
@@ -94,9 +96,6 @@ def scored_draws(folder: Path, caption_of_row, draws: int, **fields) -> list[dic
 
 def guided_part(args, out: Path) -> list[dict]:
     from dataclasses import asdict
-
-    from ldm.data.toy import all_prompts
-    from ldm.evaluation.toy_accuracy import parse_caption
 
     captions = all_prompts()
     prompts = out / "unconditional.jsonl"  # the empty prompt, steered to each caption's classes
@@ -129,8 +128,6 @@ def guided_part(args, out: Path) -> list[dict]:
 
 
 def cfg_part(args, out: Path) -> list[dict]:
-    from ldm.data.toy import all_prompts
-
     prompts = out / "toy_prompts.txt"
     prompts.write_text("\n".join(all_prompts()) + "\n")
     results = []
@@ -164,7 +161,6 @@ def cfg_part(args, out: Path) -> list[dict]:
 def inpainting_inputs(out: Path) -> tuple[Path, Path, Path, list[str]]:
     """35 toy images (7 colours x 5 positions round-robin over the 3 shapes), masks of their shape's box + 4 px,
     and prompts asking for the next colour of the palette."""
-    from ldm.data.toy import COLOURS, IMAGE_SIZE, POSITIONS, SHAPES, ToySpec, bounding_box, render
 
     images, masks = out / "inpaint_inputs", out / "inpaint_masks"
     images.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from ldm.cli import one_line_errors
 from ldm.data.latent_writer import PrecomputeReport, precompute_latents
 from ldm.data.shards import expand_shards
 from ldm.errors import UserError
+from ldm.formats import load_bundle
 from ldm.formats.text_encoder import load_text_weights
 from ldm.training.latent_diffusion import FROZEN
 
@@ -51,8 +52,6 @@ def precompute(cfg: DictConfig) -> PrecomputeReport:
     autoencoder = instantiate(cfg.model.autoencoder)
     conditioner = instantiate(cfg.model.conditioner)
     if cfg.model.get("pretrained"):
-        from ldm.formats import load_bundle
-
         bundle = load_bundle(cfg.model.pretrained)
         autoencoder.load_state_dict(bundle.vae, strict=True)
         load_text_weights(conditioner, bundle.text)

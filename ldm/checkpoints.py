@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.atomic import atomic_path
+from ldm.errors import UserError
 
 PACKAGE_PREFIX = "ldm:"
 
@@ -90,8 +91,6 @@ def find_prefix(state: dict[str, Tensor], first_key: str, path: str | Path) -> s
         return ""
     matches = [k[: -len(first_key)] for k in state if k.endswith("." + first_key)]
     if len(matches) != 1:
-        from ldm.errors import UserError
-
         raise UserError(f"{path}: cannot find the weights of this module (looked for '*{first_key}')")
     return matches[0]
 
@@ -101,7 +100,6 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises a one-line error for a missing file or a file that is not one of ours.
     """
-    from ldm.errors import UserError
 
     path = Path(path).expanduser()
     if not path.is_file():

@@ -19,6 +19,9 @@ from ldm.diffusion.samplers import PerSampleNoise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.timesteps import sampling_timesteps
 from ldm.errors import UserError
+from ldm.formats import load_bundle
+from ldm.formats.bundle import schedule_from_spec
+from ldm.formats.lora import apply_loras, read_lora
 
 # sample_x(denoise, x, timesteps, schedule, *, noise_sampler, callback) -> x0, options already bound
 Sampler = Callable[..., Tensor]
@@ -286,9 +289,6 @@ def pipeline_from_checkpoint(
     """A pipeline for any model file: a training checkpoint (rebuilt from the config stored in it),
     an original SD single file, or a diffusers folder, with ``loras`` ((file, scale) pairs: kohya,
     diffusers or LoRA-run checkpoints) merged into its weights. Returns it and the model's metadata."""
-    from ldm.formats import load_bundle
-    from ldm.formats.bundle import schedule_from_spec
-    from ldm.formats.lora import apply_loras, read_lora
 
     bundle = load_bundle(path, use_ema, prediction_type, image_size)
     if loras:

@@ -30,6 +30,7 @@ from ldm.evaluation.sampling_job import (
     metadata_row,
     run_job,
 )
+from ldm.pipeline import pipeline_from_checkpoint
 
 
 def sampler_description(sampler: Callable[..., Any]) -> str:
@@ -120,7 +121,6 @@ class ClassImageJob:
     def _run(
         self, base_model: str, items: Sequence[JobItem], output: FolderOutput, device: torch.device
     ) -> dict[str, Any]:
-        from ldm.pipeline import pipeline_from_checkpoint
 
         autocast = torch.bfloat16 if device.type == "cuda" else None
         pipeline, _ = pipeline_from_checkpoint(base_model, True, device, autocast)

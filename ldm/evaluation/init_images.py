@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ldm.data.decode import IMAGE_EXTENSIONS, decode_image
 from ldm.data.shard_reader import UnreadableShard, member_index
+from ldm.data.shards import REMOTE_PREFIXES, expand_shards
 from ldm.data.skips import SkipSample
 from ldm.data.transforms import ImageTransform
 from ldm.errors import UserError
@@ -74,7 +75,6 @@ def list_images(spec: Any, what: str = "init_images") -> list[ImageRef]:
     if isinstance(spec, str) and _is_image_name(spec) and Path(spec).expanduser().is_file():
         path = Path(spec).expanduser()  # one image
         return [ImageRef(path.name, path, path.stat().st_size, key=path.name.rsplit(".", 1)[0])]
-    from ldm.data.shards import REMOTE_PREFIXES, expand_shards
 
     if isinstance(spec, str) and not Path(spec).expanduser().suffix == ".tar" and "{" not in spec and "*" not in spec:
         raise UserError(f"{what}={spec}: no such folder (give a folder of images or .tar shards)")

@@ -47,7 +47,10 @@ from torch import Tensor
 from ldm.checkpoints import save_safetensors
 from ldm.errors import UserError
 from ldm.formats.bundle import ModelBundle
+from ldm.formats.diffusers_folder import text_layers_used
+from ldm.formats.diffusers_layout import unet_module_map
 from ldm.models.lora import (
+    MAX_RANK,
     LoRAFactors,
     LoRASettingsError,
     LoRASpec,
@@ -56,6 +59,8 @@ from ldm.models.lora import (
     float32,
     merge_text,
     merge_unet,
+    target_features,
+    text_lora_targets,
 )
 from ldm.models.unet import UNetModel
 
@@ -122,7 +127,6 @@ class UNetNames:
 
     @classmethod
     def build(cls, unet_config: Mapping[str, Any]) -> UNetNames:
-        from ldm.formats.diffusers_layout import unet_module_map
 
         with torch.device("meta"):
             layers = adaptable_layers(UNetModel(**unet_config))
@@ -439,7 +443,6 @@ def _check_shapes(
     parsed: ParsedLoRA, header: Mapping[str, tuple[tuple[int, ...], Any]], bundle: ModelBundle, path: str | Path
 ) -> None:
     """Every factor pair must fit its layer: down (r, in[, k, k]), up (out, r[, 1, 1]), r <= MAX_RANK."""
-    from ldm.models.lora import MAX_RANK
 
     unet_shapes = UNetNames.of(bundle.unet_config).shapes
     text_shapes = _text_shapes(bundle)
@@ -463,7 +466,6 @@ def _check_shapes(
 def factors_fit(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
     """Whether down (r, in[, k, k]) and up (out, r[, 1, 1]) make an update of ``weight``'s shape; a
     Linear or 1x1-conv weight takes 2-d and 4-d factors alike (tools differ), a k x k conv needs k x k."""
-    from ldm.models.lora import MAX_RANK
 
     if len(down) < 2 or not 1 <= down[0] <= MAX_RANK:
         return False
@@ -474,8 +476,6 @@ def factors_fit(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, .
 
 
 def _text_shapes(bundle: ModelBundle) -> dict[str, tuple[int, int]]:
-    from ldm.formats.diffusers_folder import text_layers_used
-    from ldm.models.lora import target_features, text_lora_targets
 
     try:
         targets = text_lora_targets(bundle.text, text_layers_used(bundle))
@@ -567,7 +567,6 @@ def lora_from_checkpoint(checkpoint: Mapping[str, Any], use_ema: bool, path: str
 def apply_loras(bundle: ModelBundle, loras: Sequence[tuple[LoRAWeights, float]]) -> ModelBundle:
     """``bundle`` with each LoRA's update, times its scale, added to the weights (float32 where adapted):
     W' = W + sum_i s_i (alpha_i / r_i) up_i @ down_i."""
-    from ldm.formats.diffusers_folder import text_layers_used
 
     unet, text = bundle.unet, bundle.text
     for weights, scale in loras:

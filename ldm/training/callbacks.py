@@ -15,7 +15,11 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from ldm import atomic
+from ldm.checkpoints import save_safetensors
+from ldm.errors import UserError
 from ldm.pipeline import Sampler
+from ldm.training.autoencoder import estimate_scaling_factor
+from ldm.training.latent_diffusion import fingerprint
 from ldm.training.sharding import is_sharded
 
 
@@ -183,8 +187,6 @@ class ExportAutoencoder(pl.Callback):
         self.scaling_batches = scaling_batches
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from ldm.checkpoints import save_safetensors
-        from ldm.training.autoencoder import estimate_scaling_factor
 
         if not trainer.is_global_zero:
             return
@@ -222,8 +224,6 @@ class RunSummary(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total, micro, accumulation, world = self.global_batch(trainer)
         if self.expected_global_batch is not None and total != self.expected_global_batch:
-            from ldm.errors import UserError
-
             raise UserError(
                 f"global batch {total} = {micro} (data.batch_size) x {accumulation} (accumulate_grad_batches) "
                 f"x {world} (devices x nodes), but expected_global_batch is {self.expected_global_batch}"
@@ -280,8 +280,6 @@ def _sharded(pl_module: pl.LightningModule) -> bool:
 def _weights_in_sync(pl_module: pl.LightningModule) -> bool:
     """Whether every rank holds the same U-Net weights (a collective: called on all ranks)."""
     import torch.distributed as dist
-
-    from ldm.training.latent_diffusion import fingerprint
 
     network = getattr(pl_module, "unet", None) or getattr(pl_module, "autoencoder", None)
     if network is None or not (dist.is_available() and dist.is_initialized()) or is_sharded(network):

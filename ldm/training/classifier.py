@@ -30,6 +30,7 @@ from ldm.data.transforms import to_model_range
 from ldm.diffusion.parameterization import add_noise
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.errors import UserError
+from ldm.formats.bundle import schedule_from_spec
 from ldm.formats.spec import _plain, checked_schedule
 from ldm.models.classifier import NoisyClassifier
 from ldm.training.caches import PosteriorCache
@@ -194,7 +195,6 @@ def check_classifier_fits(
 ) -> None:
     """Refuse, in one line, a classifier trained on other latents than the model samples: another VAE
     (weights fingerprint, latent scale) or another noise schedule (its abar_t at every step)."""
-    from ldm.formats.bundle import schedule_from_spec
 
     if spec.get("autoencoder_fingerprint") != fingerprint(autoencoder):
         raise UserError(

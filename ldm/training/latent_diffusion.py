@@ -22,9 +22,11 @@ from ldm.models.lora import AdaptedTextEncoder, AdaptedUNet, LoRANetwork, LoRASp
 from ldm.pipeline import TextToImage
 from ldm.training.caches import ContextCache, PosteriorCache
 from ldm.training.ema import build_ema
+from ldm.training.flops import unet_training_flops
 from ldm.training.optimizers import MuonAdamW
 from ldm.training.rng import rng_state, set_rng_state
 from ldm.training.sharding import is_sharded, shard_blocks
+from ldm.training.strategies import fsdp_block_classes
 
 FROZEN = ("autoencoder", "conditioner")
 
@@ -142,7 +144,6 @@ class LatentDiffusion(pl.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not getattr(strategy, "shards_parameters", False) or is_sharded(self.unet):
             return
-        from ldm.training.strategies import fsdp_block_classes
 
         mesh = self.device_mesh["data_parallel"]
         for network in (self.unet,) + ((self.ema.module,) if self.ema is not None else ()):
@@ -315,7 +316,6 @@ class LatentDiffusion(pl.LightningModule):
 
     def _count_flops(self, batch: dict[str, Any]) -> float:
         """U-Net training FLOPs per batch (for MFU); the frozen encoders' share is not counted."""
-        from ldm.training.flops import unet_training_flops
 
         batch_size = len(batch["latent"]) if "latent" in batch else len(batch["image"])
         context_shape = (self.conditioner.max_length, self.conditioner.context_dim)

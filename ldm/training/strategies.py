@@ -8,6 +8,10 @@ from typing import Any
 import torch
 from pytorch_lightning.strategies import ModelParallelStrategy
 
+from ldm.errors import UserError
+from ldm.models.attention import SpatialTransformer
+from ldm.models.unet import ResBlock
+
 
 def auto() -> str:
     """Lightning's automatic choice: one device as is, DDP across several."""
@@ -16,8 +20,6 @@ def auto() -> str:
 
 def fsdp_block_classes() -> set[type]:
     """FSDP wraps each U-Net residual block and spatial transformer as its own shard unit."""
-    from ldm.models.attention import SpatialTransformer
-    from ldm.models.unet import ResBlock
 
     return {ResBlock, SpatialTransformer}
 
@@ -98,8 +100,6 @@ def _refuse_strided(path: Path) -> None:
         (name for name, value in tensors if isinstance(value, torch.Tensor) and not value.is_contiguous()), None
     )
     if strided is not None:
-        from ldm.errors import UserError
-
         raise UserError(
             f"{path} holds non-contiguous (channels_last) tensors ({strided}), which strategy=fsdp2 "
             f"cannot load exactly: resume it once with strategy=ddp, whose checkpoints are contiguous"
