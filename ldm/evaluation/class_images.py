@@ -121,7 +121,6 @@ class ClassImageJob:
     def _run(
         self, base_model: str, items: Sequence[JobItem], output: FolderOutput, device: torch.device
     ) -> dict[str, Any]:
-
         autocast = torch.bfloat16 if device.type == "cuda" else None
         pipeline, _ = pipeline_from_checkpoint(base_model, True, device, autocast)
         size = (self.image_size, self.image_size)

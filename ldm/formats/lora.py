@@ -127,7 +127,6 @@ class UNetNames:
 
     @classmethod
     def build(cls, unet_config: Mapping[str, Any]) -> UNetNames:
-
         with torch.device("meta"):
             layers = adaptable_layers(UNetModel(**unet_config))
         shapes = {path: tuple(layer.weight.shape) for path, layer in layers.items()}
@@ -476,7 +475,6 @@ def factors_fit(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, .
 
 
 def _text_shapes(bundle: ModelBundle) -> dict[str, tuple[int, int]]:
-
     try:
         targets = text_lora_targets(bundle.text, text_layers_used(bundle))
     except (KeyError, UserError):

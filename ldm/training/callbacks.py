@@ -187,7 +187,6 @@ class ExportAutoencoder(pl.Callback):
         self.scaling_batches = scaling_batches
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-
         if not trainer.is_global_zero:
             return
         autoencoder = pl_module.autoencoder
