@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from formats.published import TEXT_LAYERS, WIDTH, write_published_folder
+from formats.published import SD_SHAPE_OVERRIDES, TEXT_LAYERS, WIDTH, write_published_folder
 from omegaconf import open_dict
 
 from ldm.checkpoints import load_training_checkpoint, save_safetensors
@@ -33,20 +33,6 @@ GRID = [
     "callbacks.sample_grid.num_steps=2",
 ]
 TOY_DATA = ["data.batch_size=4", "data.shuffle_buffer=8", "data.image_size=32"]
-# the tiny SD-shaped networks of tests/formats/published.py, in our configs' keys
-SD_SHAPES = [
-    "model.unet.model_channels=32",
-    "model.unet.channel_multipliers=[1,2]",
-    "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[1]",
-    f"model.unet.context_dim={WIDTH}",
-    "model.autoencoder.module.base_channels=32",
-    "model.autoencoder.module.channel_multipliers=[1,2]",
-    "model.autoencoder.module.num_res_blocks=1",
-    "model.autoencoder.module.resolution=32",
-    "model.conditioner.model_name=null",
-    f"+model.conditioner.text_cfg={{context_length: 77, vocab_size: 49408, width: {WIDTH}, heads: 2, layers: {TEXT_LAYERS}}}",
-]
 
 
 def _toy(tmp_path: Path, data: Path) -> list[str]:
@@ -68,7 +54,7 @@ def _classifier(tmp_path: Path, data: Path) -> list[str]:
 def _sd15_finetune(tmp_path: Path, data: Path) -> list[str]:
     folder = write_published_folder(tmp_path / "sd15", "sd1")  # an fp16 diffusers folder, as published
     return [
-        *SD_SHAPES,
+        *SD_SHAPE_OVERRIDES,
         "model.unet.num_heads=2",
         f"model.pretrained={folder}",
         f"data.shards={data}/toy/train-*.tar",
@@ -88,7 +74,7 @@ def _sd21_scratch(tmp_path: Path, data: Path) -> list[str]:
     text = OpenCLIPTextEncoder(model_name=None, text_cfg=text_cfg, layer="penultimate", init_seed=7)
     save_safetensors(text.model.state_dict(), tmp_path / "text.safetensors")
     return [
-        *SD_SHAPES,
+        *SD_SHAPE_OVERRIDES,
         "model.unet.num_heads=null",
         "model.unet.head_dim=16",
         f"model.autoencoder.path={tmp_path / 'vae.safetensors'}",
@@ -117,7 +103,7 @@ def _photos(folder: Path, count: int = 4) -> Path:
 def _sd15_lora(tmp_path: Path, data: Path) -> list[str]:
     folder = write_published_folder(tmp_path / "sd15", "sd1")
     return [
-        *SD_SHAPES,
+        *SD_SHAPE_OVERRIDES,
         "model.unet.num_heads=2",
         f"model.pretrained={folder}",
         f"data.path={_photos(tmp_path / 'photos')}",
@@ -132,7 +118,7 @@ def _sd15_dreambooth(tmp_path: Path, data: Path) -> list[str]:
     # its class images drawn first by the published base through the sampling job (2 images, 2 steps)
     folder = write_published_folder(tmp_path / "sd15", "sd1")
     return [
-        *SD_SHAPES,
+        *SD_SHAPE_OVERRIDES,
         "model.unet.num_heads=2",
         f"model.pretrained={folder}",
         f"data.instance_path={_photos(tmp_path / 'photos')}",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from formats.published import TEXT_LAYERS, WIDTH, diffusers_tensors, write_published_folder
+from formats.published import SD_SHAPE_OVERRIDES, WIDTH, diffusers_tensors, write_published_folder
 from omegaconf import open_dict
 from PIL import Image
 from safetensors.torch import load_file
@@ -36,17 +36,7 @@ SHAPES = {
     "sd2": ["experiment=sd15_finetune", "model=sd21_768", "model.unet.head_dim=16"],
 }
 COMMON = [
-    "model.unet.model_channels=32",
-    "model.unet.channel_multipliers=[1,2]",
-    "model.unet.num_res_blocks=1",
-    "model.unet.attention_resolutions=[1]",
-    f"model.unet.context_dim={WIDTH}",
-    "model.autoencoder.module.base_channels=32",
-    "model.autoencoder.module.channel_multipliers=[1,2]",
-    "model.autoencoder.module.num_res_blocks=1",
-    "model.autoencoder.module.resolution=32",
-    "model.conditioner.model_name=null",
-    f"+model.conditioner.text_cfg={{context_length: 77, vocab_size: 49408, width: {WIDTH}, heads: 2, layers: {TEXT_LAYERS}}}",
+    *SD_SHAPE_OVERRIDES,
     "data=folder",
     "data.image_size=48",
     f"data.buckets={json.dumps(BUCKETS)}",

@@ -17,6 +17,20 @@ from safetensors.torch import load_file, save_file
 
 WIDTH, TEXT_LAYERS = 32, 3  # the text tower's width (= cross-attention context) and its blocks
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+# the same tiny networks in our configs' keys: overrides that shrink an SD model preset to them
+SD_SHAPE_OVERRIDES = [
+    "model.unet.model_channels=32",
+    "model.unet.channel_multipliers=[1,2]",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_resolutions=[1]",
+    f"model.unet.context_dim={WIDTH}",
+    "model.autoencoder.module.base_channels=32",
+    "model.autoencoder.module.channel_multipliers=[1,2]",
+    "model.autoencoder.module.num_res_blocks=1",
+    "model.autoencoder.module.resolution=32",
+    "model.conditioner.model_name=null",
+    f"+model.conditioner.text_cfg={{context_length: 77, vocab_size: 49408, width: {WIDTH}, heads: 2, layers: {TEXT_LAYERS}}}",
+]
 
 
 def write_tokenizer(folder: Path, pad: str) -> None:
