@@ -18,6 +18,7 @@ reports the peak ``torch.cuda.max_memory_allocated`` of a whole training step.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 import torch
 from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
@@ -77,13 +78,14 @@ def state_bytes(config: str, optim: str, ema: bool) -> dict[str, int]:
     return rows
 
 
-def saved_activation_bytes(config: str, size: int, batch: int, checkpointing: bool, device: str) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one U-Net training forward."""
-    unet_config = network_configs(MODELS[config])["unet"]
-    unet = UNetModel(**dict(unet_config, gradient_checkpointing=checkpointing)).to(device)
+def forward_saved_bytes(
+    unet: nn.Module, context_dim: int, size: int, batch: int, device: str, weights: Iterable[torch.Tensor]
+) -> tuple[int, torch.Tensor]:
+    """Bytes of the distinct storages autograd saves for backward in one bf16-autocast training forward
+    of ``unet`` (those of ``weights`` left out: they are counted as state), and the loss to backward."""
     x = torch.randn(batch, 4, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
-    context = torch.randn(batch, 77, unet_config["context_dim"], device=device)
+    context = torch.randn(batch, 77, context_dim, device=device)
     seen: dict[tuple[int, int], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -91,15 +93,23 @@ def saved_activation_bytes(config: str, size: int, batch: int, checkpointing: bo
         seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
         return tensor
 
-    parameters = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in unet.parameters()}
+    excluded = {(w.untyped_storage().data_ptr(), w.untyped_storage().nbytes()) for w in weights}
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = unet(x, t, context).float().pow(2).mean()
+    return sum(n for key, n in seen.items() if key not in excluded), loss
+
+
+def saved_activation_bytes(config: str, size: int, batch: int, checkpointing: bool, device: str) -> int:
+    """Bytes autograd saves for backward in one U-Net training forward (``forward_saved_bytes``)."""
+    unet_config = network_configs(MODELS[config])["unet"]
+    unet = UNetModel(**dict(unet_config, gradient_checkpointing=checkpointing)).to(device)
+    saved, loss = forward_saved_bytes(unet, unet_config["context_dim"], size, batch, device, unet.parameters())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         loss.backward()
         print(f"peak GPU memory of the forward+backward: {torch.cuda.max_memory_allocated() / GIB:.2f} GiB")
-    return sum(n for key, n in seen.items() if key not in parameters)  # weights are counted as state
+    return saved
 
 
 def main() -> None:

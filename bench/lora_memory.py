@@ -29,7 +29,15 @@ import statistics
 import time
 
 import torch
-from finetune_memory import GIB, MODELS, optimizer_state_bytes, saved_activation_bytes, state_bytes, tensor_bytes
+from finetune_memory import (
+    GIB,
+    MODELS,
+    forward_saved_bytes,
+    optimizer_state_bytes,
+    saved_activation_bytes,
+    state_bytes,
+    tensor_bytes,
+)
 from presets import network_configs  # bench/presets.py: the sizes of configs/model/*.yaml
 
 from ldm.models.conditioners import OpenCLIPTextEncoder
@@ -80,25 +88,10 @@ def lora_saved_activation_bytes(
     unet = UNetModel(**dict(unet_config, gradient_checkpointing=checkpointing)).to(device).requires_grad_(False)
     network = LoRANetwork.for_training(spec, unet).to(device)
     network.attach(unet)
-    x = torch.randn(batch, 4, size, size, device=device)
-    t = torch.randint(0, 1000, (batch,), device=device)
-    context = torch.randn(batch, 77, unet_config["context_dim"], device=device)
-    seen: dict[tuple[int, int], int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-        return tensor
-
-    weights = {
-        (p.untyped_storage().data_ptr(), p.untyped_storage().nbytes())
-        for p in (*unet.parameters(), *network.parameters())
-    }
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = unet(x, t, context).float().pow(2).mean()
+    weights = (*unet.parameters(), *network.parameters())
+    saved, loss = forward_saved_bytes(unet, unet_config["context_dim"], size, batch, device, weights)
     loss.backward()
-    return sum(n for key, n in seen.items() if key not in weights)
+    return saved
 
 
 class Steps:
